@@ -1,0 +1,37 @@
+"""tsm-edge: online Temporal Shift Module video models from PyTorch to edge devices with Apache TVM.
+
+The heavy parts (torch, tvm) are imported lazily so that ``tsm-edge --help`` is instant and the
+runtime harness runs with the TVM runtime and numpy alone.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "compile": ("tsm_edge.compiler", "compile"),
+    "compile_module": ("tsm_edge.compiler", "compile_module"),
+    "StreamSession": ("tsm_edge.runtime", "StreamSession"),
+    "read_manifest": ("tsm_edge.artifact", "read_manifest"),
+    "TemporalShift": ("tsm_edge.shift", "TemporalShift"),
+    "build_model": ("tsm_edge.models", "build_model"),
+    "register_model": ("tsm_edge.models", "register_model"),
+    "ModelInfo": ("tsm_edge.models", "ModelInfo"),
+    "trace_step": ("tsm_edge.export", "trace_step"),
+    "rewrite_shifts": ("tsm_edge.rewrite", "rewrite_shifts"),
+    "verify": ("tsm_edge.verify", "verify"),
+    "UserError": ("tsm_edge.errors", "UserError"),
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tsm_edge' has no attribute {name!r}")

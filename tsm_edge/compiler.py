@@ -1,0 +1,241 @@
+"""``tsm_edge.compile``: model -> exported program -> rewritten step -> TVM executable -> artifact.
+
+Each arrow is one module: ``export.trace_step``, ``rewrite.rewrite_shifts``,
+``tvm_api.import_exported`` + ``tvm_api.fold_constants``, ``tvm_api.build``, ``artifact``.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .artifact import LIBRARY, SCHEMA_VERSION, write_artifact_dir
+from .errors import UserError
+from .platform_check import elf_machine, relevant_features
+
+log = logging.getLogger("tsm_edge")
+
+PRECISIONS = ("fp32",)
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class ModelSource:
+    """What to build: a registered model (optionally with a checkpoint), resolved."""
+
+    name: str
+    num_classes: int
+    input_size: int
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    seed: int = 0
+    description: str = ""
+    module: object = field(default=None, repr=False)
+
+    def manifest_entry(self) -> dict:
+        return {"name": self.name, "description": self.description,
+                "num_classes": self.num_classes, "input_size": self.input_size,
+                "checkpoint": ({"path": str(Path(self.checkpoint).resolve()),
+                                "sha256": self.checkpoint_sha256} if self.checkpoint else None),
+                "weights": "checkpoint" if self.checkpoint else f"seeded-random (seed {self.seed})",
+                "seed": self.seed}
+
+
+def resolve_model(model: str, *, num_classes: int | None = None, input_size: int | None = None,
+                  checkpoint: str | None = None, seed: int = 0) -> ModelSource:
+    """Build a registered model, load its checkpoint, and check sizes."""
+    from . import checkpoint as ckpt
+    from .models import build_model, check_input_size, get_model_info
+
+    info = get_model_info(model)
+    size = check_input_size(info, input_size if input_size is not None else info.default_input_size)
+    state, digest = None, None
+    if checkpoint:
+        state = ckpt.read_state_dict(checkpoint)
+        digest = ckpt.file_sha256(Path(checkpoint))
+        head = _head_classes(state)
+        if num_classes is not None and head is not None and head != num_classes:
+            raise UserError(f"--num-classes {num_classes} does not match the checkpoint's "
+                            f"classifier, which has {head} classes")
+        num_classes = num_classes or head
+    module = build_model(model, num_classes=num_classes, seed=seed)
+    if state is not None:
+        ckpt.load_into(module, state, str(checkpoint))
+    n = num_classes or info.default_num_classes
+    return ModelSource(name=model, num_classes=n, input_size=size, checkpoint=checkpoint,
+                       checkpoint_sha256=digest, seed=seed, description=info.description,
+                       module=module)
+
+
+def _head_classes(state: dict) -> int | None:
+    for key in ("classifier.weight", "fc.weight"):
+        if key in state and getattr(state[key], "ndim", 0) == 2:
+            return int(state[key].shape[0])
+    return None
+
+
+def model_from_manifest(manifest: dict, checkpoint: str | None = None):
+    """Rebuild the PyTorch model an artifact was compiled from (checkpoint checked by hash)."""
+    from . import checkpoint as ckpt
+
+    entry = manifest["model"]
+    ck = entry.get("checkpoint")
+    path = checkpoint or (ck or {}).get("path")
+    if ck and path:
+        digest = ckpt.file_sha256(Path(path)) if Path(path).is_file() else None
+        if digest is None:
+            raise UserError(f"checkpoint {path} recorded in the manifest is not there; pass "
+                            "--checkpoint with the file the artifact was compiled from")
+        if digest != ck["sha256"]:
+            raise UserError(f"checkpoint {path} is not the one the artifact was compiled from "
+                            f"(sha256 {digest[:12]}..., manifest {ck['sha256'][:12]}...)")
+    src = resolve_model(entry["name"], num_classes=entry["num_classes"],
+                        input_size=entry["input_size"], checkpoint=path if ck else None,
+                        seed=entry.get("seed", 0))
+    return src.module
+
+
+def read_labels(path: str | Path, num_classes: int) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--labels {p} does not exist")
+    try:
+        lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError:
+        raise UserError(f"--labels {p} is not UTF-8 text (one class name per line)") from None
+    labels = [ln for ln in lines if ln]
+    if len(labels) != num_classes:
+        raise UserError(f"--labels {p} has {len(labels)} names; the model has {num_classes} "
+                        "classes (one name per line)")
+    return labels
+
+
+def preprocessing(input_size: int) -> dict:
+    """The official demo's: scale the short side to 256/224 of the crop, centre-crop, normalize."""
+    return {"resize_short_side": round(input_size * 256 / 224), "center_crop": input_size,
+            "color": "RGB", "scale": 1 / 255, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+            "layout": "NCHW"}
+
+
+def tool_versions() -> dict:
+    from importlib import metadata
+
+    from . import tvm_api
+
+    out = {"tsm-edge": __version__, "python": platform.python_version()}
+    for dist in ("torch", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "missing"
+    out.update(tvm_api.versions())
+    return out
+
+
+def compile(model: str, output: str | Path, *, target: str | dict = "host",
+            input_size: int | None = None, num_classes: int | None = None,
+            checkpoint: str | None = None, precision: str | None = None, tuning: str = "auto",
+            labels: str | list[str] | None = None, seed: int = 0) -> Path:
+    """Compile an online TSM model into an artifact folder; returns its path."""
+    from . import targets as targets_mod
+
+    preset = targets_mod.resolve_target(target)
+    if preset.runnable not in ("here", "board"):
+        raise UserError(f"target {preset.name} cannot be built: {preset.runnable}")
+    precision = precision or preset.default_precision
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision} is not available in this version; "
+                        f"valid: {', '.join(PRECISIONS)}")
+    if tuning not in ("auto", "none"):
+        raise UserError(f"--tuning {tuning}: tuning databases are not available in this version; "
+                        "valid: auto, none")
+    source = resolve_model(model, num_classes=num_classes, input_size=input_size,
+                           checkpoint=checkpoint, seed=seed)
+    label_list = None
+    if labels is not None:
+        label_list = (read_labels(labels, source.num_classes) if isinstance(labels, (str, Path))
+                      else list(labels))
+        if len(label_list) != source.num_classes:
+            raise UserError(f"{len(label_list)} labels given; the model has "
+                            f"{source.num_classes} classes")
+    return compile_module(source, output, preset=preset, precision=precision, tuning=tuning,
+                          labels=label_list)
+
+
+def compile_module(source: ModelSource, output: str | Path, *, preset, precision: str = "fp32",
+                   tuning: str = "auto", labels: list[str] | None = None) -> Path:
+    """The stages, for an already-built ``source.module`` (also a user's own nn.Module)."""
+    from . import tvm_api
+    from .export import trace_step
+    from .rewrite import rewrite_shifts
+
+    seconds: dict[str, float] = {}
+
+    def timed(stage, fn, *args):
+        t0 = time.perf_counter()
+        log.info("%s ...", stage)
+        result = fn(*args)
+        seconds[stage] = round(time.perf_counter() - t0, 3)
+        return result
+
+    exported = timed("export", trace_step, source.module, source.input_size)
+    step = timed("rewrite", rewrite_shifts, exported)
+    target = tvm_api.make_target(preset.resolved_tvm_target())
+    mod = timed("import", tvm_api.import_exported, step.exported)
+    mod = timed("fold", tvm_api.fold_constants, mod)
+    weights_bytes = tvm_api.constants_bytes(mod)
+    workspace = timed("plan", tvm_api.estimate_workspace, mod, target)
+    exe = timed("build", tvm_api.build, mod, target)
+    triple = preset.resolved_host_triple()
+    arch = triple.split("-")[0]
+    host_target = target.host if getattr(target, "host", None) is not None else target
+    features = relevant_features(arch, tvm_api.cpu_features(host_target)) \
+        if host_target.kind.name == "llvm" else []
+
+    def populate(tmp: Path) -> dict:
+        lib = tmp / LIBRARY
+        timed("link", tvm_api.export_library, exe, str(lib), preset.cross_compiler)
+        built_for = elf_machine(lib)
+        caches = [{"name": c.name, "input_name": c.input_name, "output_name": c.output_name,
+                   "shape": list(c.shape), "dtype": c.dtype, "bytes": c.nbytes,
+                   "channels": list(c.channels), "init": c.init} for c in step.caches]
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": source.manifest_entry(),
+            "input": {"name": step.input.name, "shape": list(step.input.shape),
+                      "dtype": step.input.dtype,
+                      "preprocessing": preprocessing(source.input_size)},
+            "outputs": [{"name": o.name, "shape": list(o.shape), "dtype": o.dtype}
+                        for o in step.outputs],
+            "caches": caches,
+            "cache_bytes_total": sum(c["bytes"] for c in caches),
+            "cache_elements_total": sum(c.numel for c in step.caches),
+            "weights_bytes": weights_bytes,
+            "weights_location": f"constants inside {LIBRARY} (batch-norm folded)",
+            "workspace_bytes": workspace,
+            "precision": precision,
+            "target": tvm_api.target_json(target),
+            "target_preset": preset.name,
+            "host_triple": triple,
+            "elf_machine": built_for,
+            "device": preset.device,
+            "device_code": "none" if preset.device == "cpu" else "unknown",
+            "runnable": True if preset.runnable == "here" else
+                        f"built for {triple}; run it on the device (--rpc)",
+            "cpu_features": features,
+            "tuning": {"mode": tuning, "records_applied": 0},
+            "library": LIBRARY,
+            "entry": "main",
+            "tool_versions": tool_versions(),
+            "compile_seconds": seconds,
+            "labels": labels,
+        }
+
+    log.info("writing artifact %s", output)
+    return write_artifact_dir(output, populate)

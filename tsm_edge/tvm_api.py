@@ -1,0 +1,262 @@
+"""The one module that calls Apache TVM.
+
+TVM's Python API changed in 0.20, 0.22 and 0.24; every call tsm-edge makes goes through here so the
+next change lands in one file. Pinned: apache-tvm 0.27.0.post1 with apache-tvm-ffi 0.1.14.post1.
+
+The runtime half (``load_vm``, ``device``, ``tensor``...) imports only what the TVM runtime needs
+and never torch, so a board can stream with the TVM runtime and numpy alone.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .errors import InternalError, UserError
+
+
+def _tvm():
+    import tvm
+
+    return tvm
+
+
+# --------------------------------------------------------------------------- versions
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for dist in ("apache-tvm", "apache-tvm-ffi"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "missing"
+    return out
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def make_target(spec: dict | str):
+    """A ``tvm.target.Target`` from a dict or a tag; a rejected spec is the user's error."""
+    tvm = _tvm()
+    try:
+        return tvm.target.Target(spec)
+    except Exception as exc:  # TVM raises several error types for a bad target
+        first = str(exc).strip().splitlines()
+        reason = first[-1] if first else type(exc).__name__
+        raise UserError(f"TVM rejects target {spec!r}: {reason}") from None
+
+
+def target_json(target) -> dict:
+    """The target as plain JSON (for the manifest)."""
+    raw = dict(target.export())
+    return _plain(raw)
+
+
+def _plain(value: Any):
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if hasattr(value, "__iter__"):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def system_cpu() -> str:
+    return str(_tvm().target.codegen.llvm_get_system_cpu())
+
+
+def cpu_features(target) -> list[str]:
+    """The LLVM CPU features the target's code may use."""
+    feats = _tvm().target.codegen.llvm_get_cpu_features(target)
+    return sorted(str(f) for f in feats)
+
+
+# --------------------------------------------------------------------------- import and optimize
+
+
+def import_exported(exported) -> Any:
+    """torch.export program -> Relax IRModule with weights bound as constants."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    try:
+        return from_exported_program(exported, keep_params_as_input=False)
+    except AssertionError as exc:
+        # TVM's importer checks every node first and names all unsupported ops at once.
+        match = re.search(r"Unsupported function types \[(.*)\]", str(exc))
+        if match:
+            raise UserError(f"TVM cannot import these operators: {match.group(1)}; "
+                            "replace them in the model or register a converter") from None
+        raise
+
+
+def fold_constants(mod):
+    """Fold batch-norm into the convolutions and precompute everything that depends on weights.
+
+    Weights are bound as constants, so this happens once, at compile time. A batch-norm that
+    cannot be folded (for example one after a convolution with a bias) is decomposed into a
+    per-channel scale and shift instead.
+    """
+    from tvm import relax
+
+    seq = _tvm().transform.Sequential([
+        relax.transform.FoldBatchnormToConv2D(),
+        relax.transform.FoldConstant(),
+    ])
+    mod = seq(mod)
+    if count_calls(mod, "relax.nn.batch_norm"):
+        mod = _tvm().transform.Sequential([
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.FoldConstant(),
+        ])(mod)
+    return mod
+
+
+def count_calls(mod, op_name: str, func: str = "main") -> int:
+    """How many calls to the Relax op ``op_name`` the function holds."""
+    from tvm import relax
+
+    count = 0
+
+    def visit(expr):
+        nonlocal count
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", None) == op_name:
+            count += 1
+
+    relax.analysis.post_order_visit(mod[func], visit)
+    return count
+
+
+def op_names(mod, func: str = "main") -> list[str]:
+    from tvm import relax
+
+    names: list[str] = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and hasattr(expr.op, "name"):
+            names.append(str(expr.op.name))
+
+    relax.analysis.post_order_visit(mod[func], visit)
+    return names
+
+
+def constants_bytes(mod, func: str = "main") -> int:
+    """Bytes of the constants (the weights) bound into the function."""
+    from tvm import relax
+
+    total = 0
+    seen = set()  # TVM objects hash by handle: a constant used twice is counted once
+
+    def visit(expr):
+        nonlocal total
+        arr = _constant_tensor(expr)
+        if arr is not None and expr not in seen:
+            seen.add(expr)
+            n = 1
+            for d in arr.shape:
+                n *= int(d)
+            total += n * _dtype_bytes(str(arr.dtype))
+
+    relax.analysis.post_order_visit(mod[func], visit)
+    return total
+
+
+def _dtype_bytes(dtype: str) -> int:
+    bits = int(re.sub(r"[^0-9]", "", dtype) or 32)
+    return max(1, bits // 8)
+
+
+def estimate_workspace(mod, target) -> int:
+    """TVM's static estimate (``estimate_memory_usage``) after memory planning, in bytes."""
+    from tvm import relax
+
+    tvm = _tvm()
+    planned = tvm.transform.Sequential([
+        relax.transform.LegalizeOps(),
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),
+        relax.transform.StaticPlanBlockMemory(),
+    ])
+    with target:
+        planned = planned(mod)
+    report = str(relax.analysis.estimate_memory_usage(planned))
+    match = re.search(r"With memory planning, there are \d+ constant-size memory allocation\(s\) "
+                      r"with total size ([0-9.e+-]+) GB", report)
+    if not match:
+        raise InternalError(f"cannot read TVM's memory estimate: {report!r}")
+    return int(round(float(match.group(1)) * 2**30))
+
+
+# --------------------------------------------------------------------------- build
+
+
+def build(mod, target):
+    """Compile a Relax module for ``target`` (host code included)."""
+    return _tvm().compile(mod, target=target)
+
+
+def export_library(exe, path: str, cross_compiler: str | None = None) -> None:
+    if cross_compiler:
+        from tvm.support import cc
+
+        exe.export_library(path, fcompile=cc.cross_compiler(cross_compiler))
+    else:
+        exe.export_library(path)
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+def device(kind: str = "cpu", index: int = 0, session=None):
+    tvm = _tvm()
+    if session is not None:
+        return session.device(kind, index)
+    return tvm.device(kind, index)
+
+
+def load_vm(lib_path: str, dev):
+    """A Relax virtual machine over the library at ``lib_path`` on ``dev``."""
+    tvm = _tvm()
+    from tvm.runtime.vm import VirtualMachine
+
+    return VirtualMachine(tvm.runtime.load_module(lib_path), dev)
+
+
+def tensor(array, dev):
+    return _tvm().runtime.tensor(array, dev)
+
+
+def empty(shape, dtype: str, dev):
+    return _tvm().runtime.empty(tuple(shape), dtype, dev)
+
+
+def list_tags() -> list[str]:
+    return sorted(str(t) for t in _tvm().target.tag.list_tags())
+
+
+def _constant_tensor(expr):
+    """The tensor held by a Relax tensor constant, or None.
+
+    0.27 represents Relax constants as ``tvm.ir.expr.GenericConst`` (tensor in ``.value``);
+    earlier releases used ``relax.Constant`` (tensor in ``.data``).
+    """
+    import tvm.ir.expr as ir_expr
+
+    generic = getattr(ir_expr, "GenericConst", None)
+    if generic is not None and isinstance(expr, generic):
+        value = expr.value
+        return value if hasattr(value, "shape") and hasattr(value, "dtype") else None
+    legacy = getattr(_tvm().relax, "Constant", None)
+    if legacy is not None and isinstance(expr, legacy):
+        return expr.data
+    return None
