@@ -144,7 +144,9 @@ def compile(model: str, output: str | Path, *, target: str | dict = "host",
             labels: str | list[str] | None = None, seed: int = 0) -> Path:
     """Compile an online TSM model into an artifact folder; returns its path."""
     from . import targets as targets_mod
+    from .models import get_model_info
 
+    get_model_info(model)  # fail fast on an unknown name, before TVM loads
     preset = targets_mod.resolve_target(target)
     if preset.runnable not in ("here", "board"):
         raise UserError(f"target {preset.name} cannot be built: {preset.runnable}")

@@ -76,9 +76,11 @@ class OnlineStep:
     input: TensorSpec
     outputs: list[TensorSpec]
     caches: list[CacheSpec] = field(default_factory=list)
+    graph_module: fx.GraphModule | None = None  # the rewritten graph before re-export
 
     def module(self) -> torch.nn.Module:
-        return self.exported.module()
+        """A plain module running the step (an fx.GraphModule; supports eval/train like any)."""
+        return self.graph_module if self.graph_module is not None else self.exported.module()
 
     def zero_caches(self) -> list[torch.Tensor]:
         return [torch.zeros(c.shape, dtype=getattr(torch, c.dtype)) for c in self.caches]
@@ -158,10 +160,8 @@ def rewrite_shifts(ep: torch.export.ExportedProgram) -> OnlineStep:
         env[node] = graph.node_copy(node, lambda a: env[a])
 
     gm = fx.GraphModule(src, graph)
-    example = [ep.example_inputs[0][0] if ep.example_inputs else None]
-    frame_val = placeholders[0].meta.get("val")
-    frame = torch.zeros(tuple(frame_val.shape), dtype=frame_val.dtype) if frame_val is not None \
-        else example[0]
+    frame_val = placeholders[0].meta["val"]
+    frame = torch.zeros(tuple(frame_val.shape), dtype=frame_val.dtype)
     caches = []
     for node in shifts:
         v = node.meta["val"]
@@ -171,6 +171,7 @@ def rewrite_shifts(ep: torch.export.ExportedProgram) -> OnlineStep:
         rewritten = torch.export.export(gm, (frame, *caches))
 
     step = _describe(rewritten, [names[n] for n in shifts], [tuple(n.args[1:3]) for n in shifts])
+    step.graph_module = gm
     check_step(step)
     return step
 

@@ -1,0 +1,324 @@
+"""The ``tsm-edge`` command: parses, resolves presets, calls the library. Nothing else.
+
+Spellings follow the CLI contract: a user error is one ``error: ...`` line on stderr and exit
+status 2 (``--debug`` shows the traceback); outputs are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+
+log = logging.getLogger("tsm_edge")
+
+
+def _apply_threads(threads: int | None) -> None:
+    """Thread counts must be set before any pool (TVM, OpenMP, torch) starts."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}")
+    for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+
+
+def _write_json(path: str, obj) -> None:
+    from .artifact import atomic_write_json
+
+    atomic_write_json(path, obj)
+
+
+def _mb(n) -> str:
+    return "?" if n is None else f"{n / 1e6:.2f} MB"
+
+
+threads_option = click.option("--threads", type=int, default=None,
+                              help="CPU threads (applied before any thread pool starts).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Log each stage.")
+@click.version_option(package_name="tsm-edge")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
+    """Compile online TSM video models for edge devices and stream frames through them."""
+    ctx.obj = {"debug": debug}
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(message)s", stream=sys.stderr)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models(as_json: bool) -> None:
+    """List registered models."""
+    from .models import list_models
+
+    rows = [{"name": m.name, "description": m.description, "input_size": m.default_input_size,
+             "classes": m.default_num_classes} for m in list_models()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'name':<24}{'input':>6}{'classes':>9}  description")
+    for r in rows:
+        click.echo(f"{r['name']:<24}{r['input_size']:>6}{r['classes']:>9}  {r['description']}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--tvm-tags", is_flag=True, help="List TVM's own target tags instead.")
+def targets(as_json: bool, tvm_tags: bool) -> None:
+    """List target presets."""
+    if tvm_tags:
+        from .tvm_api import list_tags
+
+        click.echo("\n".join(list_tags()))
+        return
+    from .targets import list_presets
+
+    presets = list_presets()
+    rows = [{"name": p.name, "description": p.description, "device": p.device,
+             "host_triple": p.host_triple, "runnable": p.runnable,
+             "default_precision": p.default_precision} for p in presets.values()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'name':<22}{'device':<8}{'runnable':<10}description")
+    for r in rows:
+        click.echo(f"{r['name']:<22}{r['device']:<8}{r['runnable']:<10}{r['description']}")
+
+
+@cli.command("compile")
+@click.option("--model", required=True, help="Registered model name (see 'tsm-edge models').")
+@click.option("--checkpoint", type=click.Path(), default=None, help="Trained weights (state_dict).")
+@click.option("--num-classes", type=int, default=None)
+@click.option("--input-size", type=int, default=None)
+@click.option("--target", default="host", show_default=True,
+              help="Preset name, TVM tag or JSON TVM target.")
+@click.option("--precision", default=None, help="fp32 (default of the preset).")
+@click.option("--tuning", default="auto", show_default=True, help="auto | none.")
+@click.option("--labels", type=click.Path(), default=None, help="Class names, one per line.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the random weights when no checkpoint is given.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Artifact folder.")
+def compile_cmd(model, checkpoint, num_classes, input_size, target, precision, tuning, labels,
+                seed, output) -> None:
+    """Compile a model into an artifact folder."""
+    from .compiler import compile as compile_model
+
+    path = compile_model(model, output, target=target, input_size=input_size,
+                         num_classes=num_classes, checkpoint=checkpoint, precision=precision,
+                         tuning=tuning, labels=labels, seed=seed)
+    from .artifact import read_manifest
+
+    m = read_manifest(path)
+    click.echo(f"compiled {m['model']['name']} ({m['model']['input_size']}px, "
+               f"{len(m['caches'])} caches, {m['cache_bytes_total']:,} cache bytes) for "
+               f"{m['target_preset']} -> {path}")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def inspect(artifact: str, as_json: bool) -> None:
+    """Print an artifact's manifest."""
+    from .artifact import read_manifest
+
+    m = read_manifest(artifact)
+    if as_json:
+        click.echo(json.dumps(m, indent=2))
+        return
+    mod = m["model"]
+    click.echo(f"model      {mod['name']}  ({mod['weights']}, {mod['num_classes']} classes)")
+    click.echo(f"input      {m['input']['name']} {m['input']['shape']} {m['input']['dtype']}")
+    click.echo(f"target     {m.get('target_preset')}  {json.dumps(m['target'])}")
+    click.echo(f"host       {m['host_triple']} (library: {m.get('elf_machine')}), "
+               f"device code: {m['device_code']}, runnable here: {m['runnable']}")
+    click.echo(f"weights    {m['weights_bytes']:,} bytes; workspace {m['workspace_bytes']:,} bytes")
+    click.echo(f"caches     {len(m['caches'])}, {m['cache_bytes_total']:,} bytes")
+    for c in m["caches"]:
+        click.echo(f"  {c['name']:<24}{str(tuple(c['shape'])):<20}{c['dtype']:<9}"
+                   f"channels [{c['channels'][0]}, {c['channels'][1]})  {c['bytes']:,} B")
+    click.echo(f"tools      {', '.join(f'{k} {v}' for k, v in m['tool_versions'].items())}")
+
+
+def _frames_source(frames_npy, frames_opt, size):
+    """``--frames-npy FILE``; ``--frames FILE.npy`` is accepted as an alias."""
+    from .verify import load_frames_npy
+
+    count = None
+    if frames_opt is not None:
+        if frames_opt.endswith(".npy"):
+            if frames_npy:
+                raise UserError("give the frames file once: --frames-npy FILE or --frames FILE.npy")
+            frames_npy = frames_opt
+        else:
+            try:
+                count = int(frames_opt)
+            except ValueError:
+                raise UserError(f"--frames {frames_opt!r} is not valid; give a frame count or a "
+                                ".npy file") from None
+            if count < 1:
+                raise UserError(f"--frames must be at least 1, got {count}")
+    if not frames_npy:
+        raise UserError("no input frames; give --frames-npy FILE (float32, (T, 3, S, S))")
+    arr = load_frames_npy(frames_npy, size)
+    return arr[:count] if count else arr
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--frames-npy", type=click.Path(), default=None,
+              help="Preprocessed frames, float32 (T, 3, S, S).")
+@click.option("--frames", "frames_opt", default=None,
+              help="How many frames to use (or a .npy file, as --frames-npy).")
+@click.option("--save-logits", type=click.Path(), default=None, help="Write logits (T, K) .npy.")
+@click.option("--jsonl", type=click.Path(), default=None, help="One JSON line per frame.")
+@click.option("--top-k", type=int, default=3, show_default=True)
+@threads_option
+def run(artifact, frames_npy, frames_opt, save_logits, jsonl, top_k, threads) -> None:
+    """Stream frames through an artifact, caches carried frame to frame."""
+    _apply_threads(threads)
+    import io
+
+    import numpy as np
+
+    from .artifact import atomic_write_bytes
+    from .runtime import StreamSession
+
+    session = StreamSession(artifact, threads=threads)
+    frames = _frames_source(frames_npy, frames_opt, session.input_shape[-1])
+    labels = session.manifest.get("labels")
+    logits, lines = [], []
+    for i, frame in enumerate(frames):
+        out = session.step(frame)
+        logits.append(out)
+        top = np.argsort(-out)[:top_k]
+        lines.append({"index": i, "latency_ms": session.latencies_ms[-1],
+                      "top": [{"class": int(c), "label": labels[c] if labels else None,
+                               "logit": float(out[c])} for c in top]})
+    logits = np.stack(logits)
+    if save_logits:
+        buf = io.BytesIO()
+        np.save(buf, logits)
+        atomic_write_bytes(save_logits, buf.getvalue())
+    if jsonl:
+        atomic_write_bytes(jsonl, "".join(json.dumps(ln) + "\n" for ln in lines).encode())
+    st = session.stats()
+    click.echo(f"{st['frames']} frames  p50 {st['p50_ms']:.2f} ms  p90 {st['p90_ms']:.2f} ms  "
+               f"p99 {st['p99_ms']:.2f} ms  mean {st['mean_ms']:.2f} ms")
+    last = lines[-1]["top"][0]
+    click.echo(f"last frame top-1: class {last['class']}"
+               + (f" ({last['label']})" if last["label"] else "") + f", logit {last['logit']:.3f}")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--frames", type=int, default=16, show_default=True)
+@click.option("--frames-npy", type=click.Path(), default=None)
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="The checkpoint the artifact was compiled from (if moved).")
+@click.option("--tolerance", type=float, default=1e-4, show_default=True,
+              help="Largest logit difference relative to the logits' scale.")
+@click.option("--json", "json_out", type=click.Path(), default=None)
+@threads_option
+def verify(artifact, frames, frames_npy, checkpoint, tolerance, json_out, threads) -> None:
+    """Compare the artifact with PyTorch (online frame loop and offline clip) frame by frame."""
+    _apply_threads(threads)
+    from .verify import load_frames_npy, verify as run_verify
+
+    arr = None
+    if frames_npy:
+        from .artifact import read_manifest
+
+        size = read_manifest(artifact, check_files=False)["model"]["input_size"]
+        arr = load_frames_npy(frames_npy, size)[:frames]
+    report = run_verify(artifact, frames=frames, frames_array=arr, checkpoint=checkpoint,
+                        tolerance=tolerance, threads=threads)
+    if json_out:
+        _write_json(json_out, report)
+    click.echo(f"{report['model']}: {report['frames']} frames, logit scale "
+               f"{report['logit_scale']:.3g}")
+    click.echo(f"  vs PyTorch online loop : max |diff| {report['max_logit_diff_vs_eager']:.3g} "
+               f"(relative {report['relative_vs_eager']:.3g})")
+    click.echo(f"  vs offline clip (uni)  : max |diff| {report['max_logit_diff_vs_offline']:.3g} "
+               f"(relative {report['relative_vs_offline']:.3g})")
+    for name, c in report["caches"].items():
+        click.echo(f"  cache {name:<24} max |diff| {c['max_abs_diff']:.3g} "
+                   f"(relative {c['relative']:.3g})")
+    verdict = "PASS" if report["passed"] else "FAIL"
+    click.echo(f"{verdict} (tolerance {tolerance:g} relative)")
+    if not report["passed"]:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--frames", type=int, default=100, show_default=True, help="Timed frames.")
+@click.option("--warmup", type=int, default=10, show_default=True)
+@click.option("--compare", default="", help="Also time: torch,onnxruntime")
+@click.option("--json", "json_out", type=click.Path(), default=None)
+@threads_option
+def bench(artifact, frames, warmup, compare, json_out, threads) -> None:
+    """Per-frame latency percentiles and memory, optionally beside PyTorch and ONNX Runtime."""
+    _apply_threads(threads)
+    from .bench import bench as run_bench
+
+    backends = tuple(b.strip() for b in compare.split(",") if b.strip())
+    result = run_bench(artifact, frames=frames, warmup=warmup, threads=threads, compare=backends)
+    if json_out:
+        _write_json(json_out, result)
+    base = result["backends"]["tsm-edge"]["p50_ms"]
+    click.echo(f"{result['model']} {result['input_size']}px, {frames} frames, threads "
+               f"{threads or 'default'}, {result['machine']['cpu']}")
+    click.echo(f"{'backend':<14}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'mean ms':>9}"
+               f"{'vs tsm-edge':>13}")
+    for name, r in result["backends"].items():
+        click.echo(f"{name:<14}{r['p50_ms']:>9.2f}{r['p90_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+                   f"{r['mean_ms']:>9.2f}{r['p50_ms'] / base:>12.2f}x")
+    m = result["memory"]
+    click.echo(f"memory: weights {_mb(m['weights_bytes'])}, caches {_mb(m['cache_bytes_total'])}, "
+               f"workspace {_mb(m['workspace_bytes'])}; RSS baseline "
+               f"{_mb(m['rss_baseline_bytes'])}, loaded {_mb(m['rss_loaded_bytes'])}, peak "
+               f"{_mb(m['rss_peak_bytes'])}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: maps user errors to one ``error:`` line and exit status 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="tsm-edge", standalone_mode=False)
+    except UserError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.Abort:
+        click.echo("error: interrupted", err=True)
+        return 130
+    except click.ClickException as exc:
+        if debug:
+            raise
+        message = " ".join(exc.format_message().split())
+        click.echo(f"error: {message} (see 'tsm-edge --help')", err=True)
+        return 2
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Proof that the compiled artifact computes what PyTorch computes, frame by frame.
+
+Two references, both sharing no code with the rewrite pass or TVM:
+(a) an eager PyTorch frame loop, each TemporalShift keeping its own past (``mode="stream"``);
+(b) the offline clip model: all frames at once with the uni-directional shift.
+Several distinct frames go through, so a swapped, stale or unwired cache cannot pass.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+DEFAULT_TOLERANCE = 1e-4
+
+
+def make_frames(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """Distinct, seeded frames in the preprocessed range (normalized pixels)."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 3, size, size)).astype(np.float32)
+
+
+def load_frames_npy(path: str | Path, size: int | None = None) -> np.ndarray:
+    """Frames from a .npy file, shape (T, 3, S, S) float32; every problem named."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--frames-npy {p} does not exist")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise UserError(f"--frames-npy {p} is not a readable .npy array ({exc})") from None
+    if not isinstance(arr, np.ndarray):
+        raise UserError(f"--frames-npy {p} holds several arrays; give one .npy array")
+    if arr.ndim == 3:
+        arr = arr[None]
+    expected = f"(T, 3, {size}, {size})" if size else "(T, 3, S, S)"
+    if arr.ndim != 4 or arr.shape[1] != 3 or (size and arr.shape[2:] != (size, size)):
+        raise UserError(f"--frames-npy {p} has shape {tuple(arr.shape)}; expected {expected}")
+    if arr.dtype != np.float32:
+        raise UserError(f"--frames-npy {p} has dtype {arr.dtype}; expected float32 "
+                        "(preprocessed frames)")
+    if arr.shape[0] == 0:
+        raise UserError(f"--frames-npy {p} holds no frames")
+    return arr
+
+
+def _scale(a: np.ndarray) -> float:
+    return max(float(np.abs(a).max()), 1e-12)
+
+
+def verify(artifact: str | Path, *, frames: int = 16, frames_array: np.ndarray | None = None,
+           checkpoint: str | None = None, model=None, tolerance: float = DEFAULT_TOLERANCE,
+           threads: int | None = None, seed: int = 0) -> dict:
+    """Compare the artifact with both PyTorch references; returns a report with ``passed``."""
+    import torch
+
+    from .compiler import model_from_manifest
+    from .runtime import StreamSession
+    from .shift import set_shift_mode, shift_modules
+
+    session = StreamSession(artifact, threads=threads)
+    manifest = session.manifest
+    size = manifest["model"]["input_size"]
+    if frames_array is None:
+        if frames < 2:
+            raise UserError(f"--frames {frames}: verify needs at least 2 frames to check caches")
+        frames_array = make_frames(frames, size, seed)
+    module = model if model is not None else model_from_manifest(manifest, checkpoint)
+    shifts = dict(shift_modules(module))
+    missing = [n for n in session.cache_names if n not in shifts]
+    if missing:
+        raise UserError(f"the PyTorch model has no TemporalShift at {', '.join(missing)}; it is "
+                        "not the model this artifact was compiled from")
+    n = len(frames_array)
+
+    compiled_logits, compiled_caches = [], []
+    for f in frames_array:
+        compiled_logits.append(session.step(f))
+        compiled_caches.append(session.caches())
+    compiled_logits = np.stack(compiled_logits)
+
+    eager_logits, eager_caches = [], []
+    set_shift_mode(module, "stream")
+    try:
+        with torch.no_grad():
+            for f in frames_array:
+                eager_logits.append(module(torch.from_numpy(f[None])).numpy().reshape(-1))
+                eager_caches.append({k: shifts[k]._past.numpy().copy()
+                                     for k in session.cache_names})
+            set_shift_mode(module, "offline", n_segment=n, direction="uni")
+            offline_logits = module(torch.from_numpy(frames_array)).numpy()
+    finally:
+        set_shift_mode(module, "online")
+    eager_logits = np.stack(eager_logits)
+
+    scale = _scale(eager_logits)
+    diff_eager = float(np.abs(compiled_logits - eager_logits).max())
+    diff_offline = float(np.abs(compiled_logits - offline_logits).max())
+    per_frame = np.abs(compiled_logits - eager_logits).max(axis=1)
+    caches = {}
+    for name in session.cache_names:
+        ref = np.stack([c[name] for c in eager_caches])
+        got = np.stack([c[name] for c in compiled_caches])
+        caches[name] = {"max_abs_diff": float(np.abs(got - ref).max()),
+                        "relative": float(np.abs(got - ref).max() / _scale(ref))}
+    worst_cache = max((c["relative"] for c in caches.values()), default=0.0)
+    rel_eager, rel_offline = diff_eager / scale, diff_offline / scale
+    passed = rel_eager <= tolerance and rel_offline <= tolerance and worst_cache <= tolerance
+    return {
+        "artifact": str(artifact), "model": manifest["model"]["name"], "frames": n,
+        "tolerance": tolerance, "logit_scale": scale,
+        "max_logit_diff_vs_eager": diff_eager, "relative_vs_eager": rel_eager,
+        "max_logit_diff_vs_offline": diff_offline, "relative_vs_offline": rel_offline,
+        "per_frame_max_diff_vs_eager": [float(x) for x in per_frame],
+        "caches": caches, "worst_cache_relative": worst_cache, "passed": bool(passed),
+        "top1_agreement_vs_eager": float((compiled_logits.argmax(1) ==
+                                          eager_logits.argmax(1)).mean()),
+    }
