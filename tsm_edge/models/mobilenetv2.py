@@ -68,11 +68,10 @@ DEFAULT_SETTING = [
     [6, 320, 1, 1],
 ]
 
-TINY_SETTING = [
+TINY_SETTING = [  # consecutive residual blocks of one shape, as in the full model
     [1, 8, 1, 1],
-    [4, 16, 2, 2],
-    [4, 16, 2, 2],
-    [4, 24, 2, 2],
+    [4, 16, 3, 2],
+    [4, 24, 3, 2],
 ]
 
 

@@ -1,0 +1,132 @@
+"""The real ``tsm-edge`` command in subprocesses: outputs, JSON, and one-line user errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+
+def assert_user_error(proc, *fragments):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+def test_models_and_targets():
+    proc = run_cli("models", "--json")
+    assert proc.returncode == 0, proc.stderr
+    names = {m["name"] for m in json.loads(proc.stdout)}
+    assert {"tsm_mobilenetv2", "tsm_resnet50", "tsm_mobilenetv2_tiny",
+            "tsm_resnet50_tiny"} <= names
+    proc = run_cli("targets")
+    assert proc.returncode == 0 and "host" in proc.stdout
+
+
+def test_inspect_json_is_the_manifest(tiny_mnv2):
+    proc = run_cli("inspect", str(tiny_mnv2), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == json.loads((tiny_mnv2 / "manifest.json").read_text())
+    proc = run_cli("inspect", str(tiny_mnv2))
+    assert proc.returncode == 0 and "features.1.shift" in proc.stdout
+
+
+def test_run_saves_logits_equal_to_the_session(tiny_mnv2, frames_npy, tmp_path):
+    from tsm_edge.runtime import StreamSession
+
+    out, jl = tmp_path / "logits.npy", tmp_path / "frames.jsonl"
+    proc = run_cli("run", str(tiny_mnv2), "--frames-npy", str(frames_npy), "--save-logits",
+                   str(out), "--jsonl", str(jl), "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    logits = np.load(out)
+    frames = np.load(frames_npy)
+    s = StreamSession(tiny_mnv2)
+    np.testing.assert_allclose(logits, np.stack([s.step(f) for f in frames]), atol=1e-5)
+    lines = [json.loads(x) for x in jl.read_text().splitlines()]
+    assert [x["index"] for x in lines] == list(range(len(frames)))
+    assert lines[0]["top"][0]["label"].startswith("class")
+    # --frames FILE.npy is an alias, --frames N a count
+    proc = run_cli("run", str(tiny_mnv2), "--frames", str(frames_npy))
+    assert proc.returncode == 0 and "6 frames" in proc.stdout
+    proc = run_cli("run", str(tiny_mnv2), "--frames-npy", str(frames_npy), "--frames", "2")
+    assert proc.returncode == 0 and "2 frames" in proc.stdout
+
+
+def test_verify_cli(tiny_resnet, tmp_path):
+    proc = run_cli("verify", str(tiny_resnet), "--frames", "5", "--json", str(tmp_path / "v.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert "PASS" in proc.stdout
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert report["passed"] and report["frames"] == 5
+
+
+def test_bench_json_has_every_contract_key(tiny_mnv2, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_cli("bench", str(tiny_mnv2), "--frames", "20", "--warmup", "2", "--threads", "1",
+                   "--compare", "torch,onnxruntime", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    assert set(r["backends"]) == {"tsm-edge", "torch", "onnxruntime"}
+    for b in r["backends"].values():
+        assert {"p50_ms", "p90_ms", "p99_ms", "mean_ms"} <= set(b)
+        assert 0 < b["p50_ms"] <= b["p90_ms"] <= b["p99_ms"]
+    mem = r["memory"]
+    for key in ("weights_bytes", "cache_bytes_total", "workspace_bytes", "rss_baseline_bytes",
+                "rss_loaded_bytes", "rss_peak_bytes"):
+        assert isinstance(mem[key], int) and mem[key] > 0, key
+    assert mem["rss_baseline_bytes"] <= mem["rss_loaded_bytes"] <= mem["rss_peak_bytes"]
+    for key in ("threads", "frames", "machine", "target", "device", "method"):
+        assert key in r
+    assert r["threads"] == 1 and r["frames"] == 20
+    assert len(r["latencies_ms"]["tsm-edge"]) == 20
+
+
+def test_bench_child_never_loads_torch(tiny_mnv2):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "tsm_edge.probe", str(tiny_mnv2), "--frames",
+                           "3", "--warmup", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["torch_loaded"] is False
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (("compile", "--model", "tsm_mobilenet", "-o", "x"),
+     ("unknown model 'tsm_mobilenet'", "tsm_mobilenetv2", "tsm_resnet50")),
+    (("compile", "--model", "tsm_mobilenetv2_tiny", "--target", "hots", "-o", "x"),
+     ("did you mean 'host'",)),
+    (("inspect", "/nonexistent/art"), ("does not exist",)),
+    (("compile", "--bogus"), ("--bogus",)),
+])
+def test_user_errors_are_one_line(args, fragments):
+    assert_user_error(run_cli(*args), *fragments)
+
+
+def test_frame_errors(tiny_mnv2, tmp_path):
+    bad_shape = tmp_path / "shape.npy"
+    np.save(bad_shape, np.zeros((2, 3, 32, 32), np.float32))
+    assert_user_error(run_cli("run", str(tiny_mnv2), "--frames-npy", str(bad_shape)),
+                      "(2, 3, 32, 32)", "(T, 3, 64, 64)")
+    bad_dtype = tmp_path / "dtype.npy"
+    np.save(bad_dtype, np.zeros((2, 3, 64, 64), np.float64))
+    assert_user_error(run_cli("run", str(tiny_mnv2), "--frames-npy", str(bad_dtype)),
+                      "float64", "float32")
+    junk = tmp_path / "junk.npy"
+    junk.write_bytes(b"not an array")
+    assert_user_error(run_cli("run", str(tiny_mnv2), "--frames-npy", str(junk)), "junk.npy")
+
+
+def test_damaged_artifacts(artifact_copy, frames_npy):
+    lib = artifact_copy / "model.so"
+    lib.write_bytes(lib.read_bytes()[:-100])
+    assert_user_error(run_cli("run", str(artifact_copy), "--frames-npy", str(frames_npy)),
+                      "model.so", "manifest hash")
+    lib.unlink()
+    assert_user_error(run_cli("bench", str(artifact_copy)), "model.so", "missing")
+    (artifact_copy / "manifest.json").write_text("[1, 2")
+    assert_user_error(run_cli("inspect", str(artifact_copy)), "not valid JSON")

@@ -1,0 +1,65 @@
+"""The temporal shift itself: offline, online, and its export as one op."""
+
+import pytest
+import torch
+
+from tsm_edge.shift import TemporalShift, offline_shift, online_shift, set_shift_mode, shift_op
+
+
+def clip(t=5, c=16, s=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(t, c, s, s, generator=g)
+
+
+def test_offline_uni_takes_first_fold_from_previous_frame():
+    x = clip()
+    out = offline_shift(x, n_segment=5, fold_div=8, direction="uni")
+    assert torch.equal(out[1:, :2], x[:-1, :2])
+    assert torch.equal(out[0, :2], torch.zeros_like(out[0, :2]))
+    assert torch.equal(out[:, 2:], x[:, 2:])
+
+
+def test_offline_bi_matches_official_layout():
+    x = clip()
+    out = offline_shift(x, n_segment=5, fold_div=8, direction="bi")
+    assert torch.equal(out[:-1, :2], x[1:, :2])      # future into [0, fold)
+    assert torch.equal(out[1:, 2:4], x[:-1, 2:4])    # past into [fold, 2 fold)
+    assert torch.equal(out[:, 4:], x[:, 4:])
+    assert not out[-1, :2].any() and not out[0, 2:4].any()
+
+
+def test_stream_mode_equals_offline_uni_frame_by_frame():
+    x = clip(t=6)
+    m = TemporalShift()
+    set_shift_mode(m, "stream")
+    streamed = torch.cat([m(f[None]) for f in x])
+    assert torch.equal(streamed, offline_shift(x, 6, direction="uni"))
+
+
+def test_cache_fold_one_carries_second_slice():
+    x = clip(t=3)
+    m = TemporalShift()
+    m.cache_fold = 1
+    set_shift_mode(m, "stream")
+    outs = torch.cat([m(f[None]) for f in x])
+    assert torch.equal(outs[1:, 2:4], x[:-1, 2:4])
+    assert torch.equal(outs[:, :2], x[:, :2])
+
+
+def test_online_op_is_zero_past_shift():
+    x = clip(t=1)
+    out = online_shift(x, 0, 2)
+    assert not out[:, :2].any() and torch.equal(out[:, 2:], x[:, 2:])
+
+
+def test_custom_op_survives_export_as_one_node():
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1), TemporalShift()).eval()
+    ep = torch.export.export(m, (torch.zeros(1, 3, 8, 8),))
+    nodes = [n for n in ep.graph.nodes if n.op == "call_function" and n.target == shift_op()]
+    assert len(nodes) == 1
+    assert list(nodes[0].args[1:]) == [0, 2]
+
+
+def test_too_few_channels_is_refused():
+    with pytest.raises(ValueError, match="cannot be shifted"):
+        TemporalShift()(torch.zeros(1, 4, 2, 2))
