@@ -90,9 +90,11 @@ def targets(as_json: bool, tvm_tags: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{'name':<22}{'device':<8}{'runnable':<10}description")
+    click.echo(f"{'name':<22}{'device':<8}{'runs':<7}{'host':<24}description")
     for r in rows:
-        click.echo(f"{r['name']:<22}{r['device']:<8}{r['runnable']:<10}{r['description']}")
+        runs = r["runnable"] if r["runnable"] in ("here", "board") else "no"
+        click.echo(f"{r['name']:<22}{r['device']:<8}{runs:<7}{r['host_triple']:<24}"
+                   f"{r['description']}")
 
 
 @cli.command("compile")
@@ -107,15 +109,17 @@ def targets(as_json: bool, tvm_tags: bool) -> None:
 @click.option("--labels", type=click.Path(), default=None, help="Class names, one per line.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the random weights when no checkpoint is given.")
+@click.option("--ndk", type=click.Path(), default=None,
+              help="Android NDK root (for the android-arm64 target).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Artifact folder.")
 def compile_cmd(model, checkpoint, num_classes, input_size, target, precision, tuning, labels,
-                seed, output) -> None:
+                seed, ndk, output) -> None:
     """Compile a model into an artifact folder."""
     from .compiler import compile as compile_model
 
     path = compile_model(model, output, target=target, input_size=input_size,
                          num_classes=num_classes, checkpoint=checkpoint, precision=precision,
-                         tuning=tuning, labels=labels, seed=seed)
+                         tuning=tuning, labels=labels, seed=seed, ndk=ndk)
     from .artifact import read_manifest
 
     m = read_manifest(path)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from . import __version__
 from .artifact import LIBRARY, SCHEMA_VERSION, write_artifact_dir
-from .errors import UserError
+from .errors import InternalError, UserError
 from .platform_check import elf_machine, relevant_features
+from .targets import native_triple
 
 log = logging.getLogger("tsm_edge")
 
@@ -141,15 +142,15 @@ def tool_versions() -> dict:
 def compile(model: str, output: str | Path, *, target: str | dict = "host",
             input_size: int | None = None, num_classes: int | None = None,
             checkpoint: str | None = None, precision: str | None = None, tuning: str = "auto",
-            labels: str | list[str] | None = None, seed: int = 0) -> Path:
+            labels: str | list[str] | None = None, seed: int = 0, ndk: str | None = None) -> Path:
     """Compile an online TSM model into an artifact folder; returns its path."""
     from . import targets as targets_mod
     from .models import get_model_info
 
     get_model_info(model)  # fail fast on an unknown name, before TVM loads
     preset = targets_mod.resolve_target(target)
-    if preset.runnable not in ("here", "board"):
-        raise UserError(f"target {preset.name} cannot be built: {preset.runnable}")
+    check_buildable(preset)
+    cross_compiler = preset.resolved_cross_compiler(ndk)
     precision = precision or preset.default_precision
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision} is not available in this version; "
@@ -167,11 +168,26 @@ def compile(model: str, output: str | Path, *, target: str | dict = "host",
             raise UserError(f"{len(label_list)} labels given; the model has "
                             f"{source.num_classes} classes")
     return compile_module(source, output, preset=preset, precision=precision, tuning=tuning,
-                          labels=label_list)
+                          labels=label_list, cross_compiler=cross_compiler)
+
+
+def check_buildable(preset) -> None:
+    """Refuse, before any work, a target this toolchain cannot build."""
+    from . import tvm_api
+
+    if preset.runnable not in ("here", "board"):
+        raise UserError(f"target {preset.name} {preset.runnable}")
+    spec = preset.resolved_tvm_target()
+    kind = spec.get("kind") if isinstance(spec, dict) else str(tvm_api.make_target(spec).kind.name)
+    missing = tvm_api.missing_codegen(kind)
+    if missing:
+        raise UserError(f"target kind '{kind}' cannot be built: this TVM wheel has no "
+                        f"{missing}; valid kinds here: {', '.join(tvm_api.buildable_kinds())}")
 
 
 def compile_module(source: ModelSource, output: str | Path, *, preset, precision: str = "fp32",
-                   tuning: str = "auto", labels: list[str] | None = None) -> Path:
+                   tuning: str = "auto", labels: list[str] | None = None,
+                   cross_compiler: str | None = None) -> Path:
     """The stages, for an already-built ``source.module`` (also a user's own nn.Module)."""
     from . import tvm_api
     from .export import trace_step
@@ -200,10 +216,15 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
     features = relevant_features(arch, tvm_api.cpu_features(host_target)) \
         if host_target.kind.name == "llvm" else []
 
+    device_code = tvm_api.device_code_kind(exe, target)
+
     def populate(tmp: Path) -> dict:
         lib = tmp / LIBRARY
-        timed("link", tvm_api.export_library, exe, str(lib), preset.cross_compiler)
+        timed("link", tvm_api.export_library, exe, str(lib), cross_compiler)
         built_for = elf_machine(lib)
+        if built_for != arch:  # e.g. a TVM tag without a host: x86 code in an "ARM" library
+            raise InternalError(f"{LIBRARY} holds {built_for} code, but target {preset.name} "
+                                f"needs {arch} ({triple}); the target's host is wrong")
         caches = [{"name": c.name, "input_name": c.input_name, "output_name": c.output_name,
                    "shape": list(c.shape), "dtype": c.dtype, "bytes": c.nbytes,
                    "channels": list(c.channels), "init": c.init} for c in step.caches]
@@ -227,9 +248,10 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
             "host_triple": triple,
             "elf_machine": built_for,
             "device": preset.device,
-            "device_code": "none" if preset.device == "cpu" else "unknown",
+            "device_code": device_code,
             "runnable": True if preset.runnable == "here" else
-                        f"built for {triple}; run it on the device (--rpc)",
+                        f"built for {triple} ({preset.device}); this machine is "
+                        f"{native_triple()}: run it on the board or over RPC",
             "cpu_features": features,
             "tuning": {"mode": tuning, "records_applied": 0},
             "library": LIBRARY,

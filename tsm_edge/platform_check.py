@@ -62,10 +62,12 @@ def cpu_flags() -> set[str] | None:
 
 def check_runnable(manifest: dict, library: Path, arch: str | None = None,
                    flags: set[str] | None = None) -> None:
-    """Refuse, with the reason, an artifact this machine cannot run."""
-    runnable = manifest.get("runnable")
-    if runnable is not True:
-        raise UserError(f"this artifact cannot run here: {runnable}")
+    """Refuse, with the reason, an artifact this machine cannot run.
+
+    ``manifest["runnable"]`` speaks of the machine that built the artifact; here the library
+    itself is checked against this machine: its ELF architecture, then the CPU features its code
+    uses.
+    """
     arch = arch or this_arch()
     built = elf_machine(library)
     if built != arch:

@@ -58,7 +58,11 @@ class StreamSession:
         if check:
             check_runnable(self.manifest, library)
         set_threads(threads)
-        self.device = tvm_api.device("cpu")
+        kind = self.manifest.get("device", "cpu")
+        self.device = tvm_api.device(kind)
+        if check and not tvm_api.device_exists(self.device):
+            raise UserError(f"this artifact runs on a {kind} device and this machine has none "
+                            f"that TVM can use; run it on the board ({self.manifest['host_triple']})")
         self._vm = tvm_api.load_vm(str(library), self.device)
         self._main = self._vm[self.manifest.get("entry", "main")]
         spec = self.manifest["input"]

@@ -18,8 +18,9 @@ from .errors import UserError, unknown_choice
 from .platform_check import this_arch
 
 USER_DIR_ENV = "TSM_EDGE_TARGETS"
-_PRESET_KEYS = {"name", "description", "tvm_target", "host_triple", "cross_compiler",
-                "library_format", "default_precision", "rpc_key", "device", "runnable"}
+_PRESET_KEYS = {"name", "description", "tvm_target", "tvm_tag", "host_triple", "cross_compiler",
+                "cross_compiler_package", "needs_ndk", "library_format", "default_precision",
+                "rpc_key", "device", "runnable"}
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,10 @@ class TargetPreset:
     description: str
     tvm_target: dict | str
     host_triple: str
+    tvm_tag: str | None = None  # TVM tag the target starts from; tvm_target's keys override it
     cross_compiler: str | None = None
+    cross_compiler_package: str | None = None  # the Debian package that provides it
+    needs_ndk: bool = False
     library_format: str = "so"
     default_precision: str = "fp32"
     rpc_key: str | None = None
@@ -37,13 +41,21 @@ class TargetPreset:
     extra: dict = field(default_factory=dict)
 
     def resolved_tvm_target(self) -> dict | str:
-        """The TVM target with ``native`` replaced by this machine's CPU and triple."""
+        """The TVM target: the tag's attributes, the preset's over them (the host replaced
+        whole), and ``native`` replaced by this machine's CPU and triple."""
         spec = self.tvm_target
         if not isinstance(spec, dict):
             return spec
         from . import tvm_api
 
-        out = dict(spec)
+        out = {}
+        if self.tvm_tag:
+            out = tvm_api.target_json(tvm_api.make_target(self.tvm_tag))
+            out.pop("tag", None)
+            out.pop("host", None)
+            if out.get("kind") != spec.get("kind"):
+                out = {}
+        out.update(spec)
         if out.get("mcpu") == "native":
             out["mcpu"] = tvm_api.system_cpu()
         if out.get("mtriple") == "native":
@@ -52,6 +64,30 @@ class TargetPreset:
 
     def resolved_host_triple(self) -> str:
         return native_triple() if self.host_triple == "native" else self.host_triple
+
+    def resolved_cross_compiler(self, ndk: str | None = None) -> str | None:
+        """The cross compiler's path or name; checked to exist, with the way to get it."""
+        import shutil
+
+        cc = self.cross_compiler
+        if not cc:
+            return None
+        if self.needs_ndk:
+            if not ndk:
+                raise UserError(f"target {self.name} needs the Android NDK: pass --ndk PATH "
+                                "(the folder holding toolchains/llvm)")
+            if not Path(ndk).is_dir():
+                raise UserError(f"--ndk {ndk} is not a folder; give the Android NDK's root")
+            cc = cc.replace("{ndk}", str(Path(ndk).resolve()))
+            if not Path(cc).is_file():
+                raise UserError(f"--ndk {ndk} has no {cc}; give an NDK r21 or newer")
+            return cc
+        if shutil.which(cc) is None:
+            how = (f" (Debian: apt-get install {self.cross_compiler_package})"
+                   if self.cross_compiler_package else "")
+            raise UserError(f"target {self.name} needs the cross compiler {cc}, which is not on "
+                            f"PATH{how}")
+        return cc
 
 
 def native_triple() -> str:
@@ -66,6 +102,8 @@ def _preset_from_json(data: dict, source: str) -> TargetPreset:
     extra = {k: v for k, v in data.items() if k not in _PRESET_KEYS}
     known.setdefault("description", "")
     known.setdefault("host_triple", "native")
+    if not isinstance(known.get("tvm_target"), (dict, str)):
+        raise UserError(f"target preset {source}: 'tvm_target' must be a JSON object or a tag")
     return TargetPreset(**known, extra=extra)
 
 

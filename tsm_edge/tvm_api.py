@@ -80,6 +80,76 @@ def cpu_features(target) -> list[str]:
     return sorted(str(f) for f in feats)
 
 
+_CODEGEN = {"llvm": "target.build.llvm", "cuda": "target.build.cuda",
+            "opencl": "target.build.opencl", "vulkan": "target.build.vulkan",
+            "metal": "target.build.metal", "rocm": "target.build.rocm"}
+
+
+def missing_codegen(kind: str) -> str | None:
+    """The name of the code generator this wheel lacks for ``kind``, or None."""
+    name = _CODEGEN.get(kind)
+    if name is None:
+        return None
+    return None if _tvm().get_global_func(name, allow_missing=True) is not None else name
+
+
+def buildable_kinds() -> list[str]:
+    return [k for k in _CODEGEN if missing_codegen(k) is None]
+
+
+def device_modules(exe) -> list[tuple[str, list[str]]]:
+    """(kind, write formats) of every device module imported by the executable's library."""
+    out = []
+    for m in _all_modules(exe.mod)[1:]:
+        try:
+            formats = [str(f) for f in m.get_write_formats()]
+        except Exception:  # a module kind without serialization formats
+            formats = []
+        out.append((str(m.kind), formats))
+    return out
+
+
+def device_source(exe, kind: str) -> str:
+    """The generated device source (OpenCL C, CUDA C) held by the library, if any."""
+    parts = []
+    for m in _all_modules(exe.mod)[1:]:
+        if kind in str(m.kind):
+            for fmt in ("cl", "cu", ""):
+                try:
+                    text = str(m.inspect_source(fmt))
+                except Exception:  # this module does not keep that format
+                    continue
+                if text:
+                    parts.append(text)
+                    break
+    return "\n".join(parts)
+
+
+def device_code_kind(exe, target) -> str:
+    """What the library carries for the device: none, cubin, fatbin, ptx, cuda-source, ..."""
+    kind = target.kind.name
+    if kind == "llvm":
+        return "none"
+    formats = {f for k, fs in device_modules(exe) if kind in k for f in fs}
+    if kind == "cuda":
+        for f in ("fatbin", "cubin", "ptx"):
+            if f in formats:
+                return f
+        return "cuda-source"
+    if kind == "opencl":
+        return "opencl-source"
+    return f"{kind}:{','.join(sorted(formats)) or 'unknown'}"
+
+
+def _all_modules(mod):
+    seen, stack = [], [mod]
+    while stack:
+        m = stack.pop()
+        seen.append(m)
+        stack.extend(list(m.imports))
+    return seen
+
+
 # --------------------------------------------------------------------------- import and optimize
 
 
@@ -222,6 +292,13 @@ def device(kind: str = "cpu", index: int = 0, session=None):
     if session is not None:
         return session.device(kind, index)
     return tvm.device(kind, index)
+
+
+def device_exists(dev) -> bool:
+    try:
+        return bool(dev.exist)
+    except Exception:  # a runtime built without this device kind
+        return False
 
 
 def load_vm(lib_path: str, dev):
