@@ -65,6 +65,30 @@ def test_rewritten_graph_structure():
     assert cache_out.args[0] is kept.args[0]                    # both slice the block input
 
 
+def test_bi_layout_rewrite_zeroes_future_slice_and_streams_like_eager():
+    from tsm_edge.shift import set_online_layout
+
+    model = OneBlock().eval()
+    set_online_layout(model, "bi")
+    step = rewrite_shifts(trace_step(model, 16))
+    (cache,) = step.caches
+    assert cache.channels == (2, 4)
+    zeros = [n for n in step.exported.graph.nodes if n.target in (ATEN.zeros.default,
+                                                                   ATEN.full.default)]
+    assert zeros, "the future slice must be a constant zero piece"
+    gm = step.module()
+    g = torch.Generator().manual_seed(1)
+    frames = [torch.randn(1, 3, 16, 16, generator=g) for _ in range(3)]
+    set_shift_mode(model, "stream")
+    with torch.no_grad():
+        ref = [model(f) for f in frames]
+        caches = step.zero_caches()
+        for f, r in zip(frames, ref):
+            out = gm(f, *caches)
+            caches = list(out[1:])
+            torch.testing.assert_close(out[0], r)
+
+
 def test_rewrite_leaves_its_input_untouched():
     ep = trace_step(OneBlock().eval(), 16)
     before = len(find_shift_nodes(ep.graph))

@@ -36,19 +36,23 @@ def test_stream_mode_equals_offline_uni_frame_by_frame():
     assert torch.equal(streamed, offline_shift(x, 6, direction="uni"))
 
 
-def test_cache_fold_one_carries_second_slice():
-    x = clip(t=3)
+def test_bi_layout_carries_past_slice_and_zeroes_future_slice():
+    x = clip(t=4)
     m = TemporalShift()
-    m.cache_fold = 1
+    m.layout = "bi"
     set_shift_mode(m, "stream")
     outs = torch.cat([m(f[None]) for f in x])
     assert torch.equal(outs[1:, 2:4], x[:-1, 2:4])
-    assert torch.equal(outs[:, :2], x[:, :2])
+    assert not outs[:, :2].any()
+    assert torch.equal(outs[:, 4:], x[:, 4:])
+    # on the last frame of a clip this is exactly the offline bi-directional shift
+    offline = offline_shift(x, 4, direction="bi")
+    assert torch.equal(outs[-1], offline[-1])
 
 
 def test_online_op_is_zero_past_shift():
     x = clip(t=1)
-    out = online_shift(x, 0, 2)
+    out = online_shift(x, 0, 2, 0)
     assert not out[:, :2].any() and torch.equal(out[:, 2:], x[:, 2:])
 
 
@@ -57,7 +61,7 @@ def test_custom_op_survives_export_as_one_node():
     ep = torch.export.export(m, (torch.zeros(1, 3, 8, 8),))
     nodes = [n for n in ep.graph.nodes if n.op == "call_function" and n.target == shift_op()]
     assert len(nodes) == 1
-    assert list(nodes[0].args[1:]) == [0, 2]
+    assert list(nodes[0].args[1:]) == [0, 2, 0]
 
 
 def test_too_few_channels_is_refused():

@@ -52,7 +52,8 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
     """Compile online TSM video models for edge devices and stream frames through them."""
     ctx.obj = {"debug": debug}
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(message)s", stream=sys.stderr)
+                        format="%(levelname)s: %(message)s", stream=sys.stderr)
+    logging.addLevelName(logging.WARNING, "warning")
 
 
 @cli.command()
@@ -111,15 +112,22 @@ def targets(as_json: bool, tvm_tags: bool) -> None:
               help="Seed of the random weights when no checkpoint is given.")
 @click.option("--ndk", type=click.Path(), default=None,
               help="Android NDK root (for the android-arm64 target).")
+@click.option("--trained-shift", default=None,
+              help="How the checkpoint was trained: unidirectional | bidirectional "
+                   "(default: what its layout implies).")
+@click.option("--cache-channels", default=None,
+              help="first: cache [0, C/8) (online demo); second: cache [C/8, 2C/8), [0, C/8) "
+                   "zero (for bi-directionally trained checkpoints).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Artifact folder.")
 def compile_cmd(model, checkpoint, num_classes, input_size, target, precision, tuning, labels,
-                seed, ndk, output) -> None:
+                seed, ndk, trained_shift, cache_channels, output) -> None:
     """Compile a model into an artifact folder."""
     from .compiler import compile as compile_model
 
     path = compile_model(model, output, target=target, input_size=input_size,
                          num_classes=num_classes, checkpoint=checkpoint, precision=precision,
-                         tuning=tuning, labels=labels, seed=seed, ndk=ndk)
+                         tuning=tuning, labels=labels, seed=seed, ndk=ndk,
+                         trained_shift=trained_shift, cache_channels=cache_channels)
     from .artifact import read_manifest
 
     m = read_manifest(path)
@@ -292,6 +300,33 @@ def bench(artifact, frames, warmup, compare, json_out, threads) -> None:
                f"workspace {_mb(m['workspace_bytes'])}; RSS baseline "
                f"{_mb(m['rss_baseline_bytes'])}, loaded {_mb(m['rss_loaded_bytes'])}, peak "
                f"{_mb(m['rss_peak_bytes'])}")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--onnx", "onnx_out", required=True, type=click.Path(),
+              help="Write the online step as ONNX here.")
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="The checkpoint the artifact was compiled from (if moved).")
+def export(artifact, onnx_out, checkpoint) -> None:
+    """Export the artifact's online step as ONNX, caches as named inputs and outputs."""
+    from .artifact import read_manifest
+    from .compiler import model_from_manifest
+    from .export import trace_step
+    from .onnx_export import export_step_onnx
+    from .rewrite import rewrite_shifts
+
+    m = read_manifest(artifact)
+    step = rewrite_shifts(trace_step(model_from_manifest(m, checkpoint),
+                                     m["model"]["input_size"]))
+    names = [c["name"] for c in m["caches"]]
+    if [c.name for c in step.caches] != names:
+        raise UserError(f"the rebuilt model's caches {[c.name for c in step.caches]} differ from "
+                        f"the artifact's {names}: it was compiled from another model definition or "
+                        "checkpoint; compile it again")
+    path = export_step_onnx(step, onnx_out)
+    click.echo(f"wrote {path}: inputs {step.input.name} + {len(step.caches)} caches, outputs "
+               f"logits + {len(step.caches)} caches (manifest order)")
 
 
 def main(argv: list[str] | None = None) -> int:

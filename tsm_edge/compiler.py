@@ -35,6 +35,9 @@ class ModelSource:
     input_size: int
     checkpoint: str | None = None
     checkpoint_sha256: str | None = None
+    checkpoint_layout: str | None = None
+    trained_shift: str = "unidirectional"
+    online_layout: str = "uni"
     seed: int = 0
     description: str = ""
     module: object = field(default=None, repr=False)
@@ -43,35 +46,81 @@ class ModelSource:
         return {"name": self.name, "description": self.description,
                 "num_classes": self.num_classes, "input_size": self.input_size,
                 "checkpoint": ({"path": str(Path(self.checkpoint).resolve()),
-                                "sha256": self.checkpoint_sha256} if self.checkpoint else None),
+                                "sha256": self.checkpoint_sha256,
+                                "layout": self.checkpoint_layout} if self.checkpoint else None),
+                "trained_shift": self.trained_shift,
+                "online_layout": self.online_layout,
+                "online_layout_meaning": ONLINE_LAYOUT_TEXT[self.online_layout],
                 "weights": "checkpoint" if self.checkpoint else f"seeded-random (seed {self.seed})",
                 "seed": self.seed}
 
 
+ONLINE_LAYOUT_TEXT = {
+    "uni": "cache = channels [0, C/8) of each shifted block's input, from the previous frame "
+           "(the official online demo)",
+    "bi": "cache = channels [C/8, 2C/8) from the previous frame; [0, C/8), trained on the next "
+          "frame, is zero (offline inference on a clip's last frame)",
+}
+TRAINED_SHIFTS = ("unidirectional", "bidirectional")
+CACHE_CHANNELS = {"first": "uni", "second": "bi"}
+
+
 def resolve_model(model: str, *, num_classes: int | None = None, input_size: int | None = None,
-                  checkpoint: str | None = None, seed: int = 0) -> ModelSource:
-    """Build a registered model, load its checkpoint, and check sizes."""
+                  checkpoint: str | None = None, seed: int = 0, trained_shift: str | None = None,
+                  cache_channels: str | None = None, quiet: bool = False) -> ModelSource:
+    """Build a registered model, load its checkpoint, and check sizes.
+
+    ``trained_shift`` (how the checkpoint was trained) defaults to what its layout implies: the
+    offline training code of the official repository and of mmaction2 shifts bi-directionally.
+    ``cache_channels`` picks the online layout: ``first`` ([0, C/8), the online demo) or
+    ``second`` ([C/8, 2C/8) with [0, C/8) zero); by default the one that fits the training.
+    """
     from . import checkpoint as ckpt
     from .models import build_model, check_input_size, get_model_info
+    from .shift import set_online_layout
 
     info = get_model_info(model)
     size = check_input_size(info, input_size if input_size is not None else info.default_input_size)
-    state, digest = None, None
+    if trained_shift is not None and trained_shift not in TRAINED_SHIFTS:
+        raise UserError(f"--trained-shift {trained_shift} is not valid; valid: "
+                        f"{', '.join(TRAINED_SHIFTS)}")
+    if cache_channels is not None and cache_channels not in CACHE_CHANNELS:
+        raise UserError(f"--cache-channels {cache_channels} is not valid; valid: "
+                        f"{', '.join(CACHE_CHANNELS)}")
+    state, digest, layout = None, None, None
     if checkpoint:
         state = ckpt.read_state_dict(checkpoint)
         digest = ckpt.file_sha256(Path(checkpoint))
+        state, layout = ckpt.convert(state, info.family, str(checkpoint))
+        trained_shift = trained_shift or ckpt.TRAINED_SHIFT[layout]
         head = _head_classes(state)
         if num_classes is not None and head is not None and head != num_classes:
             raise UserError(f"--num-classes {num_classes} does not match the checkpoint's "
                             f"classifier, which has {head} classes")
         num_classes = num_classes or head
+    trained_shift = trained_shift or "unidirectional"
+    online = CACHE_CHANNELS[cache_channels] if cache_channels else \
+        ("bi" if trained_shift == "bidirectional" else "uni")
+    if trained_shift == "bidirectional" and not quiet:
+        if online == "bi":
+            log.warning("this checkpoint was trained with the bi-directional shift: run online it "
+                        "cannot see the next frame, so channels [0, C/8) are zero and [C/8, 2C/8) "
+                        "come from the previous frame. That is what the offline model computes "
+                        "for the last frame of a clip, not for the others: expect lower accuracy "
+                        "than the offline model; an online-trained checkpoint avoids this")
+        else:
+            log.warning("--cache-channels first on a bi-directionally trained checkpoint: channels "
+                        "[0, C/8), trained to see the NEXT frame, will receive the PREVIOUS frame; "
+                        "this is not the trained model (--cache-channels second is closer)")
     module = build_model(model, num_classes=num_classes, seed=seed)
     if state is not None:
         ckpt.load_into(module, state, str(checkpoint))
+    set_online_layout(module, online)
     n = num_classes or info.default_num_classes
     return ModelSource(name=model, num_classes=n, input_size=size, checkpoint=checkpoint,
-                       checkpoint_sha256=digest, seed=seed, description=info.description,
-                       module=module)
+                       checkpoint_sha256=digest, checkpoint_layout=layout,
+                       trained_shift=trained_shift, online_layout=online, seed=seed,
+                       description=info.description, module=module)
 
 
 def _head_classes(state: dict) -> int | None:
@@ -96,9 +145,11 @@ def model_from_manifest(manifest: dict, checkpoint: str | None = None):
         if digest != ck["sha256"]:
             raise UserError(f"checkpoint {path} is not the one the artifact was compiled from "
                             f"(sha256 {digest[:12]}..., manifest {ck['sha256'][:12]}...)")
+    layout = entry.get("online_layout", "uni")
     src = resolve_model(entry["name"], num_classes=entry["num_classes"],
                         input_size=entry["input_size"], checkpoint=path if ck else None,
-                        seed=entry.get("seed", 0))
+                        seed=entry.get("seed", 0), trained_shift=entry.get("trained_shift"),
+                        cache_channels="second" if layout == "bi" else "first", quiet=True)
     return src.module
 
 
@@ -142,7 +193,8 @@ def tool_versions() -> dict:
 def compile(model: str, output: str | Path, *, target: str | dict = "host",
             input_size: int | None = None, num_classes: int | None = None,
             checkpoint: str | None = None, precision: str | None = None, tuning: str = "auto",
-            labels: str | list[str] | None = None, seed: int = 0, ndk: str | None = None) -> Path:
+            labels: str | list[str] | None = None, seed: int = 0, ndk: str | None = None,
+            trained_shift: str | None = None, cache_channels: str | None = None) -> Path:
     """Compile an online TSM model into an artifact folder; returns its path."""
     from . import targets as targets_mod
     from .models import get_model_info
@@ -159,7 +211,8 @@ def compile(model: str, output: str | Path, *, target: str | dict = "host",
         raise UserError(f"--tuning {tuning}: tuning databases are not available in this version; "
                         "valid: auto, none")
     source = resolve_model(model, num_classes=num_classes, input_size=input_size,
-                           checkpoint=checkpoint, seed=seed)
+                           checkpoint=checkpoint, seed=seed, trained_shift=trained_shift,
+                           cache_channels=cache_channels)
     label_list = None
     if labels is not None:
         label_list = (read_labels(labels, source.num_classes) if isinstance(labels, (str, Path))

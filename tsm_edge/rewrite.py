@@ -5,10 +5,12 @@ only emit ops, it cannot add inputs and outputs to the function being built, and
 function inputs and outputs. Rewriting the FX graph also gives one rewritten step that every
 back end shares: TVM imports it, ONNX exports it, and PyTorch runs it for the benchmark.
 
-Each ``online_shift(x, start, stop)`` node becomes::
+Each ``online_shift(x, start, stop, zero_before)`` node becomes::
 
     cache_out = x[:, start:stop]
-    out       = cat(x[:, :start], cache_in, x[:, stop:], dim=1)
+    out       = cat(zeros(zero_before), x[:, zero_before:start], cache_in, x[:, stop:], dim=1)
+
+(empty pieces left out; ``zero_before`` is 0 except for bi-directionally trained models).
 
 with ``cache_in`` a new named input and ``cache_out`` a new named output, in the order the shifts
 appear in the graph. Cache specs (name, shape, dtype, channel slice) are read from the graph.
@@ -27,6 +29,7 @@ from .shift import shift_op
 
 _SLICE = torch.ops.aten.slice.Tensor
 _CAT = torch.ops.aten.cat.default
+_ZEROS = torch.ops.aten.zeros.default
 
 
 @dataclass(frozen=True)
@@ -145,13 +148,17 @@ def rewrite_shifts(ep: torch.export.ExportedProgram) -> OnlineStep:
             graph.output(tuple([env[r] for r in results] + cache_outputs))
             continue
         if node in cache_inputs:
-            x_src, start, stop = node.args
+            x_src, start, stop, zero_before = node.args
             x = env[x_src]
-            channels = node.meta["val"].shape[1]
+            val = node.meta["val"]
+            channels = val.shape[1]
             cache_outputs.append(graph.call_function(_SLICE, (x, 1, start, stop)))
             pieces = []
-            if start > 0:
-                pieces.append(graph.call_function(_SLICE, (x, 1, 0, start)))
+            if zero_before > 0:  # the future slice of a bi-directional model: always zero
+                shape = [val.shape[0], zero_before, *val.shape[2:]]
+                pieces.append(graph.call_function(_ZEROS, (shape,), {"dtype": val.dtype}))
+            if start > zero_before:
+                pieces.append(graph.call_function(_SLICE, (x, 1, zero_before, start)))
             pieces.append(cache_inputs[node])
             if stop < channels:
                 pieces.append(graph.call_function(_SLICE, (x, 1, stop, channels)))
@@ -165,7 +172,7 @@ def rewrite_shifts(ep: torch.export.ExportedProgram) -> OnlineStep:
     caches = []
     for node in shifts:
         v = node.meta["val"]
-        start, stop = node.args[1], node.args[2]
+        start, stop = node.args[1], node.args[2]  # args: x, start, stop, zero_before
         caches.append(torch.zeros((v.shape[0], stop - start, *v.shape[2:]), dtype=v.dtype))
     with torch.no_grad():
         rewritten = torch.export.export(gm, (frame, *caches))

@@ -3,9 +3,13 @@
 Conventions
 -----------
 * ``fold = C // fold_div`` (fold_div 8, as in the TSM paper and the official code).
-* Online (the official online demo): in each shifted block the channels ``[start, stop)`` of the
-  block's input (``[0, fold)``, or ``[fold, 2 fold)`` with ``cache_fold=1``) are replaced by the same channels of the previous frame,
-  zeros before the first frame; the cache handed on is ``x[:, start:stop]`` of the current frame.
+* Online, layout ``"uni"`` (the official online demo, for uni-directionally trained models): in
+  each shifted block the channels ``[0, fold)`` of the block's input are replaced by the same
+  channels of the previous frame (zeros before the first frame); the cache handed on is
+  ``x[:, 0:fold]`` of the current frame.
+* Online, layout ``"bi"`` (for bi-directionally trained checkpoints): ``[fold, 2 fold)`` comes from
+  the previous frame and ``[0, fold)``, trained to see the *next* frame, which a stream does not
+  have yet, is zero: exactly what the offline model computes for the last frame of a clip.
 * Offline, uni-directional: the same channels come from frame ``t - 1`` inside the clip.
 * Offline, bi-directional (official training code): channels ``[0, fold)`` come from frame
   ``t + 1`` and ``[fold, 2 fold)`` from frame ``t - 1``.
@@ -26,16 +30,38 @@ OP_NAME = "online_shift"
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::{OP_NAME}", mutates_args=())
-def online_shift(x: Tensor, start: int, stop: int) -> Tensor:
-    """Online shift of one frame against a zero past: channels [start, stop) become zero."""
+def online_shift(x: Tensor, start: int, stop: int, zero_before: int) -> Tensor:
+    """Online shift of one frame against a zero past.
+
+    Channels ``[start, stop)`` come from the past (zero here), ``[0, zero_before)`` are always
+    zero (the future slice of a bi-directional model), the rest pass through.
+    """
     out = x.clone()
     out[:, start:stop] = 0
+    out[:, :zero_before] = 0
     return out
 
 
 @online_shift.register_fake
-def _online_shift_fake(x: Tensor, start: int, stop: int) -> Tensor:
+def _online_shift_fake(x: Tensor, start: int, stop: int, zero_before: int) -> Tensor:
     return torch.empty_like(x)
+
+
+ONLINE_LAYOUTS = ("uni", "bi")
+
+
+def online_slices(c: int, fold_div: int = 8, layout: str = "uni") -> tuple[int, int, int]:
+    """(start, stop, zero_before) of the online shift for ``c`` channels."""
+    fold = c // fold_div
+    if fold < 1:
+        raise ValueError(f"{c} channels cannot be shifted with fold_div {fold_div}")
+    if layout == "uni":
+        return 0, fold, 0
+    if layout == "bi":
+        if 2 * fold > c:
+            raise ValueError(f"{c} channels are too few for the bi-directional layout")
+        return fold, 2 * fold, fold
+    raise ValueError(f"online layout must be one of {ONLINE_LAYOUTS}, got {layout!r}")
 
 
 def shift_op():
@@ -44,7 +70,7 @@ def shift_op():
 
 
 def offline_shift(x: Tensor, n_segment: int, fold_div: int = 8, direction: str = "uni",
-                  cache_fold: int = 0) -> Tensor:
+                  layout: str = "uni") -> Tensor:
     """Shift a clip laid out as (N*T, C, H, W) along T."""
     nt, c, h, w = x.shape
     if nt % n_segment:
@@ -58,9 +84,11 @@ def offline_shift(x: Tensor, n_segment: int, fold_div: int = 8, direction: str =
         out[:, 1:, fold:2 * fold] = v[:, :-1, fold:2 * fold]
         out[:, 0, fold:2 * fold] = 0
     elif direction == "uni":
-        s, e = cache_fold * fold, (cache_fold + 1) * fold
+        # the clip form of the online computation with the given layout
+        s, e, z = online_slices(c, fold_div, layout)
         out[:, 1:, s:e] = v[:, :-1, s:e]
         out[:, 0, s:e] = 0
+        out[:, :, :z] = 0
     else:
         raise ValueError(f"direction must be 'uni' or 'bi', got {direction!r}")
     return out.view(nt, c, h, w)
@@ -83,37 +111,28 @@ class TemporalShift(nn.Module):
         self.mode = "online"
         self.n_segment = 1
         self.direction = "uni"
-        # Which fold of channels the online cache carries: 0 -> [0, fold) (the online demo),
-        # 1 -> [fold, 2 fold) (the past-shifted slice of a bi-directionally trained model).
-        self.cache_fold = 0
+        # Online layout: "uni" (cache [0, fold), the online demo) or "bi" (cache [fold, 2 fold),
+        # [0, fold) zero: for bi-directionally trained checkpoints).
+        self.layout = "uni"
         self._past: Tensor | None = None
 
-    def cache_slice(self, c: int) -> tuple[int, int]:
-        fold = c // self.fold_div
-        if fold < 1:
-            raise ValueError(f"{c} channels cannot be shifted with fold_div {self.fold_div}")
-        start = self.cache_fold * fold
-        stop = start + fold
-        if stop > c:
-            raise ValueError(f"cache fold {self.cache_fold} outside {c} channels")
-        return start, stop
-
     def forward(self, x: Tensor) -> Tensor:
-        start, stop = self.cache_slice(x.shape[1])
+        start, stop, zero_before = online_slices(x.shape[1], self.fold_div, self.layout)
         if self.mode == "online":
-            return online_shift(x, start, stop)
+            return online_shift(x, start, stop, zero_before)
         if self.mode == "stream":
             past = self._past if self._past is not None else torch.zeros_like(x[:, start:stop])
             out = x.clone()
             out[:, start:stop] = past
+            out[:, :zero_before] = 0
             self._past = x[:, start:stop].clone()
             return out
         if self.mode == "offline":
-            return offline_shift(x, self.n_segment, self.fold_div, self.direction, self.cache_fold)
+            return offline_shift(x, self.n_segment, self.fold_div, self.direction, self.layout)
         raise ValueError(f"unknown TemporalShift mode {self.mode!r}")
 
     def extra_repr(self) -> str:
-        return f"fold_div={self.fold_div}, mode={self.mode}"
+        return f"fold_div={self.fold_div}, mode={self.mode}, layout={self.layout}"
 
 
 def shift_modules(model: nn.Module) -> list[tuple[str, TemporalShift]]:
@@ -128,6 +147,14 @@ def set_shift_mode(model: nn.Module, mode: str, *, n_segment: int = 1,
         m.n_segment = n_segment
         m.direction = direction
         m._past = None
+    return model
+
+
+def set_online_layout(model: nn.Module, layout: str) -> nn.Module:
+    if layout not in ONLINE_LAYOUTS:
+        raise ValueError(f"online layout must be one of {ONLINE_LAYOUTS}, got {layout!r}")
+    for _, m in shift_modules(model):
+        m.layout = layout
     return model
 
 
