@@ -153,6 +153,53 @@ def model_from_manifest(manifest: dict, checkpoint: str | None = None):
     return src.module
 
 
+def device_checks(exe, target, lib: Path, device_code: str, cuda: dict | None) -> dict:
+    """Evidence about the device code, for the manifest (GPU targets only)."""
+    from . import tvm_api
+
+    kind = target.kind.name
+    if kind == "cuda":
+        arches = tvm_api.fatbin_arches(lib.read_bytes())
+        wanted = str(target.attrs.get("arch", ""))
+        if device_code in ("fatbin", "cubin") and wanted and wanted not in arches:
+            raise InternalError(f"the library's CUDA code is for {arches}, not {wanted}")
+        needs = (f"; the board's driver must support {cuda['nvcc']} (the nvcc that built the "
+                 "fatbin)" if cuda and cuda.get("ok") else
+                 "; the board must compile the embedded CUDA C when it loads the library "
+                 "(NVRTC or nvcc on the board)")
+        return {"device_arch": arches or [wanted], "board_needs": needs,
+                "device_compiler": (cuda or {}).get("nvcc") or (cuda or {}).get("reason")}
+    if kind == "opencl":
+        source = tvm_api.device_source(exe, "opencl")
+        return {"opencl_syntax_check": opencl_syntax_check(source)}
+    return {}
+
+
+def opencl_syntax_check(source: str) -> str:
+    """Check the generated OpenCL C with clang (no OpenCL runtime is needed)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    clang = shutil.which("clang")
+    if clang is None:
+        return "not run: clang is not on PATH (Debian: apt-get install clang)"
+    if not source.strip():
+        raise InternalError("the OpenCL build holds no kernel source")
+    with tempfile.NamedTemporaryFile("w", suffix=".cl") as f:
+        f.write(source)
+        f.flush()
+        proc = subprocess.run([clang, "-x", "cl", "-cl-std=CL1.2", "-Xclang",
+                               "-finclude-default-header", "-fsyntax-only", f.name],
+                              capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise InternalError("the generated OpenCL C does not compile:\n" + proc.stderr[-2000:])
+    import re
+
+    kernels = len(set(re.findall(r"__kernel void (\w+)", source)))
+    return f"passed: clang -x cl -cl-std=CL1.2 -fsyntax-only, {kernels} kernels"
+
+
 def read_labels(path: str | Path, num_classes: int) -> list[str]:
     p = Path(path)
     if not p.is_file():
@@ -201,6 +248,15 @@ def compile(model: str, output: str | Path, *, target: str | dict = "host",
 
     get_model_info(model)  # fail fast on an unknown name, before TVM loads
     preset = targets_mod.resolve_target(target)
+    cuda = None
+    if preset.device == "cuda" and preset.runnable in ("here", "board"):
+        from . import tvm_api
+
+        arch = (preset.tvm_target.get("arch") if isinstance(preset.tvm_target, dict) else None)
+        cuda = tvm_api.enable_cuda_device_code(arch or "sm_87")
+        if not cuda["ok"]:
+            log.warning("CUDA kernels will be embedded as CUDA C source (%s): the board must "
+                        "compile them when it loads the library", cuda["reason"])
     check_buildable(preset)
     cross_compiler = preset.resolved_cross_compiler(ndk)
     precision = precision or preset.default_precision
@@ -221,7 +277,7 @@ def compile(model: str, output: str | Path, *, target: str | dict = "host",
             raise UserError(f"{len(label_list)} labels given; the model has "
                             f"{source.num_classes} classes")
     return compile_module(source, output, preset=preset, precision=precision, tuning=tuning,
-                          labels=label_list, cross_compiler=cross_compiler)
+                          labels=label_list, cross_compiler=cross_compiler, cuda=cuda)
 
 
 def check_buildable(preset) -> None:
@@ -240,7 +296,7 @@ def check_buildable(preset) -> None:
 
 def compile_module(source: ModelSource, output: str | Path, *, preset, precision: str = "fp32",
                    tuning: str = "auto", labels: list[str] | None = None,
-                   cross_compiler: str | None = None) -> Path:
+                   cross_compiler: str | None = None, cuda: dict | None = None) -> Path:
     """The stages, for an already-built ``source.module`` (also a user's own nn.Module)."""
     from . import tvm_api
     from .export import trace_step
@@ -269,8 +325,6 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
     features = relevant_features(arch, tvm_api.cpu_features(host_target)) \
         if host_target.kind.name == "llvm" else []
 
-    device_code = tvm_api.device_code_kind(exe, target)
-
     def populate(tmp: Path) -> dict:
         lib = tmp / LIBRARY
         timed("link", tvm_api.export_library, exe, str(lib), cross_compiler)
@@ -278,6 +332,8 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
         if built_for != arch:  # e.g. a TVM tag without a host: x86 code in an "ARM" library
             raise InternalError(f"{LIBRARY} holds {built_for} code, but target {preset.name} "
                                 f"needs {arch} ({triple}); the target's host is wrong")
+        device_code = tvm_api.device_code_kind(exe, target, lib.read_bytes())
+        extra = device_checks(exe, target, lib, device_code, cuda)
         caches = [{"name": c.name, "input_name": c.input_name, "output_name": c.output_name,
                    "shape": list(c.shape), "dtype": c.dtype, "bytes": c.nbytes,
                    "channels": list(c.channels), "init": c.init} for c in step.caches]
@@ -304,7 +360,9 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
             "device_code": device_code,
             "runnable": True if preset.runnable == "here" else
                         f"built for {triple} ({preset.device}); this machine is "
-                        f"{native_triple()}: run it on the board or over RPC",
+                        f"{native_triple()}: run it on the board or over RPC"
+                        + extra.get("board_needs", ""),
+            **{k: v for k, v in extra.items() if k != "board_needs"},
             "cpu_features": features,
             "tuning": {"mode": tuning, "records_applied": 0},
             "library": LIBRARY,
