@@ -200,3 +200,17 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
     line = _error_line(compile_with(odd))
     assert "unknown key layout" in line and "encoder.w" in line and "mmaction2" in line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_mmaction2_mobilenetv2_compiles_and_streams(tmp_path):
+    original = build_model("tsm_mobilenetv2", seed=5)
+    path = tmp_path / "mm.pth"
+    torch.save(to_mmaction2_mobilenetv2(original), path)
+    art = tsm_edge.compile("tsm_mobilenetv2", tmp_path / "art", checkpoint=str(path),
+                           input_size=96)
+    frames = make_frames(12, 96, seed=8)
+    session = StreamSession(art)
+    got = np.stack([session.step(f) for f in frames])
+    ref = reference_stream(original, frames, "bi")
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
