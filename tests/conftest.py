@@ -52,3 +52,31 @@ def frames_npy(tmp_path_factory) -> Path:
     rng = np.random.default_rng(1)
     np.save(path, rng.standard_normal((6, 3, TINY_SIZE, TINY_SIZE)).astype(np.float32))
     return path
+
+
+def write_synthetic_video(path: Path, frames: int = 50, size=(160, 120), fps: int = 25) -> Path:
+    """A few seconds of moving shapes, encoded with PyAV (mpeg4)."""
+    import av
+
+    w, h = size
+    with av.open(str(path), mode="w") as c:
+        s = c.add_stream("mpeg4", rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        yy, xx = np.mgrid[0:h, 0:w]
+        for t in range(frames):
+            img = np.zeros((h, w, 3), np.uint8)
+            img[..., 2] = (xx * 255 // w).astype(np.uint8)               # static gradient
+            cx, cy = 10 + 3 * t % (w - 20), h // 2 + int(20 * np.sin(t / 5))
+            img[(abs(xx - cx) < 12) & (abs(yy - cy) < 12)] = (255, 40, 40)  # moving square
+            r = 8 + t % 10
+            img[(xx - (w - 30)) ** 2 + (yy - 30) ** 2 < r * r] = (40, 255, 40)  # pulsing disc
+            for packet in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_video(tmp_path_factory) -> Path:
+    return write_synthetic_video(tmp_path_factory.mktemp("video") / "shapes.mp4")

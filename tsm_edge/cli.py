@@ -6,10 +6,12 @@ status 2 (``--debug`` shows the traceback); outputs are written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -140,10 +142,11 @@ def compile_cmd(model, checkpoint, num_classes, input_size, target, precision, t
 @click.argument("artifact", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def inspect(artifact: str, as_json: bool) -> None:
-    """Print an artifact's manifest."""
+    """Print an artifact's (or a package's) manifest."""
     from .artifact import read_manifest
 
-    m = read_manifest(artifact)
+    with _artifact_dir(artifact) as art:
+        m = read_manifest(art)
     if as_json:
         click.echo(json.dumps(m, indent=2))
         return
@@ -163,8 +166,17 @@ def inspect(artifact: str, as_json: bool) -> None:
 
 def _frames_source(frames_npy, frames_opt, size):
     """``--frames-npy FILE``; ``--frames FILE.npy`` is accepted as an alias."""
-    from .verify import load_frames_npy
+    from .runtime import load_frames_npy
 
+    frames_npy, count = _frames_count(frames_npy, frames_opt)
+    if not frames_npy:
+        raise UserError("no input frames; give --frames-npy FILE (float32, (T, 3, S, S)), "
+                        "--video FILE or --camera INDEX")
+    arr = load_frames_npy(frames_npy, size)
+    return arr[:count] if count else arr
+
+
+def _frames_count(frames_npy, frames_opt):
     count = None
     if frames_opt is not None:
         if frames_opt.endswith(".npy"):
@@ -179,56 +191,146 @@ def _frames_source(frames_npy, frames_opt, size):
                                 ".npy file") from None
             if count < 1:
                 raise UserError(f"--frames must be at least 1, got {count}")
-    if not frames_npy:
-        raise UserError("no input frames; give --frames-npy FILE (float32, (T, 3, S, S))")
-    arr = load_frames_npy(frames_npy, size)
-    return arr[:count] if count else arr
+    return frames_npy, count
+
+
+@contextlib.contextmanager
+def _artifact_dir(path: str):
+    """An artifact folder, or a package .tar.gz unpacked safely into a temporary folder."""
+    if str(path).endswith((".tar.gz", ".tgz")):
+        from .package import unpack
+
+        with tempfile.TemporaryDirectory(prefix="tsm-edge-") as tmp:
+            yield str(unpack(path, Path(tmp) / "artifact"))
+    else:
+        yield path
 
 
 @cli.command()
 @click.argument("artifact", type=click.Path())
 @click.option("--frames-npy", type=click.Path(), default=None,
               help="Preprocessed frames, float32 (T, 3, S, S).")
+@click.option("--video", type=click.Path(), default=None, help="A video file (decoded by PyAV).")
+@click.option("--camera", type=int, default=None, help="A camera index (/dev/videoN).")
 @click.option("--frames", "frames_opt", default=None,
-              help="How many frames to use (or a .npy file, as --frames-npy).")
+              help="At most this many frames (or a .npy file, as --frames-npy).")
+@click.option("--stride", type=int, default=1, show_default=True,
+              help="Process every K-th video frame.")
+@click.option("--realtime", is_flag=True,
+              help="Replay --video at its frame rate, dropping frames the model is too slow for.")
 @click.option("--save-logits", type=click.Path(), default=None, help="Write logits (T, K) .npy.")
 @click.option("--jsonl", type=click.Path(), default=None, help="One JSON line per frame.")
+@click.option("--annotate", type=click.Path(), default=None,
+              help="Write the video with the decision drawn on it (.mp4).")
 @click.option("--top-k", type=int, default=3, show_default=True)
+@click.option("--smooth-history", type=int, default=12, show_default=True,
+              help="Frames of probabilities averaged.")
+@click.option("--smooth-threshold", type=float, default=0.0, show_default=True,
+              help="Averaged probability a decision needs.")
+@click.option("--smooth-agree", type=int, default=2, show_default=True,
+              help="Consecutive frames a new decision must hold before it switches.")
+@click.option("--json", "json_out", type=click.Path(), default=None,
+              help="Write the summary and latency breakdown as JSON.")
 @threads_option
-def run(artifact, frames_npy, frames_opt, save_logits, jsonl, top_k, threads) -> None:
-    """Stream frames through an artifact, caches carried frame to frame."""
+def run(artifact, frames_npy, video, camera, frames_opt, stride, realtime, save_logits, jsonl,
+        annotate, top_k, smooth_history, smooth_threshold, smooth_agree, json_out,
+        threads) -> None:
+    """Stream frames through an artifact (or package), caches carried frame to frame."""
     _apply_threads(threads)
     import io
+    import itertools
 
     import numpy as np
 
     from .artifact import atomic_write_bytes
+    from .pipeline import Annotator, jsonl as to_jsonl, run_stream, top_k as topk
     from .runtime import StreamSession
+    from .smoothing import SmoothingConfig
 
-    session = StreamSession(artifact, threads=threads)
-    frames = _frames_source(frames_npy, frames_opt, session.input_shape[-1])
-    labels = session.manifest.get("labels")
-    logits, lines = [], []
-    for i, frame in enumerate(frames):
-        out = session.step(frame)
-        logits.append(out)
-        top = np.argsort(-out)[:top_k]
-        lines.append({"index": i, "latency_ms": session.latencies_ms[-1],
-                      "top": [{"class": int(c), "label": labels[c] if labels else None,
-                               "logit": float(out[c])} for c in top]})
-    logits = np.stack(logits)
-    if save_logits:
-        buf = io.BytesIO()
-        np.save(buf, logits)
-        atomic_write_bytes(save_logits, buf.getvalue())
-    if jsonl:
-        atomic_write_bytes(jsonl, "".join(json.dumps(ln) + "\n" for ln in lines).encode())
-    st = session.stats()
-    click.echo(f"{st['frames']} frames  p50 {st['p50_ms']:.2f} ms  p90 {st['p90_ms']:.2f} ms  "
-               f"p99 {st['p99_ms']:.2f} ms  mean {st['mean_ms']:.2f} ms")
-    last = lines[-1]["top"][0]
-    click.echo(f"last frame top-1: class {last['class']}"
-               + (f" ({last['label']})" if last["label"] else "") + f", logit {last['logit']:.3f}")
+    sources = [x for x in (frames_npy, video, camera) if x is not None]
+    if frames_opt is not None and str(frames_opt).endswith(".npy"):
+        sources.append(frames_opt)
+    if len(sources) > 1:
+        raise UserError("give one input: --frames-npy FILE, --video FILE or --camera INDEX")
+    smoothing = SmoothingConfig(smooth_history, smooth_threshold, smooth_agree)
+    with _artifact_dir(artifact) as art:
+        session = StreamSession(art, threads=threads)
+        labels = session.manifest.get("labels")
+        result = None
+        annotator = None
+        if video is not None or camera is not None:
+            from .video import Camera, paced, video_frames
+
+            _, count = _frames_count(None, frames_opt)
+            short = session.manifest["input"]["preprocessing"]["resize_short_side"]
+            clock: dict = {}
+            cam = None
+            if video is not None:
+                source = video_frames(video, short, stride)
+                if realtime:
+                    source = paced(source, clock)
+            else:
+                cam = Camera(camera, short)
+                source = iter(cam)
+            ann_tmp = None
+            if annotate:
+                ann_tmp = Path(annotate).with_name(f".{Path(annotate).name}.tmp.mp4")
+                annotator = Annotator(str(ann_tmp))
+            try:
+                result = run_stream(session, itertools.islice(source, count), labels=labels,
+                                    smoothing=smoothing, k=top_k, clock=clock,
+                                    on_frame=annotator.add if annotator else None)
+                if cam is not None:
+                    result.dropped += cam.dropped
+                if annotator:
+                    annotator.close()
+                    os.replace(ann_tmp, annotate)
+            finally:
+                if cam is not None:
+                    cam.close()
+                if ann_tmp is not None and ann_tmp.exists():
+                    ann_tmp.unlink()
+            if not result.records:
+                raise UserError(f"--video {video} gave no frames")
+            logits, lines = result.logits, result.records
+        else:
+            frames = _frames_source(frames_npy, frames_opt, session.input_shape[-1])
+            logits, lines = [], []
+            for i, frame in enumerate(frames):
+                out = session.step(frame)
+                logits.append(out)
+                lines.append({"index": i, "latency_ms": session.latencies_ms[-1],
+                              "top": topk(out, top_k, labels)})
+        if save_logits:
+            buf = io.BytesIO()
+            np.save(buf, np.stack(logits))
+            atomic_write_bytes(save_logits, buf.getvalue())
+        if jsonl:
+            atomic_write_bytes(jsonl, to_jsonl(lines))
+        st = session.stats()
+    click.echo(f"{st['frames']} frames  inference p50 {st['p50_ms']:.2f} ms  p90 "
+               f"{st['p90_ms']:.2f} ms  p99 {st['p99_ms']:.2f} ms  mean {st['mean_ms']:.2f} ms")
+    summary = {"frames": st["frames"], "inference": {k: st[k] for k in
+                                                     ("p50_ms", "p90_ms", "p99_ms", "mean_ms")}}
+    if result is not None:
+        b = result.breakdown()
+        summary["breakdown"] = b
+        click.echo(f"{'stage':<13}{'p50 ms':>9}{'p99 ms':>9}")
+        for stage in ("decode", "preprocess", "inference", "postprocess"):
+            click.echo(f"{stage:<13}{b[stage]['p50_ms']:>9.2f}{b[stage]['p99_ms']:>9.2f}")
+        fps = f"{b['processed_fps']:.1f}" if b["processed_fps"] else "?"
+        click.echo(f"processed {b['frames_processed']} frames ({fps} fps), dropped "
+                   f"{b['frames_dropped']}")
+        last = lines[-1]["decision"]
+        click.echo("decision at the last frame: " + ("none" if last is None else
+                   f"class {last['class']}" + (f" ({last['label']})" if last["label"] else "")
+                   + f", score {last['score']:.3f}"))
+    else:
+        top = lines[-1]["top"][0]
+        click.echo(f"last frame top-1: class {top['class']}"
+                   + (f" ({top['label']})" if top["label"] else "") + f", logit {top['logit']:.3f}")
+    if json_out:
+        _write_json(json_out, summary)
 
 
 @cli.command()
@@ -327,6 +429,28 @@ def export(artifact, onnx_out, checkpoint) -> None:
     path = export_step_onnx(step, onnx_out)
     click.echo(f"wrote {path}: inputs {step.input.name} + {len(step.caches)} caches, outputs "
                f"logits + {len(step.caches)} caches (manifest order)")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="FILE.tar.gz")
+def package(artifact, output) -> None:
+    """Pack an artifact with a standalone run.py (TVM runtime and numpy only)."""
+    from .package import build_package
+
+    path = build_package(artifact, output)
+    click.echo(f"wrote {path} ({path.stat().st_size:,} bytes): unpack it on the board and run "
+               "'python run.py --frames-npy F.npy --save-logits L.npy'")
+
+
+@cli.command()
+@click.argument("package_file", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="A new or empty folder.")
+def unpack(package_file, output) -> None:
+    """Unpack a package safely (member names and hashes checked)."""
+    from .package import unpack as do_unpack
+
+    click.echo(f"unpacked into {do_unpack(package_file, output)}")
 
 
 def main(argv: list[str] | None = None) -> int:

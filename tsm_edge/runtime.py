@@ -41,6 +41,31 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
             "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean())}
 
 
+def load_frames_npy(path: str | Path, size: int | None = None) -> np.ndarray:
+    """Frames from a .npy file, shape (T, 3, S, S) float32; every problem named."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--frames-npy {p} does not exist")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise UserError(f"--frames-npy {p} is not a readable .npy array ({exc})") from None
+    if not isinstance(arr, np.ndarray):
+        raise UserError(f"--frames-npy {p} holds several arrays; give one .npy array")
+    if arr.ndim == 3:
+        arr = arr[None]
+    expected = f"(T, 3, {size}, {size})" if size else "(T, 3, S, S)"
+    if arr.ndim != 4 or arr.shape[1] != 3 or (size and arr.shape[2:] != (size, size)):
+        raise UserError(f"--frames-npy {p} has shape {tuple(arr.shape)}; expected {expected}")
+    if arr.dtype != np.float32:
+        raise UserError(f"--frames-npy {p} has dtype {arr.dtype}; expected float32 "
+                        "(preprocessed frames)")
+    if arr.shape[0] == 0:
+        raise UserError(f"--frames-npy {p} holds no frames")
+    return arr
+
+
+
 class StreamSession:
     """One stream through one artifact.
 
