@@ -1,0 +1,199 @@
+"""The emulated aarch64 device: a real TVM RPC server under qemu-user, end to end.
+
+Slow (provisioning downloads about 130 MB once into ~/.cache/tsm-edge/aarch64-device; each
+emulated server takes about 35 s to start): run with ``pytest -m slow tests/test_emulate.py``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+from tsm_edge import emulate
+from tsm_edge.errors import UserError
+
+MODEL = "tsm_mobilenetv2_tiny"
+FRAMES = 8
+TOL = 1e-4
+SESSION_TIMEOUT = 600
+KEY = "rpi4-emulated"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which(emulate.QEMU) is None,
+                       reason=f"{emulate.QEMU} is not installed (Debian package "
+                              f"{emulate.QEMU_PACKAGE}); the emulated aarch64 device needs it"),
+]
+
+
+@pytest.fixture(scope="module")
+def device_dir():
+    """The provisioned device (the user's cache: built once, reused by later runs)."""
+    t0 = time.perf_counter()
+    path = emulate.provision()
+    print(f"\nprovision: {time.perf_counter() - t0:.1f} s ({path})")
+    return path
+
+
+@pytest.fixture(scope="module")
+def aarch64_artifact(tmp_path_factory):
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("aarch64-linux-gnu-g++ is not installed (Debian package g++-aarch64-linux-gnu)")
+    import tsm_edge
+
+    out = tmp_path_factory.mktemp("emu") / "tiny_aarch64"
+    return tsm_edge.compile(MODEL, out, target="rpi4-aarch64")
+
+
+@pytest.fixture(scope="module")
+def server(device_dir):
+    port = emulate.free_port()
+    with emulate.running_server(port, cache_dir=device_dir, timeout=300) as proc:
+        print(f"\nemulated server ready in {proc.ready_seconds:.1f} s on port {port}")
+        yield proc
+
+
+def _eager_reference(frames):
+    """Host PyTorch, one frame per call, each TemporalShift keeping its own past."""
+    import torch
+
+    from tsm_edge.models import build_model
+    from tsm_edge.shift import set_shift_mode, shift_modules
+
+    model = build_model(MODEL)
+    set_shift_mode(model, "stream")
+    model.eval()
+    shifts = shift_modules(model)
+    logits, caches = [], []
+    with torch.no_grad():
+        for f in frames:
+            logits.append(model(torch.from_numpy(f[None])).numpy().reshape(-1))
+            caches.append({n: m._past.numpy().copy() for n, m in shifts})
+    return logits, caches
+
+
+# --------------------------------------------------------------------------- provisioning
+
+
+def test_provision_is_cached_and_matches_the_host(device_dir):
+    t0 = time.perf_counter()
+    assert emulate.provision(device_dir, log=lambda _: None) == device_dir
+    assert time.perf_counter() - t0 < 5.0  # every step skipped
+    info = emulate.device_info(device_dir)
+    assert info["provisioned"]
+    v = info["versions"]
+    assert v["machine"] == "aarch64"
+    host = emulate.host_versions()
+    assert v["apache-tvm"] == host["apache-tvm"]
+    assert v["apache-tvm-ffi"] == host["apache-tvm-ffi"]
+    lay = emulate.layout(device_dir)
+    assert v["executable"] == str(lay.launcher)  # the sitecustomize worked
+    assert lay.launcher.read_text().startswith("#!/bin/sh")
+    print(f"\ncache size: {info['bytes'] / 2**20:.0f} MiB")
+
+
+def test_missing_qemu_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(emulate.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match=emulate.QEMU_PACKAGE):
+        emulate.provision()
+
+
+# --------------------------------------------------------------------------- bounded waits
+
+
+def test_waits_on_a_dead_port_fail_fast():
+    port = emulate.free_port()
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match=f"no TVM RPC server .*{port}"):
+        emulate.wait_ready("127.0.0.1", port, timeout=2)
+    with pytest.raises(UserError, match="no TVM RPC server answers"):
+        emulate.connect("127.0.0.1", port, timeout=2)
+    with pytest.raises(UserError, match="no TVM RPC tracker answers"):
+        emulate.tracker_keys("127.0.0.1", port, timeout=2)
+    assert time.perf_counter() - t0 < 15
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def test_stream_over_rpc_matches_pytorch(server, aarch64_artifact):
+    from tsm_edge.artifact import read_manifest
+    from tsm_edge.verify import make_frames
+
+    manifest = read_manifest(aarch64_artifact)
+    assert manifest["elf_machine"] == "aarch64"
+    host, port = server.rpc_address
+    remote = emulate.connect(host, port, session_timeout=SESSION_TIMEOUT, timeout=60)
+    versions = emulate.check_versions(remote)
+    assert versions["checked"] and not versions["mismatched"], versions
+
+    size = manifest["model"]["input_size"]
+    frames = make_frames(FRAMES, size, seed=11)
+    ref_logits, ref_caches = _eager_reference(frames)
+
+    stream = emulate.RemoteStream(remote, aarch64_artifact)
+    assert set(stream.cache_names) == set(ref_caches[0])
+    for t, frame in enumerate(frames):
+        got = stream.step(frame)
+        np.testing.assert_allclose(got, ref_logits[t], rtol=TOL, atol=TOL,
+                                   err_msg=f"logits, frame {t}")
+        for name, value in stream.caches().items():
+            np.testing.assert_allclose(value, ref_caches[t][name], rtol=TOL, atol=TOL,
+                                       err_msg=f"cache {name}, frame {t}")
+    # the caches were carried on the device: a fresh stream gives other logits for frame 2
+    stream.reset()
+    fresh = stream.step(frames[2])
+    assert np.abs(fresh - ref_logits[2]).max() > 1e-3
+    ms = stream.latencies_ms
+    print(f"\nupload+load {stream.load_seconds:.2f} s; per frame (emulated) "
+          f"median {np.median(ms[:FRAMES]):.0f} ms, max {max(ms[:FRAMES]):.0f} ms")
+
+
+# --------------------------------------------------------------------------- tracker
+
+
+def test_tracker_two_emulated_servers_under_one_key(device_dir):
+    import tvm
+
+    with emulate.running_tracker() as (thost, tport):
+        tracker = f"{thost}:{tport}"
+        procs = []
+        try:
+            for _ in range(2):
+                procs.append(emulate.start_server(emulate.free_port(), tracker=tracker,
+                                                  key=KEY, cache_dir=device_dir))
+            for p in procs:
+                emulate.wait_ready(*p.rpc_address, timeout=300, proc=p)
+            keys = emulate.wait_for_key(thost, tport, KEY, count=2, timeout=60)
+            assert keys[KEY]["servers"] == 2 and keys[KEY]["free"] == 2
+
+            # TVM's own client sees the key in the summary, then its request works
+            summary = tvm.rpc.connect_tracker(thost, tport).summary()
+            assert summary["queue_info"][KEY]["free"] == 2
+            assert {s["key"] for s in summary["server_info"]} == {f"server:{KEY}"}
+            first = emulate._call_with_timeout(
+                lambda: tvm.rpc.connect_tracker(thost, tport).request(
+                    KEY, session_timeout=SESSION_TIMEOUT),
+                120, "tracker request")
+            # the helper gets the other server while the first session is held
+            second = emulate.request_with_timeout(thost, tport, KEY,
+                                                  session_timeout=SESSION_TIMEOUT, timeout=60)
+            for sess in (first, second):
+                a = tvm.runtime.tensor(np.arange(6, dtype=np.float32), sess.cpu())
+                np.testing.assert_array_equal(a.numpy(), np.arange(6, dtype=np.float32))
+                assert emulate.check_versions(sess)["checked"]
+
+            # a key nobody serves: TVM would wait forever; the helper fails fast, naming the keys
+            t0 = time.perf_counter()
+            with pytest.raises(UserError, match=f"key 'no-such-board'.*{KEY} \\(2 servers"):
+                emulate.request_with_timeout(thost, tport, "no-such-board", timeout=30)
+            assert time.perf_counter() - t0 < 5
+            del first, second
+        finally:
+            for p in procs:
+                emulate.stop_server(p)
+        for p in procs:
+            assert p.poll() is not None
