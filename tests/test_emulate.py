@@ -186,6 +186,10 @@ def test_tracker_two_emulated_servers_under_one_key(device_dir):
                 np.testing.assert_array_equal(a.numpy(), np.arange(6, dtype=np.float32))
                 assert emulate.check_versions(sess)["checked"]
 
+            # both servers busy: the helper's request gives up after its timeout
+            with pytest.raises(UserError, match="became free within 3 s"):
+                emulate.request_with_timeout(thost, tport, KEY, timeout=3)
+
             # a key nobody serves: TVM would wait forever; the helper fails fast, naming the keys
             t0 = time.perf_counter()
             with pytest.raises(UserError, match=f"key 'no-such-board'.*{KEY} \\(2 servers"):
@@ -197,3 +201,32 @@ def test_tracker_two_emulated_servers_under_one_key(device_dir):
                 emulate.stop_server(p)
         for p in procs:
             assert p.poll() is not None
+
+
+def test_cli_run_and_bench_over_rpc(aarch64_artifact, server, tmp_path):
+    """`tsm-edge run --rpc` streams on the device and matches the host reference; bench reports
+    device-side figures; an unreachable address and an absent tracker key fail fast."""
+    import json
+
+    from conftest import run_cli
+    from test_cli import assert_user_error
+
+    port = server.port
+    frames = np.random.default_rng(3).standard_normal((FRAMES, 3, 64, 64)).astype(np.float32)
+    np.save(tmp_path / "f.npy", frames)
+    proc = run_cli("run", str(aarch64_artifact), "--rpc", f"127.0.0.1:{port}", "--frames-npy",
+                   str(tmp_path / "f.npy"), "--save-logits", str(tmp_path / "l.npy"), timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    logits, _ = _eager_reference(frames)
+    np.testing.assert_allclose(np.load(tmp_path / "l.npy"), logits, rtol=TOL, atol=TOL)
+    proc = run_cli("bench", str(aarch64_artifact), "--rpc", f"127.0.0.1:{port}", "--frames",
+                   "5", "--warmup", "1", "--json", str(tmp_path / "b.json"), timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((tmp_path / "b.json").read_text())
+    assert r["backends"]["tsm-edge"]["p50_ms"] > 0 and "time_evaluator" in r["method"]["tsm-edge"]
+    free = emulate.free_port()
+    assert_user_error(run_cli("run", str(aarch64_artifact), "--rpc", f"127.0.0.1:{free}",
+                              "--frames-npy", str(tmp_path / "f.npy")), f"127.0.0.1:{free}")
+    with emulate.running_tracker() as (host, tport):
+        assert_user_error(run_cli("bench", str(aarch64_artifact), "--tracker",
+                                  f"{host}:{tport}", "--key", "no-such-board"), "no-such-board")

@@ -107,6 +107,50 @@ def bench(artifact: str | Path, *, frames: int = 100, warmup: int = 10,
     }
 
 
+def bench_remote(artifact: str | Path, session, *, frames: int = 20, warmup: int = 2,
+                 threads: int | None = None) -> dict:
+    """Device-side latency over TVM RPC, plus a carried-cache stream timed from the host."""
+    from .emulate import RemoteStream
+    from .runtime import percentiles
+
+    if frames < 1 or warmup < 0:
+        raise UserError(f"--frames must be >= 1 (got {frames}) and warm-up >= 0 (got {warmup})")
+    stream = RemoteStream(session, artifact)
+    m = stream.manifest
+    size = m["model"]["input_size"]
+    import numpy as np
+
+    data = np.random.default_rng(0).standard_normal((8, 3, size, size)).astype(np.float32)
+    for i in range(warmup):
+        stream.step(data[i % len(data)])
+    stream.reset()
+    for i in range(frames):
+        stream.step(data[i % len(data)])
+    streamed = stream.latencies_ms[warmup:]
+    device = stream.device_times_ms(frames)
+    return {
+        "backends": {"tsm-edge": percentiles(device),
+                     "tsm-edge-stream-over-rpc": percentiles(streamed)},
+        "latencies_ms": {"tsm-edge": device, "tsm-edge-stream-over-rpc": streamed},
+        "memory": {"weights_bytes": m["weights_bytes"],
+                   "cache_bytes_total": m["cache_bytes_total"],
+                   "workspace_bytes": m["workspace_bytes"],
+                   "rss_baseline_bytes": None, "rss_loaded_bytes": None, "rss_peak_bytes": None,
+                   "measured_in": "RSS is not readable over TVM RPC; the sizes come from the "
+                                  "manifest"},
+        "threads": threads, "frames": frames, "warmup": warmup, "machine": "remote device",
+        "model": m["model"]["name"], "input_size": size, "target": m["target"],
+        "device": m.get("device", "cpu"), "load_seconds": stream.load_seconds,
+        "method": {
+            "tsm-edge": f"on the device: TVM time_evaluator over invoke_stateful, number=1, "
+                        f"repeat={frames}; network excluded; repeats one call without carrying "
+                        "caches between the timed calls",
+            "tsm-edge-stream-over-rpc": f"host wall clock per frame over RPC ({frames} frames "
+                                        "after a reset, caches carried on the device): includes "
+                                        "the network and the upload of each frame"},
+    }
+
+
 _BACKEND_NOTES = {
     "torch": "; PyTorch eager running the rewritten step (fx.GraphModule), torch.no_grad, "
              "torch.set_num_threads(threads)",

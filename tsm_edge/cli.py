@@ -45,6 +45,35 @@ threads_option = click.option("--threads", type=int, default=None,
                               help="CPU threads (applied before any thread pool starts).")
 
 
+def remote_options(f):
+    f = click.option("--key", default=None, help="Device key at the tracker.")(f)
+    f = click.option("--tracker", default=None, help="HOST:PORT of a TVM RPC tracker.")(f)
+    f = click.option("--rpc", default=None, help="HOST:PORT of a TVM RPC server on the device.")(f)
+    return f
+
+
+def _remote_session(rpc, tracker, key, timeout: float = 120.0):
+    """A TVM RPC session from --rpc or --tracker/--key, every wait bounded; None if neither."""
+    from . import emulate
+
+    if rpc and tracker:
+        raise UserError("give --rpc HOST:PORT or --tracker HOST:PORT --key KEY, not both")
+    if tracker and not key:
+        raise UserError("--tracker needs --key (the device key registered at the tracker)")
+    if key and not tracker:
+        raise UserError("--key goes with --tracker HOST:PORT")
+    if rpc:
+        host, port = emulate.parse_address(rpc)
+        session = emulate.connect(host, port, timeout=timeout)
+    elif tracker:
+        host, port = emulate.parse_address(tracker)
+        session = emulate.request_with_timeout(host, port, key, timeout=timeout)
+    else:
+        return None
+    emulate.check_versions(session)
+    return session
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each stage.")
@@ -231,10 +260,11 @@ def _artifact_dir(path: str):
               help="Consecutive frames a new decision must hold before it switches.")
 @click.option("--json", "json_out", type=click.Path(), default=None,
               help="Write the summary and latency breakdown as JSON.")
+@remote_options
 @threads_option
 def run(artifact, frames_npy, video, camera, frames_opt, stride, realtime, save_logits, jsonl,
-        annotate, top_k, smooth_history, smooth_threshold, smooth_agree, json_out,
-        threads) -> None:
+        annotate, top_k, smooth_history, smooth_threshold, smooth_agree, json_out, rpc, tracker,
+        key, threads) -> None:
     """Stream frames through an artifact (or package), caches carried frame to frame."""
     _apply_threads(threads)
     import io
@@ -254,7 +284,13 @@ def run(artifact, frames_npy, video, camera, frames_opt, stride, realtime, save_
         raise UserError("give one input: --frames-npy FILE, --video FILE or --camera INDEX")
     smoothing = SmoothingConfig(smooth_history, smooth_threshold, smooth_agree)
     with _artifact_dir(artifact) as art:
-        session = StreamSession(art, threads=threads)
+        remote = _remote_session(rpc, tracker, key)
+        if remote is not None:
+            from .emulate import RemoteStream
+
+            session = RemoteStream(remote, art)
+        else:
+            session = StreamSession(art, threads=threads)
         labels = session.manifest.get("labels")
         result = None
         annotator = None
@@ -342,8 +378,10 @@ def run(artifact, frames_npy, video, camera, frames_opt, stride, realtime, save_
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,
               help="Largest logit difference relative to the logits' scale.")
 @click.option("--json", "json_out", type=click.Path(), default=None)
+@remote_options
 @threads_option
-def verify(artifact, frames, frames_npy, checkpoint, tolerance, json_out, threads) -> None:
+def verify(artifact, frames, frames_npy, checkpoint, tolerance, json_out, rpc, tracker, key,
+           threads) -> None:
     """Compare the artifact with PyTorch (online frame loop and offline clip) frame by frame."""
     _apply_threads(threads)
     from .verify import load_frames_npy, verify as run_verify
@@ -354,12 +392,18 @@ def verify(artifact, frames, frames_npy, checkpoint, tolerance, json_out, thread
 
         size = read_manifest(artifact, check_files=False)["model"]["input_size"]
         arr = load_frames_npy(frames_npy, size)[:frames]
+    remote = _remote_session(rpc, tracker, key)
+    stream = None
+    if remote is not None:
+        from .emulate import RemoteStream
+
+        stream = RemoteStream(remote, artifact)
     report = run_verify(artifact, frames=frames, frames_array=arr, checkpoint=checkpoint,
-                        tolerance=tolerance, threads=threads)
+                        tolerance=tolerance, threads=threads, session=stream)
     if json_out:
         _write_json(json_out, report)
-    click.echo(f"{report['model']}: {report['frames']} frames, logit scale "
-               f"{report['logit_scale']:.3g}")
+    click.echo(f"{report['model']}: {report['frames']} frames on {report['ran_on']}, logit "
+               f"scale {report['logit_scale']:.3g}")
     click.echo(f"  vs PyTorch online loop : max |diff| {report['max_logit_diff_vs_eager']:.3g} "
                f"(relative {report['relative_vs_eager']:.3g})")
     click.echo(f"  vs offline clip (uni)  : max |diff| {report['max_logit_diff_vs_offline']:.3g} "
@@ -379,25 +423,42 @@ def verify(artifact, frames, frames_npy, checkpoint, tolerance, json_out, thread
 @click.option("--warmup", type=int, default=10, show_default=True)
 @click.option("--compare", default="", help="Also time: torch,onnxruntime")
 @click.option("--json", "json_out", type=click.Path(), default=None)
+@remote_options
 @threads_option
-def bench(artifact, frames, warmup, compare, json_out, threads) -> None:
+def bench(artifact, frames, warmup, compare, json_out, rpc, tracker, key, threads) -> None:
     """Per-frame latency percentiles and memory, optionally beside PyTorch and ONNX Runtime."""
     _apply_threads(threads)
-    from .bench import bench as run_bench
+    from .bench import bench as run_bench, bench_remote
 
     backends = tuple(b.strip() for b in compare.split(",") if b.strip())
-    result = run_bench(artifact, frames=frames, warmup=warmup, threads=threads, compare=backends)
+    remote = _remote_session(rpc, tracker, key)
+    if remote is not None:
+        if backends:
+            raise UserError("--compare runs on this machine; it cannot be combined with --rpc "
+                            "or --tracker")
+        result = bench_remote(artifact, remote, frames=frames, warmup=warmup, threads=threads)
+    else:
+        result = run_bench(artifact, frames=frames, warmup=warmup, threads=threads,
+                           compare=backends)
     if json_out:
         _write_json(json_out, result)
     base = result["backends"]["tsm-edge"]["p50_ms"]
+    machine = result["machine"] if isinstance(result["machine"], str) else \
+        result["machine"]["cpu"]
     click.echo(f"{result['model']} {result['input_size']}px, {frames} frames, threads "
-               f"{threads or 'default'}, {result['machine']['cpu']}")
+               f"{threads or 'default'}, {machine}")
     click.echo(f"{'backend':<14}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'mean ms':>9}"
                f"{'vs tsm-edge':>13}")
     for name, r in result["backends"].items():
         click.echo(f"{name:<14}{r['p50_ms']:>9.2f}{r['p90_ms']:>9.2f}{r['p99_ms']:>9.2f}"
                    f"{r['mean_ms']:>9.2f}{r['p50_ms'] / base:>12.2f}x")
     m = result["memory"]
+    if isinstance(result["machine"], str):
+        click.echo(f"(tsm-edge: {result['method']['tsm-edge']})")
+        click.echo(f"memory: weights {_mb(m['weights_bytes'])}, caches "
+                   f"{_mb(m['cache_bytes_total'])}, workspace {_mb(m['workspace_bytes'])} "
+                   "(RSS not readable over RPC)")
+        return
     click.echo(f"memory: weights {_mb(m['weights_bytes'])}, caches {_mb(m['cache_bytes_total'])}, "
                f"workspace {_mb(m['workspace_bytes'])}; RSS baseline "
                f"{_mb(m['rss_baseline_bytes'])}, loaded {_mb(m['rss_loaded_bytes'])}, peak "
@@ -451,6 +512,54 @@ def unpack(package_file, output) -> None:
     from .package import unpack as do_unpack
 
     click.echo(f"unpacked into {do_unpack(package_file, output)}")
+
+
+@cli.group()
+def device() -> None:
+    """Devices for remote runs: an emulated aarch64 board."""
+
+
+@device.command()
+@click.option("--arch", default="aarch64", show_default=True, help="Only aarch64 is supported.")
+@click.option("--port", type=int, default=9190, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (RPC is unauthenticated: keep it on loopback).")
+@click.option("--tracker", default=None, help="Register with this TVM tracker (HOST:PORT).")
+@click.option("--key", default=None, help="Device key at the tracker.")
+@click.option("--provision-only", is_flag=True, help="Prepare the userland and exit.")
+def emulate(arch, port, host, tracker, key, provision_only) -> None:
+    """Run a TVM RPC server on an emulated aarch64 device (qemu-user), until Ctrl-C."""
+    from . import emulate as emu
+
+    if arch != "aarch64":
+        raise UserError(f"--arch {arch} is not available; valid: aarch64")
+    if tracker and not key:
+        raise UserError("--tracker needs --key (the key this device registers under)")
+    path = emu.provision(log=lambda msg: click.echo(msg, err=True))
+    if provision_only:
+        click.echo(f"provisioned {path}")
+        return
+    import signal
+
+    def _terminate(signum, frame):  # SIGTERM (and SIGINT where a shell ignored it): stop cleanly
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
+    proc = emu.start_server(port=port, host=host, tracker=tracker, key=key,
+                            log=lambda msg: click.echo(msg, err=True))
+    try:
+        if not tracker:
+            emu.wait_ready(host, port, proc=proc)
+        click.echo(f"emulated aarch64 RPC server on {host}:{port}"
+                   + (f", registered at {tracker} as '{key}'" if tracker else "")
+                   + "; Ctrl-C stops it", err=True)
+        proc.wait()
+        raise UserError(f"the emulated device exited with status {proc.returncode}")
+    except KeyboardInterrupt:
+        click.echo("stopping the emulated device", err=True)
+    finally:
+        emu.stop_server(proc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,6 +81,13 @@ EXACT_WHEELS = ("apache-tvm", "apache-tvm-ffi")
 WHEEL_PLATFORM = "manylinux_2_28_aarch64"  # pip also accepts older manylinux tags
 
 _PROBE_KEY = "client:__tsm_edge_readiness_probe__"
+# The TVM RPC wire protocol (tvm/rpc/base.py), spoken here without importing TVM so that the
+# readiness and tracker checks are cheap.
+RPC_MAGIC = 0xFF271
+RPC_TRACKER_MAGIC = 0x2F271
+RPC_CODE_SUCCESS = RPC_MAGIC + 0
+RPC_CODE_MISMATCH = RPC_MAGIC + 2
+TRACKER_SUCCESS, TRACKER_REQUEST, TRACKER_SUMMARY = 0, 4, 6
 Log = Callable[[str], None]
 
 
@@ -400,6 +407,9 @@ def _fetch_wheels(lay: DeviceLayout, wanted: dict[str, str | None], log: Log) ->
         shutil.rmtree(partial, ignore_errors=True)
     files = []
     for name, version in wanted.items():
+        if version and present(name, version):  # an older pin's wheel is no longer needed
+            for stale in set(present(name, None)) - set(present(name, version)):
+                stale.unlink()
         found = present(name, version) or present(name, None)
         if not found:
             raise UserError(f"no aarch64 wheel of {name} after pip download")
@@ -536,6 +546,7 @@ def provision(cache_dir: Path | None = None, *, log: Log = print) -> Path:
                     _apt_update(lay, log)
                 _apt_download(lay, log)
                 debs = _read_marker(lay, "debs")
+            _drop_marker(lay, "smoke")
             _unpack_root(lay, debs["files"], log)
         wheels = _read_marker(lay, "wheels")
         if wheels is None or wheels.get("requested") != wanted:
@@ -605,8 +616,11 @@ def start_server(port: int = DEFAULT_PORT, host: str = LOOPBACK, tracker: str | 
     _check_port_free(host, port)
     lay.logs.mkdir(parents=True, exist_ok=True)
     log_path = lay.logs / f"rpc_server-{port}.log"
+    # --port-end: exactly this port, or fail. --no-fork: each session's worker is spawned, not
+    # forked: a fork of the multi-threaded server under qemu-user deadlocked (the worker sat
+    # with no CPU time and the session never started).
     cmd = [*qemu_command(lay, qemu), "-m", "tvm.exec.rpc_server", "--host", host,
-           "--port", str(port), "--port-end", str(port + 1)]  # exactly this port, or fail
+           "--port", str(port), "--port-end", str(port + 1), "--no-fork"]
     if tracker:
         thost, tport = parse_address(tracker)
         cmd += ["--tracker", f"{thost}:{tport}"]
@@ -620,6 +634,7 @@ def start_server(port: int = DEFAULT_PORT, host: str = LOOPBACK, tracker: str | 
     finally:
         logf.close()
     proc.log_path = log_path  # type: ignore[attr-defined]
+    proc.port = port  # type: ignore[attr-defined]
     proc.rpc_address = (host, port)  # type: ignore[attr-defined]
     proc.rpc_tracker = tracker  # type: ignore[attr-defined]
     proc.rpc_key = key  # type: ignore[attr-defined]
@@ -642,18 +657,15 @@ def probe(host: str, port: int, timeout: float = 5.0) -> bool:
     Sends a key no server uses: the server answers "mismatch" and goes on listening, so no
     session (no worker process) is started.
     """
-    from tvm.rpc import base
-
     try:
         with socket.create_connection((host, port), timeout=timeout) as s:
             s.settimeout(timeout)
-            s.sendall(struct.pack("<i", base.RPC_MAGIC))
-            s.sendall(struct.pack("<i", len(_PROBE_KEY)))
-            s.sendall(_PROBE_KEY.encode())
-            code = struct.unpack("<i", base.recvall(s, 4))[0]
-    except (OSError, RuntimeError, struct.error):
+            key = _PROBE_KEY.encode()
+            s.sendall(struct.pack("<ii", RPC_MAGIC, len(key)) + key)
+            code = struct.unpack("<i", _recvall(s, 4))[0]
+    except (OSError, ConnectionError, struct.error):
         return False
-    return code in (base.RPC_CODE_MISMATCH, base.RPC_CODE_SUCCESS)
+    return code in (RPC_CODE_MISMATCH, RPC_CODE_SUCCESS)
 
 
 def wait_ready(host: str = LOOPBACK, port: int = DEFAULT_PORT, timeout: float = 180.0, *,
@@ -677,9 +689,9 @@ def wait_ready(host: str = LOOPBACK, port: int = DEFAULT_PORT, timeout: float = 
             break
         time.sleep(min(0.5, max(deadline - time.monotonic(), 0)))
     if not (proc is not None and getattr(proc, "rpc_tracker", None)):
-        sess = connect(host, port, key=key or (getattr(proc, "rpc_key", None) or ""),
-                       timeout=max(deadline - time.monotonic(), 10.0))
-        del sess  # closes the session
+        # one real session, dropped at once (which closes it)
+        connect(host, port, key=key or (getattr(proc, "rpc_key", None) or ""),
+                timeout=max(deadline - time.monotonic(), 10.0))
     return time.monotonic() - t0
 
 
@@ -755,7 +767,8 @@ def _call_with_timeout(fn, timeout: float, what: str):
         exc = box["error"]
         if isinstance(exc, UserError):
             raise exc
-        raise UserError(f"{what} failed: {str(exc).strip().splitlines()[-1] if str(exc) else exc!r}")
+        text = str(exc).strip()
+        raise UserError(f"{what} failed: {text.splitlines()[-1] if text else repr(exc)}")
     return box["value"]
 
 
@@ -770,17 +783,35 @@ def connect(host: str, port: int, *, key: str = "", session_timeout: float = 0,
                               timeout, f"RPC connect to {host}:{port}")
 
 
-def _tracker_socket(host: str, port: int, timeout: float) -> socket.socket:
-    from tvm.rpc import base
+def _recvall(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("connection closed by the peer")
+        buf += chunk
+    return buf
 
+
+def _sendjson(sock: socket.socket, value) -> None:
+    data = json.dumps(value).encode()
+    sock.sendall(struct.pack("<i", len(data)) + data)
+
+
+def _recvjson(sock: socket.socket):
+    size = struct.unpack("<i", _recvall(sock, 4))[0]
+    return json.loads(_recvall(sock, size).decode())
+
+
+def _tracker_socket(host: str, port: int, timeout: float) -> socket.socket:
     try:
         s = socket.create_connection((host, port), timeout=timeout)
         s.settimeout(timeout)
-        s.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
-        magic = struct.unpack("<i", base.recvall(s, 4))[0]
-    except (OSError, RuntimeError, struct.error) as exc:
+        s.sendall(struct.pack("<i", RPC_TRACKER_MAGIC))
+        magic = struct.unpack("<i", _recvall(s, 4))[0]
+    except (OSError, ConnectionError, struct.error) as exc:
         raise UserError(f"no TVM RPC tracker answers at {host}:{port} ({exc})") from None
-    if magic != base.RPC_TRACKER_MAGIC:
+    if magic != RPC_TRACKER_MAGIC:
         s.close()
         raise UserError(f"{host}:{port} is not a TVM RPC tracker")
     return s
@@ -788,16 +819,14 @@ def _tracker_socket(host: str, port: int, timeout: float) -> socket.socket:
 
 def tracker_summary(host: str, port: int, timeout: float = 10.0) -> dict:
     """The tracker's summary (``queue_info`` by key, ``server_info``), with a timeout."""
-    from tvm.rpc import base
-
     with _tracker_socket(host, port, timeout) as s:
         try:
-            base.sendjson(s, [base.TrackerCode.SUMMARY])
-            value = base.recvjson(s)
-        except (OSError, RuntimeError, ValueError) as exc:
+            _sendjson(s, [TRACKER_SUMMARY])
+            value = _recvjson(s)
+        except (OSError, ConnectionError, ValueError, struct.error) as exc:
             raise UserError(f"the tracker at {host}:{port} did not answer a summary ({exc})") \
                 from None
-    if value[0] != base.TrackerCode.SUCCESS:
+    if value[0] != TRACKER_SUCCESS:
         raise UserError(f"the tracker at {host}:{port} refused a summary: {value}")
     return value[1]
 
@@ -849,8 +878,6 @@ def request_with_timeout(host: str, port: int, key: str, *, session_timeout: flo
     Checks the key is registered (UserError listing the keys present if not), asks the tracker
     for a server with a socket timeout, then connects to it with ``connect``.
     """
-    from tvm.rpc import base
-
     keys = tracker_keys(host, port, timeout=min(timeout, 10.0))
     info = keys.get(key)
     if not info or not (info["servers"] or info["free"]):
@@ -859,14 +886,14 @@ def request_with_timeout(host: str, port: int, key: str, *, session_timeout: flo
     deadline = time.monotonic() + timeout
     with _tracker_socket(host, port, timeout) as s:
         try:
-            base.sendjson(s, [base.TrackerCode.REQUEST, key, "", priority])
-            value = base.recvjson(s)
+            _sendjson(s, [TRACKER_REQUEST, key, "", priority])
+            value = _recvjson(s)  # on timeout the socket closes; the tracker skips the request
         except socket.timeout:
             raise UserError(f"no server under key '{key}' became free within {timeout:.0f} s "
                             f"({info['servers']} registered, all busy)") from None
-        except (OSError, RuntimeError, ValueError) as exc:
+        except (OSError, ConnectionError, ValueError, struct.error) as exc:
             raise UserError(f"the tracker at {host}:{port} failed the request ({exc})") from None
-    if value[0] != base.TrackerCode.SUCCESS:
+    if value[0] != TRACKER_SUCCESS:
         raise UserError(f"the tracker at {host}:{port} refused the request for '{key}': {value}")
     url, sport, matchkey = value[1]
     return connect(url, sport, key=matchkey, session_timeout=session_timeout,
@@ -1054,3 +1081,25 @@ class RemoteStream:
     @property
     def latencies_ms(self) -> list[float]:
         return list(self._latency_ms)
+
+    def stats(self) -> dict:
+        from .runtime import percentiles
+
+        m = self.manifest
+        return {"frames": self.frames, **percentiles(self._latency_ms),
+                "cache_bytes_total": m["cache_bytes_total"], "weights_bytes": m["weights_bytes"],
+                "workspace_bytes": m["workspace_bytes"]}
+
+    def device_times_ms(self, repeat: int) -> list[float]:
+        """Per-call time measured on the device (network excluded) with TVM's time_evaluator.
+
+        It repeats ``invoke_stateful`` on the inputs last set, so caches are not carried between
+        the timed calls: right for timing, not for checking numbers.
+        """
+        def run():
+            self._vm.set_input(self.entry, self._input, *self._caches)
+            timer = self._vm.time_evaluator("invoke_stateful", self.device, number=1,
+                                            repeat=repeat)
+            return [float(r) * 1e3 for r in timer(self.entry).results]
+
+        return _call_with_timeout(run, self.timeout + 60.0 * repeat, "device-side timing")

@@ -30,15 +30,19 @@ def _scale(a: np.ndarray) -> float:
 
 def verify(artifact: str | Path, *, frames: int = 16, frames_array: np.ndarray | None = None,
            checkpoint: str | None = None, model=None, tolerance: float = DEFAULT_TOLERANCE,
-           threads: int | None = None, seed: int = 0) -> dict:
-    """Compare the artifact with both PyTorch references; returns a report with ``passed``."""
+           threads: int | None = None, seed: int = 0, session=None) -> dict:
+    """Compare the artifact with both PyTorch references; returns a report with ``passed``.
+
+    ``session``: a stream already open on the artifact (e.g. ``emulate.RemoteStream`` on a
+    device over RPC); by default a local ``StreamSession``.
+    """
     import torch
 
     from .compiler import model_from_manifest
     from .runtime import StreamSession
     from .shift import set_shift_mode, shift_modules
 
-    session = StreamSession(artifact, threads=threads)
+    session = session if session is not None else StreamSession(artifact, threads=threads)
     manifest = session.manifest
     size = manifest["model"]["input_size"]
     if frames_array is None:
@@ -88,6 +92,8 @@ def verify(artifact: str | Path, *, frames: int = 16, frames_array: np.ndarray |
     passed = rel_eager <= tolerance and rel_offline <= tolerance and worst_cache <= tolerance
     return {
         "artifact": str(artifact), "model": manifest["model"]["name"], "frames": n,
+        "ran_on": "remote device over RPC" if type(session).__name__ == "RemoteStream" else
+                  "this machine",
         "tolerance": tolerance, "logit_scale": scale,
         "max_logit_diff_vs_eager": diff_eager, "relative_vs_eager": rel_eager,
         "max_logit_diff_vs_offline": diff_offline, "relative_vs_offline": rel_offline,
