@@ -14,6 +14,30 @@ import pytest
 TINY_SIZE = 64
 
 
+def eager_stream(model, frames, layout: str | None = None, caches: bool = False):
+    """The PyTorch reference: one frame per call, each TemporalShift keeping its own past.
+
+    Returns the logits (T, K), and with ``caches=True`` also each frame's caches by name.
+    """
+    import torch
+
+    from tsm_edge.shift import set_online_layout, set_shift_mode, shift_modules
+
+    if layout is not None:
+        set_online_layout(model, layout)
+    set_shift_mode(model, "stream")
+    shifts = shift_modules(model)
+    logits, seen = [], []
+    try:
+        with torch.no_grad():
+            for f in frames:
+                logits.append(model(torch.from_numpy(f[None])).numpy().reshape(-1))
+                seen.append({n: m._past.numpy().copy() for n, m in shifts})
+    finally:
+        set_shift_mode(model, "online")
+    return (np.stack(logits), seen) if caches else np.stack(logits)
+
+
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None):
     """Run the real ``tsm-edge`` command in a subprocess."""
     full_env = dict(os.environ)

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import tsm_edge
-from conftest import run_cli
+from conftest import eager_stream, run_cli
 from tsm_edge.compiler import resolve_model
 from tsm_edge.models import build_model
 from tsm_edge.runtime import StreamSession
-from tsm_edge.shift import set_online_layout, set_shift_mode, shift_modules
+from tsm_edge.shift import shift_modules
 from tsm_edge.verify import make_frames
 
 
@@ -84,15 +84,6 @@ def to_mmaction2_mobilenetv2(model):
     return {"state_dict": out}
 
 
-def reference_stream(model, frames, layout):
-    set_online_layout(model, layout)
-    set_shift_mode(model, "stream")
-    with torch.no_grad():
-        out = np.stack([model(torch.from_numpy(f[None])).numpy().reshape(-1) for f in frames])
-    set_shift_mode(model, "online")
-    return out
-
-
 CASES = [
     ("tsm_mobilenetv2_tiny", "demo", lambda m: m.state_dict(), "uni"),
     ("tsm_mobilenetv2_tiny", "official", lambda m: to_official(m, "mobilenetv2"), "bi"),
@@ -115,10 +106,10 @@ def test_layout_compiles_and_streams_like_the_original(tmp_path, name, layout, w
     frames = make_frames(12, 64, seed=4)
     session = StreamSession(art)
     got = np.stack([session.step(f) for f in frames])
-    ref = reference_stream(original, frames, online)
+    ref = eager_stream(original, frames, online)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     # a model with other weights does not match: the test can fail
-    other = reference_stream(build_model(name, seed=12), frames, online)
+    other = eager_stream(build_model(name, seed=12), frames, online)
     assert np.abs(other - got).max() > 1e-2
 
 
@@ -212,5 +203,5 @@ def test_mmaction2_mobilenetv2_compiles_and_streams(tmp_path):
     frames = make_frames(12, 96, seed=8)
     session = StreamSession(art)
     got = np.stack([session.step(f) for f in frames])
-    ref = reference_stream(original, frames, "bi")
+    ref = eager_stream(original, frames, "bi")
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

@@ -14,8 +14,10 @@ from tsm_edge.export import trace_step
 from tsm_edge.models import build_model
 from tsm_edge.rewrite import rewrite_shifts
 from tsm_edge.runtime import StreamSession
-from tsm_edge.shift import set_shift_mode, shift_modules
+from tsm_edge.shift import shift_modules
 from tsm_edge.verify import make_frames, verify
+
+from conftest import eager_stream
 
 
 def test_batch_norm_folded_away_at_compile_time():
@@ -49,21 +51,12 @@ def test_manifest_describes_the_artifact(tiny_mnv2):
     assert [c["name"] for c in m["caches"]] == paths
 
 
-def _eager_logits(name, frames):
-    import torch
-
-    model = build_model(name)
-    set_shift_mode(model, "stream")
-    with torch.no_grad():
-        return np.stack([model(torch.from_numpy(f[None])).numpy().reshape(-1) for f in frames])
-
-
 @pytest.mark.parametrize("fixture,name", [("tiny_mnv2", "tsm_mobilenetv2_tiny"),
                                           ("tiny_resnet", "tsm_resnet50_tiny")])
 def test_stream_session_matches_pytorch_over_frames(request, fixture, name):
     art = request.getfixturevalue(fixture)
     frames = make_frames(6, 64, seed=5)
-    ref = _eager_logits(name, frames)
+    ref = eager_stream(build_model(name), frames)
     s = StreamSession(art)
     got = np.stack([s.step(f) for f in frames])
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)

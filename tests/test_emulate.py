@@ -57,22 +57,10 @@ def server(device_dir):
 
 
 def _eager_reference(frames):
-    """Host PyTorch, one frame per call, each TemporalShift keeping its own past."""
-    import torch
-
+    from conftest import eager_stream
     from tsm_edge.models import build_model
-    from tsm_edge.shift import set_shift_mode, shift_modules
 
-    model = build_model(MODEL)
-    set_shift_mode(model, "stream")
-    model.eval()
-    shifts = shift_modules(model)
-    logits, caches = [], []
-    with torch.no_grad():
-        for f in frames:
-            logits.append(model(torch.from_numpy(f[None])).numpy().reshape(-1))
-            caches.append({n: m._past.numpy().copy() for n, m in shifts})
-    return logits, caches
+    return eager_stream(build_model(MODEL), frames, caches=True)
 
 
 # --------------------------------------------------------------------------- provisioning

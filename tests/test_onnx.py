@@ -3,13 +3,25 @@
 import numpy as np
 import pytest
 import onnx
-import torch
 
 from tsm_edge.export import trace_step
 from tsm_edge.models import build_model
 from tsm_edge.onnx_export import export_step_onnx, ort_session
-from tsm_edge.shift import set_shift_mode
 from tsm_edge.verify import make_frames
+
+from conftest import eager_stream
+
+
+def ort_stream(sess, step, frames) -> np.ndarray:
+    """ONNX Runtime over the frames, caches carried from each output to the next input."""
+    caches = [np.zeros(c.shape, np.float32) for c in step.caches]
+    got = []
+    for f in frames:
+        out = sess.run(None, {"frame": f[None], **{c.input_name: v for c, v in
+                                                   zip(step.caches, caches)}})
+        caches = out[1:]
+        got.append(out[0].reshape(-1))
+    return np.stack(got)
 
 
 def test_onnx_step_streams_like_pytorch(tmp_path):
@@ -26,19 +38,9 @@ def test_onnx_step_streams_like_pytorch(tmp_path):
     ops = {n.op_type for n in proto.graph.node}
     assert {"Slice", "Concat"} <= ops
 
-    sess = ort_session(path, threads=1)
     frames = make_frames(16, 64, seed=9)
-    caches = [np.zeros(c.shape, np.float32) for c in step.caches]
-    got = []
-    for f in frames:
-        out = sess.run(None, {"frame": f[None], **{c.input_name: v for c, v in
-                                                   zip(step.caches, caches)}})
-        caches = out[1:]
-        got.append(out[0].reshape(-1))
-    set_shift_mode(model, "stream")
-    with torch.no_grad():
-        ref = [model(torch.from_numpy(f[None])).numpy().reshape(-1) for f in frames]
-    np.testing.assert_allclose(np.stack(got), np.stack(ref), rtol=1e-4, atol=1e-4)
+    got = ort_stream(ort_session(path, threads=1), step, frames)
+    np.testing.assert_allclose(got, eager_stream(model, frames), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -50,19 +52,9 @@ def test_full_model_onnx_export_streams_like_pytorch(tmp_path, name):
     step = rewrite_shifts(trace_step(model, 224))
     path = export_step_onnx(step, tmp_path / f"{name}.onnx")
     onnx.checker.check_model(onnx.load(path))
-    sess = ort_session(path, threads=2)
     frames = make_frames(16, 224, seed=2)
-    caches = [np.zeros(c.shape, np.float32) for c in step.caches]
-    got = []
-    for f in frames:
-        out = sess.run(None, {"frame": f[None], **{c.input_name: v for c, v in
-                                                   zip(step.caches, caches)}})
-        caches = out[1:]
-        got.append(out[0].reshape(-1))
-    set_shift_mode(model, "stream")
-    with torch.no_grad():
-        ref = np.stack([model(torch.from_numpy(f[None])).numpy().reshape(-1) for f in frames])
-    got = np.stack(got)
+    got = ort_stream(ort_session(path, threads=2), step, frames)
+    ref = eager_stream(model, frames)
     rel = np.abs(got - ref).max() / np.abs(ref).max()
     print(f"{name}: ORT vs PyTorch over 16 frames, max |diff| {np.abs(got - ref).max():.3g}, "
           f"relative {rel:.3g}")

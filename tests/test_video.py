@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from conftest import run_cli, write_synthetic_video
 from tsm_edge.smoothing import Smoother, SmoothingConfig

@@ -52,6 +52,16 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def atomic_write_npy(path: str | os.PathLike, array) -> None:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def write_artifact_dir(out_dir: str | os.PathLike,
                        populate: Callable[[Path], dict]) -> Path:
     """Build an artifact in a temporary sibling folder, then rename it into place.

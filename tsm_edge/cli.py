@@ -267,12 +267,11 @@ def run(artifact, frames_npy, video, camera, frames_opt, stride, realtime, save_
         key, threads) -> None:
     """Stream frames through an artifact (or package), caches carried frame to frame."""
     _apply_threads(threads)
-    import io
     import itertools
 
     import numpy as np
 
-    from .artifact import atomic_write_bytes
+    from .artifact import atomic_write_bytes, atomic_write_npy
     from .pipeline import Annotator, jsonl as to_jsonl, run_stream, top_k as topk
     from .runtime import StreamSession
     from .smoothing import SmoothingConfig
@@ -338,9 +337,7 @@ def run(artifact, frames_npy, video, camera, frames_opt, stride, realtime, save_
                 lines.append({"index": i, "latency_ms": session.latencies_ms[-1],
                               "top": topk(out, top_k, labels)})
         if save_logits:
-            buf = io.BytesIO()
-            np.save(buf, np.stack(logits))
-            atomic_write_bytes(save_logits, buf.getvalue())
+            atomic_write_npy(save_logits, np.stack(logits))
         if jsonl:
             atomic_write_bytes(jsonl, to_jsonl(lines))
         st = session.stats()
@@ -384,7 +381,8 @@ def verify(artifact, frames, frames_npy, checkpoint, tolerance, json_out, rpc, t
            threads) -> None:
     """Compare the artifact with PyTorch (online frame loop and offline clip) frame by frame."""
     _apply_threads(threads)
-    from .verify import load_frames_npy, verify as run_verify
+    from .runtime import load_frames_npy
+    from .verify import verify as run_verify
 
     arr = None
     if frames_npy:

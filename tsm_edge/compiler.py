@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

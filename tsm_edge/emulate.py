@@ -1048,14 +1048,9 @@ class RemoteStream:
 
     def step(self, frame):
         """One frame (3, S, S) or (1, 3, S, S) float32 -> logits (1-D numpy array)."""
-        import numpy as np
+        from .runtime import check_frame
 
-        frame = np.ascontiguousarray(frame, dtype=self.input_dtype)
-        if frame.shape == self.input_shape[1:]:
-            frame = frame.reshape(self.input_shape)
-        if frame.shape != self.input_shape:
-            raise UserError(f"frame shape {tuple(frame.shape)} is not valid; expected "
-                            f"{self.input_shape[1:]} or {self.input_shape}")
+        frame = check_frame(frame, self.input_shape, self.input_dtype)
 
         def run():
             self._input.copyfrom(frame)
@@ -1083,12 +1078,9 @@ class RemoteStream:
         return list(self._latency_ms)
 
     def stats(self) -> dict:
-        from .runtime import percentiles
+        from .runtime import stream_stats
 
-        m = self.manifest
-        return {"frames": self.frames, **percentiles(self._latency_ms),
-                "cache_bytes_total": m["cache_bytes_total"], "weights_bytes": m["weights_bytes"],
-                "workspace_bytes": m["workspace_bytes"]}
+        return stream_stats(self.manifest, self._latency_ms, self.frames)
 
     def device_times_ms(self, repeat: int) -> list[float]:
         """Per-call time measured on the device (network excluded) with TVM's time_evaluator.

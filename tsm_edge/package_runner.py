@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 
 from .errors import UserError
@@ -32,7 +31,7 @@ def _run(package_dir: str, args) -> int:
 
     import numpy as np
 
-    from .artifact import atomic_write_bytes
+    from .artifact import atomic_write_bytes, atomic_write_npy
     from .pipeline import jsonl, run_stream
     from .runtime import StreamSession
 
@@ -52,9 +51,7 @@ def _run(package_dir: str, args) -> int:
         result = run_stream(session, itertools.islice(source, args.frames), labels=labels)
         logits, records = result.logits, result.records
     if args.save_logits:
-        buf = io.BytesIO()
-        np.save(buf, np.stack(logits))
-        atomic_write_bytes(args.save_logits, buf.getvalue())
+        atomic_write_npy(args.save_logits, np.stack(logits))
     if args.jsonl:
         atomic_write_bytes(args.jsonl, jsonl(records))
     st = session.stats()

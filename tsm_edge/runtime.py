@@ -32,6 +32,28 @@ def set_threads(threads: int | None) -> None:
         config(1, threads)  # 1: the "big" cores, all of them on a symmetric CPU
 
 
+def check_frame(frame, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """A frame of ``shape`` (or without its batch axis) and ``dtype``, contiguous; else UserError."""
+    if not isinstance(frame, np.ndarray):
+        raise UserError(f"frame must be a numpy array, got {type(frame).__name__}")
+    if frame.dtype != np.dtype(dtype):
+        raise UserError(f"frame dtype {frame.dtype} is not valid; expected {dtype}")
+    if frame.shape == shape[1:]:
+        frame = frame.reshape(shape)
+    if frame.shape != shape:
+        raise UserError(f"frame shape {tuple(frame.shape)} is not valid; expected "
+                        f"{shape[1:]} or {shape}")
+    return np.ascontiguousarray(frame)
+
+
+def stream_stats(manifest: dict, latencies_ms: list[float], frames: int) -> dict:
+    """Latency percentiles of a stream with the artifact's memory sizes."""
+    return {"frames": frames, **percentiles(latencies_ms),
+            "cache_bytes_total": manifest["cache_bytes_total"],
+            "weights_bytes": manifest["weights_bytes"],
+            "workspace_bytes": manifest["workspace_bytes"]}
+
+
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
     if not samples_ms:
         return {"p50_ms": float("nan"), "p90_ms": float("nan"), "p99_ms": float("nan"),
@@ -104,16 +126,7 @@ class StreamSession:
 
     # ------------------------------------------------------------------ streaming
     def _check_frame(self, frame) -> np.ndarray:
-        if not isinstance(frame, np.ndarray):
-            raise UserError(f"frame must be a numpy array, got {type(frame).__name__}")
-        if frame.dtype != np.dtype(self.input_dtype):
-            raise UserError(f"frame dtype {frame.dtype} is not valid; expected {self.input_dtype}")
-        if frame.shape == self.input_shape[1:]:
-            frame = frame.reshape(self.input_shape)
-        if frame.shape != self.input_shape:
-            raise UserError(f"frame shape {tuple(frame.shape)} is not valid; expected "
-                            f"{self.input_shape[1:]} or {self.input_shape}")
-        return np.ascontiguousarray(frame)
+        return check_frame(frame, self.input_shape, self.input_dtype)
 
     def step(self, frame: np.ndarray) -> np.ndarray:
         frame = self._check_frame(frame)
@@ -136,10 +149,7 @@ class StreamSession:
 
     # ------------------------------------------------------------------ reporting
     def stats(self) -> dict:
-        m = self.manifest
-        return {"frames": self.frames, **percentiles(self._latency_ms),
-                "cache_bytes_total": m["cache_bytes_total"], "weights_bytes": m["weights_bytes"],
-                "workspace_bytes": m["workspace_bytes"]}
+        return stream_stats(self.manifest, self._latency_ms, self.frames)
 
     @property
     def latencies_ms(self) -> list[float]:

@@ -10,6 +10,7 @@ and never torch, so a board can stream with the TVM runtime and numpy alone.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from .errors import InternalError, UserError
@@ -296,9 +297,8 @@ int cuGetErrorString(int e, const char **p) { *p = msg; return 0; }
 """
 
 
-def _cache_dir() -> "Path":
+def _cache_dir() -> Path:
     import os
-    from pathlib import Path
 
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "tsm-edge"
@@ -353,8 +353,6 @@ def enable_cuda_device_code(arch: str) -> dict:
     from tvm.base import _LOADED_LIBS
 
     if tvm.get_global_func("ffi.Module.create.cuda", allow_missing=True) is None:
-        from pathlib import Path
-
         from tvm_ffi.libinfo import load_lib_ctypes
 
         runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent

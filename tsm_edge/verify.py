@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .runtime import load_frames_npy  # noqa: F401  (re-exported)
 
 DEFAULT_TOLERANCE = 1e-4
 
