@@ -138,6 +138,9 @@ def targets(as_json: bool, tvm_tags: bool) -> None:
               help="Preset name, TVM tag or JSON TVM target.")
 @click.option("--precision", default=None, help="fp32 (default of the preset).")
 @click.option("--tuning", default="auto", show_default=True, help="auto | none.")
+@click.option("--schedules", default="default", show_default=True,
+              help="CPU schedules for operators without tuning records: default (tsm-edge's "
+                   "rules) | none (TVM's plain loops, for comparison).")
 @click.option("--labels", type=click.Path(), default=None, help="Class names, one per line.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the random weights when no checkpoint is given.")
@@ -150,15 +153,16 @@ def targets(as_json: bool, tvm_tags: bool) -> None:
               help="first: cache [0, C/8) (online demo); second: cache [C/8, 2C/8), [0, C/8) "
                    "zero (for bi-directionally trained checkpoints).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Artifact folder.")
-def compile_cmd(model, checkpoint, num_classes, input_size, target, precision, tuning, labels,
-                seed, ndk, trained_shift, cache_channels, output) -> None:
+def compile_cmd(model, checkpoint, num_classes, input_size, target, precision, tuning, schedules,
+                labels, seed, ndk, trained_shift, cache_channels, output) -> None:
     """Compile a model into an artifact folder."""
     from .compiler import compile as compile_model
 
     path = compile_model(model, output, target=target, input_size=input_size,
                          num_classes=num_classes, checkpoint=checkpoint, precision=precision,
                          tuning=tuning, labels=labels, seed=seed, ndk=ndk,
-                         trained_shift=trained_shift, cache_channels=cache_channels)
+                         trained_shift=trained_shift, cache_channels=cache_channels,
+                         schedules=schedules)
     from .artifact import read_manifest
 
     m = read_manifest(path)

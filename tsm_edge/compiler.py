@@ -240,7 +240,8 @@ def compile(model: str, output: str | Path, *, target: str | dict = "host",
             input_size: int | None = None, num_classes: int | None = None,
             checkpoint: str | None = None, precision: str | None = None, tuning: str = "auto",
             labels: str | list[str] | None = None, seed: int = 0, ndk: str | None = None,
-            trained_shift: str | None = None, cache_channels: str | None = None) -> Path:
+            trained_shift: str | None = None, cache_channels: str | None = None,
+            schedules: str = "default") -> Path:
     """Compile an online TSM model into an artifact folder; returns its path."""
     from . import targets as targets_mod
     from .models import get_model_info
@@ -262,6 +263,8 @@ def compile(model: str, output: str | Path, *, target: str | dict = "host",
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision} is not available in this version; "
                         f"valid: {', '.join(PRECISIONS)}")
+    if schedules not in SCHEDULES:
+        raise UserError(f"--schedules {schedules}: valid: {', '.join(SCHEDULES)}")
     if tuning not in ("auto", "none"):
         raise UserError(f"--tuning {tuning}: tuning databases are not available in this version; "
                         "valid: auto, none")
@@ -276,7 +279,8 @@ def compile(model: str, output: str | Path, *, target: str | dict = "host",
             raise UserError(f"{len(label_list)} labels given; the model has "
                             f"{source.num_classes} classes")
     return compile_module(source, output, preset=preset, precision=precision, tuning=tuning,
-                          labels=label_list, cross_compiler=cross_compiler, cuda=cuda)
+                          labels=label_list, cross_compiler=cross_compiler, cuda=cuda,
+                          schedules=schedules)
 
 
 def check_buildable(preset) -> None:
@@ -293,9 +297,25 @@ def check_buildable(preset) -> None:
                         f"{missing}; valid kinds here: {', '.join(tvm_api.buildable_kinds())}")
 
 
+SCHEDULES = ("default", "none")
+
+
+def schedule_summary(info: dict, schedules: str, cpu: bool) -> dict:
+    """What the manifest says about the schedules the untuned operators got."""
+    if not cpu:
+        return {"rules": "tvm dlight (GPU)", "pipeline": info.get("pipeline")}
+    if schedules != "default":
+        return {"rules": "none (TVM's unscheduled loops)", "pipeline": info.get("pipeline")}
+    return {"rules": "tsm_edge.schedules (NHWC, register-tiled convolutions)",
+            "pipeline": info.get("pipeline"), "scheduled": info.get("scheduled", 0),
+            "unscheduled": info.get("unscheduled", 0),
+            "unscheduled_ops": info.get("unscheduled_ops", [])}
+
+
 def compile_module(source: ModelSource, output: str | Path, *, preset, precision: str = "fp32",
                    tuning: str = "auto", labels: list[str] | None = None,
-                   cross_compiler: str | None = None, cuda: dict | None = None) -> Path:
+                   cross_compiler: str | None = None, cuda: dict | None = None,
+                   schedules: str = "default") -> Path:
     """The stages, for an already-built ``source.module`` (also a user's own nn.Module)."""
     from . import tvm_api
     from .export import trace_step
@@ -315,9 +335,13 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
     target = tvm_api.make_target(preset.resolved_tvm_target())
     mod = timed("import", tvm_api.import_exported, step.exported)
     mod = timed("fold", tvm_api.fold_constants, mod)
+    cpu = target.kind.name == "llvm"
+    use_schedules = cpu and schedules == "default"
+    if use_schedules:
+        mod = timed("layout", tvm_api.prepare_cpu, mod)
     weights_bytes = tvm_api.constants_bytes(mod)
     workspace = timed("plan", tvm_api.estimate_workspace, mod, target)
-    exe = timed("build", tvm_api.build, mod, target)
+    exe, build_info = timed("build", tvm_api.build, mod, target, use_schedules)
     triple = preset.resolved_host_triple()
     arch = triple.split("-")[0]
     host_target = target.host if getattr(target, "host", None) is not None else target
@@ -363,7 +387,8 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
                         + extra.get("board_needs", ""),
             **{k: v for k, v in extra.items() if k != "board_needs"},
             "cpu_features": features,
-            "tuning": {"mode": tuning, "records_applied": 0},
+            "tuning": {"mode": tuning, "records_applied": 0,
+                       "default_schedules": schedule_summary(build_info, schedules, cpu)},
             "library": LIBRARY,
             "entry": "main",
             "tool_versions": tool_versions(),

@@ -60,6 +60,10 @@ class TargetPreset:
             out["mcpu"] = tvm_api.system_cpu()
         if out.get("mtriple") == "native":
             out["mtriple"] = native_triple()
+        if out.get("num-cores") == "native":
+            import os
+
+            out["num-cores"] = len(os.sched_getaffinity(0))
         return out
 
     def resolved_host_triple(self) -> str:

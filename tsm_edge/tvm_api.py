@@ -1,7 +1,7 @@
 """The one module that calls Apache TVM.
 
-TVM's Python API changed in 0.20, 0.22 and 0.24; every call tsm-edge makes goes through here so the
-next change lands in one file. Pinned: apache-tvm 0.27.0.post1 with apache-tvm-ffi 0.1.14.post1.
+TVM's Python API changed in 0.20, 0.22 and 0.24; every call tsm-edge makes goes through here (and
+``schedules.py``, which holds the default CPU schedule rules) so the next change lands in one place. Pinned: apache-tvm 0.27.0.post1 with apache-tvm-ffi 0.1.14.post1.
 
 The runtime half (``load_vm``, ``device``, ``tensor``...) imports only what the TVM runtime needs
 and never torch, so a board can stream with the TVM runtime and numpy alone.
@@ -174,22 +174,139 @@ def import_exported(exported) -> Any:
 def fold_constants(mod):
     """Fold batch-norm into the convolutions and precompute everything that depends on weights.
 
-    Weights are bound as constants, so this happens once, at compile time. A batch-norm that
-    cannot be folded (for example one after a convolution with a bias) is decomposed into a
-    per-channel scale and shift instead.
+    Weights are bound as constants, so this happens once, at compile time, in numpy (TVM's
+    FoldConstant JIT-compiles every folded expression: 20 s for MobileNetV2 against well under
+    one here). A batch-norm that cannot be folded (for example one after a convolution with a
+    bias) is decomposed into a per-channel scale and shift instead.
     """
     from tvm import relax
 
-    seq = _tvm().transform.Sequential([
-        relax.transform.FoldBatchnormToConv2D(),
-        relax.transform.FoldConstant(),
-    ])
-    mod = seq(mod)
+    mod = relax.transform.FoldBatchnormToConv2D()(mod)
+    mod = numpy_fold(mod)
     if count_calls(mod, "relax.nn.batch_norm"):
-        mod = _tvm().transform.Sequential([
-            relax.transform.DecomposeOpsForInference(),
-            relax.transform.FoldConstant(),
-        ])(mod)
+        mod = relax.transform.DecomposeOpsForInference()(mod)
+        mod = numpy_fold(mod)
+    return mod
+
+
+def prepare_cpu(mod):
+    """The CPU layout: NHWC activations, HWIO weights (transposed once, here).
+
+    The default schedules vectorize along channels, which NHWC keeps contiguous. Inputs and
+    outputs (frame, caches, logits) keep the model's NCHW layout; the step converts at its edges.
+    """
+    from tvm import relax
+
+    mod = _clip_to_min_max(mod)
+    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
+    return numpy_fold(mod)
+
+
+_NUMPY_UNARY = {"relax.sqrt": "sqrt", "relax.rsqrt": None, "relax.negative": "negative",
+                "relax.exp": "exp"}
+_NUMPY_BINARY = {"relax.add": "add", "relax.subtract": "subtract", "relax.multiply": "multiply",
+                 "relax.divide": "divide", "relax.power": "power", "relax.maximum": "maximum",
+                 "relax.minimum": "minimum"}
+
+
+def _const_value(expr, lookup):
+    """The numpy value of a constant operand (tensor constant, scalar PrimValue), or None."""
+    import numpy as np
+    from tvm import relax
+
+    if isinstance(expr, relax.Var):
+        bound = lookup(expr)
+        if bound is None:
+            return None
+        expr = bound
+    arr = _constant_tensor(expr)
+    if arr is not None:
+        return arr.numpy()
+    tvm = _tvm()
+    if isinstance(expr, (tvm.tirx.FloatImm, tvm.tirx.IntImm)):  # a scalar operand
+        return np.asarray(expr.value, dtype=str(expr.ty))
+    return None
+
+
+def _fold_call(call, lookup):
+    """numpy result of a call on constants, or None when the op is not one numpy folds."""
+    import numpy as np
+
+    name = getattr(call.op, "name", None)
+    if name is None:
+        return None
+    if name in _NUMPY_BINARY or name in _NUMPY_UNARY:
+        values = [_const_value(a, lookup) for a in call.args]
+        if any(v is None for v in values):
+            return None
+        dtype = next((v.dtype for v in values if v.ndim), values[0].dtype)
+        if name == "relax.rsqrt":
+            out = 1.0 / np.sqrt(values[0])
+        elif name in _NUMPY_UNARY:
+            out = getattr(np, _NUMPY_UNARY[name])(values[0])
+        else:
+            out = getattr(np, _NUMPY_BINARY[name])(values[0], values[1])
+        return np.asarray(out, dtype=dtype)
+    if name in ("relax.reshape", "relax.permute_dims", "relax.expand_dims", "relax.squeeze",
+                "relax.astype"):
+        value = _const_value(call.args[0], lookup)
+        if value is None:
+            return None
+        shape = [int(d) for d in call.ty.shape] if hasattr(call.ty, "shape") else None
+        if name == "relax.permute_dims":
+            axes = call.attrs.axes
+            axes = None if axes is None else [int(a) for a in axes]
+            return np.ascontiguousarray(np.transpose(value, axes))
+        if name == "relax.astype":
+            return value.astype(str(call.attrs.dtype))
+        return value.reshape(shape)
+    return None
+
+
+def numpy_fold(mod):
+    """Replace every elementwise / reshape / transpose call on constants by its value."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class _Fold(PyExprMutator):
+        def visit_call_(self, call):  # noqa: ANN001 - TVM visitor signature
+            call = super().visit_call_(call)
+            value = _fold_call(call, self.lookup_binding)
+            if value is None:
+                return call
+            return relax.const(np.ascontiguousarray(value), str(value.dtype))
+
+    folder = _Fold(mod)
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = folder.visit_expr(func)
+    return relax.transform.DeadCodeElimination()(mod)
+
+
+def _clip_to_min_max(mod):
+    """clip(x, lo, hi) -> minimum(maximum(x, lo), hi): TVM's layout conversion knows these."""
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class _Clip(PyExprMutator):
+        def visit_call_(self, call):  # noqa: ANN001 - TVM visitor signature
+            call = super().visit_call_(call)
+            if getattr(call.op, "name", None) != "relax.clip":
+                return call
+            x = call.args[0]
+            dtype = str(x.ty.dtype)
+            lo, hi = (float(getattr(a.value, "value", a.value)) for a in call.args[1:3])
+            return relax.op.minimum(relax.op.maximum(x, relax.const(lo, dtype)),
+                                    relax.const(hi, dtype))
+
+    rewriter = _Clip(mod)
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = rewriter.visit_expr(func)
     return mod
 
 
@@ -273,13 +390,48 @@ def estimate_workspace(mod, target) -> int:
 # --------------------------------------------------------------------------- build
 
 
-def build(mod, target):
-    """Compile a Relax module for ``target`` (host code included).
+def build(mod, target, default_schedules: bool = True):
+    """Compile a Relax module for ``target`` (host code included); returns (executable, info).
 
-    Inside ``with target`` so that device compilers (nvcc) see the target's arch.
+    CPU targets get tsm-edge's default schedules (``schedules.py``) on every fused operator;
+    GPU targets get TVM's own pipeline (fusion and dlight GPU schedules). Inside ``with target``
+    so that device compilers (nvcc) see the target's arch.
     """
+    tvm = _tvm()
+    info: dict = {"pipeline": "tvm-default"}
+    if target.kind.name == "llvm" and default_schedules:
+        info = {"pipeline": "tsm-edge-cpu"}
+        pipeline = _cpu_pipeline(target, info)
+        with target:
+            return tvm.compile(mod, target=target, relax_pipeline=pipeline), info
     with target:
-        return _tvm().compile(mod, target=target)
+        return tvm.compile(mod, target=target), info
+
+
+def _cpu_pipeline(target, info: dict):
+    """TVM's CPU pipeline with the default schedules between fusion and lowering."""
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from . import schedules
+
+    tvm = _tvm()
+
+    @tvm.transform.module_pass(opt_level=0, name="TsmEdgeCpuPipeline")
+    def _pipeline(mod, _ctx):  # noqa: ANN001 - TVM pass signature
+        with target:
+            mod = tvm.transform.Sequential(
+                cpu.library_dispatch_passes(target)
+                + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                   relax.transform.FuseOps(), relax.transform.FuseTIR(),
+                   relax.transform.DeadCodeElimination()])(mod)
+            mod, counts = schedules.apply_default_schedules(mod, target)
+            info.update(counts)
+            mod = tvm.transform.Sequential(cpu.dataflow_lower_passes(target)
+                                           + cpu.finalize_passes(target))(mod)
+        return mod
+
+    return _pipeline
 
 
 # --------------------------------------------------------------------------- CUDA device code
