@@ -425,9 +425,12 @@ def verify(artifact, frames, frames_npy, checkpoint, tolerance, json_out, rpc, t
 @click.option("--warmup", type=int, default=10, show_default=True)
 @click.option("--compare", default="", help="Also time: torch,onnxruntime")
 @click.option("--json", "json_out", type=click.Path(), default=None)
+@click.option("--plot", "plot_out", type=click.Path(), default=None,
+              help="PNG: latency over frames and a histogram per backend.")
 @remote_options
 @threads_option
-def bench(artifact, frames, warmup, compare, json_out, rpc, tracker, key, threads) -> None:
+def bench(artifact, frames, warmup, compare, json_out, plot_out, rpc, tracker, key,
+          threads) -> None:
     """Per-frame latency percentiles and memory, optionally beside PyTorch and ONNX Runtime."""
     _apply_threads(threads)
     from .bench import bench as run_bench, bench_remote
@@ -444,6 +447,10 @@ def bench(artifact, frames, warmup, compare, json_out, rpc, tracker, key, thread
                            compare=backends)
     if json_out:
         _write_json(json_out, result)
+    if plot_out:
+        from .plots import latency_plot
+
+        latency_plot(result, plot_out)
     base = result["backends"]["tsm-edge"]["p50_ms"]
     machine = result["machine"] if isinstance(result["machine"], str) else \
         result["machine"]["cpu"]
@@ -465,6 +472,27 @@ def bench(artifact, frames, warmup, compare, json_out, rpc, tracker, key, thread
                f"workspace {_mb(m['workspace_bytes'])}; RSS baseline "
                f"{_mb(m['rss_baseline_bytes'])}, loaded {_mb(m['rss_loaded_bytes'])}, peak "
                f"{_mb(m['rss_peak_bytes'])}")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--frames", type=int, default=20, show_default=True, help="Profiled frames.")
+@click.option("--warmup", type=int, default=5, show_default=True)
+@click.option("--compare", default="onnxruntime", show_default=True,
+              help="Also profile: onnxruntime ('' for tsm-edge alone)")
+@click.option("--json", "json_out", type=click.Path(), default=None)
+@threads_option
+def profile(artifact, frames, warmup, compare, json_out, threads) -> None:
+    """Per-operator time by kind (pointwise, depthwise, shift...), beside ONNX Runtime's."""
+    _apply_threads(threads)
+    from .profile import profile as run_profile, table
+
+    backends = tuple(b.strip() for b in compare.split(",") if b.strip())
+    result = run_profile(artifact, frames=frames, warmup=warmup, threads=threads,
+                         compare=backends)
+    if json_out:
+        _write_json(json_out, result)
+    click.echo(table(result))
 
 
 @cli.command()

@@ -309,7 +309,9 @@ def schedule_summary(info: dict, schedules: str, cpu: bool) -> dict:
     return {"rules": "tsm_edge.schedules (NHWC, register-tiled convolutions)",
             "pipeline": info.get("pipeline"), "scheduled": info.get("scheduled", 0),
             "unscheduled": info.get("unscheduled", 0),
-            "unscheduled_ops": info.get("unscheduled_ops", [])}
+            "unscheduled_ops": info.get("unscheduled_ops", []),
+            **{k: info[k] for k in ("vector_lanes", "vector_registers", "threads", "operators")
+               if k in info}}
 
 
 def compile_module(source: ModelSource, output: str | Path, *, preset, precision: str = "fp32",

@@ -153,7 +153,7 @@ def _schedule_spatial(sch, block, cpu: CpuShape) -> None:
         sch.parallel(po)
 
 
-def _schedule_conv(sch, conv, cpu: CpuShape) -> None:
+def _schedule_conv(sch, conv, cpu: CpuShape) -> dict:
     """NHWC convolution (n, y, x, f | ry, rx, rc) with a register tile and fused epilogue."""
     # Producers that only copy (the "pad" of a 1x1 convolution) disappear; real padding is a
     # separate, parallel loop over the (slightly larger) input.
@@ -172,8 +172,10 @@ def _schedule_conv(sch, conv, cpu: CpuShape) -> None:
         except Exception:  # noqa: BLE001 - not elementwise: stays a separate loop
             break
     n, y, x, f, ry, rx, rc = sch.get_loops(conv)
-    _, height, width, channels, _, _, reduce_c = _extents(sch, [n, y, x, f, ry, rx, rc])
-    depthwise = reduce_c == 1
+    _, height, width, channels, kh, kw, reduce_c = _extents(sch, [n, y, x, f, ry, rx, rc])
+    depthwise = reduce_c == 1 and channels > 1
+    kind = "depthwise" if depthwise else ("pointwise" if kh == kw == 1 else f"conv{kh}x{kw}")
+    macs = height * width * channels * kh * kw * reduce_c
     ty, tx, v = conv_tile(height, width, channels, cpu, depthwise)
     yo, yi = sch.split(y, [None, ty])
     xo, xi = sch.split(x, [None, tx])
@@ -199,6 +201,7 @@ def _schedule_conv(sch, conv, cpu: CpuShape) -> None:
     if v:
         init_loops = sch.get_loops(init)
         sch.vectorize(init_loops[-1])
+    return {"rule": "convolution", "kind": kind, "macs": macs, "tile": [ty, tx, v * cpu.lanes]}
 
 
 def _schedule_reduction(sch, block, cpu: CpuShape) -> None:
@@ -222,7 +225,7 @@ def _schedule_reduction(sch, block, cpu: CpuShape) -> None:
 
 
 def schedule_primfunc(func, target, cpu: CpuShape | None = None):
-    """A scheduled copy of one fused operator, or None where no rule applies."""
+    """(schedule, what was done) for one fused operator; (None, None) where no rule applies."""
     from tvm import s_tir
 
     cpu = cpu or cpu_shape(target)
@@ -230,18 +233,19 @@ def schedule_primfunc(func, target, cpu: CpuShape | None = None):
     blocks = _blocks(sch)
     convs = [b for b in blocks if _iter_kinds(sch, b) == "SSSSRRR"]
     if len(convs) == 1:
-        _schedule_conv(sch, convs[0], cpu)
-        return sch
+        return sch, _schedule_conv(sch, convs[0], cpu)
     if convs:
-        return None
+        return None, None
     reductions = [b for b in blocks if "R" in _iter_kinds(sch, b)]
     _inline_all(sch, keep=reductions)
+    rule = "data-movement"
     for block in _blocks(sch):
         if "R" in _iter_kinds(sch, block):
             _schedule_reduction(sch, block, cpu)
+            rule = "reduction"
         else:
             _schedule_spatial(sch, block, cpu)
-    return sch
+    return sch, {"rule": rule}
 
 
 def apply_default_schedules(mod, target):
@@ -254,7 +258,9 @@ def apply_default_schedules(mod, target):
     from tvm.s_tir.schedule import ScheduleError
 
     cpu = cpu_shape(target)
-    counts: dict = {"scheduled": 0, "unscheduled": 0, "unscheduled_ops": []}
+    counts: dict = {"scheduled": 0, "unscheduled": 0, "unscheduled_ops": [], "operators": {},
+                    "vector_lanes": cpu.lanes, "vector_registers": cpu.registers,
+                    "threads": cpu.threads}
     updates = {}
     for gv, func in mod.functions_items():
         if not isinstance(func, tirx.PrimFunc):
@@ -263,15 +269,16 @@ def apply_default_schedules(mod, target):
                 and int(func.attrs["tirx.is_scheduled"]):
             continue
         try:
-            sch = schedule_primfunc(func, target, cpu)
+            sch, what = schedule_primfunc(func, target, cpu)
         except ScheduleError:
-            sch = None
+            sch, what = None, None
         if sch is None:
             counts["unscheduled"] += 1
             counts["unscheduled_ops"].append(gv.name_hint)
             continue
         updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
         counts["scheduled"] += 1
+        counts["operators"][gv.name_hint] = what
     for gv, func in updates.items():
         mod[gv] = func
     return mod, counts

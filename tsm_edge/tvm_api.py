@@ -592,6 +592,38 @@ def load_vm(lib_path: str, dev):
     return VirtualMachine(tvm.runtime.load_module(lib_path), dev)
 
 
+def op_times(lib_path: str, inputs: list, frames: int, warmup: int = 3) -> dict:
+    """{VM call name: (total seconds, calls)} over ``frames`` calls of ``main`` on the CPU.
+
+    Timed with the Relax VM's instrument hook (called before and after every VM call); the
+    hook's own cost, a few microseconds per call, is included.
+    """
+    import time
+    from collections import defaultdict
+
+    dev = device("cpu")
+    vm = load_vm(lib_path, dev)
+    args = [tensor(a, dev) for a in inputs]
+    for _ in range(warmup):
+        vm["main"](*args)
+    totals: dict = defaultdict(lambda: [0.0, 0])
+    started: dict = {}
+
+    def instrument(_func, name, before, _ret, *_args):  # noqa: ANN001 - VM hook signature
+        if before:
+            started[name] = time.perf_counter()
+        else:
+            rec = totals[str(name)]
+            rec[0] += time.perf_counter() - started.pop(name)
+            rec[1] += 1
+        return 0  # VMInstrumentReturnKind.NO_OP
+
+    vm.set_instrument(instrument)
+    for _ in range(frames):
+        vm["main"](*args)
+    return {k: (v[0], v[1]) for k, v in totals.items()}
+
+
 def tensor(array, dev):
     return _tvm().runtime.tensor(array, dev)
 

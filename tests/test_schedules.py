@@ -1,0 +1,151 @@
+"""The default CPU schedules: tile choice, operator-level numerics, whole-model coverage."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from tsm_edge import schedules
+
+ZNVER3 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3", "num-cores": 2}
+AVX512 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"}
+A72 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"],
+       "num-cores": 4}
+
+
+def _target(spec):
+    import tvm
+
+    return tvm.target.Target(spec)
+
+
+@pytest.mark.parametrize("spec, lanes, registers, threads", [
+    (ZNVER3, 8, 16, 2), (AVX512, 16, 32, 4), (A72, 4, 32, 4)])
+def test_cpu_shape_follows_the_target(spec, lanes, registers, threads):
+    shape = schedules.cpu_shape(_target(spec))
+    assert (shape.lanes, shape.registers, shape.threads) == (lanes, registers, threads)
+
+
+@pytest.mark.parametrize("cpu", [schedules.CpuShape(8, 16, 2), schedules.CpuShape(16, 32, 8),
+                                 schedules.CpuShape(4, 32, 4)])
+@pytest.mark.parametrize("h, w, c, depthwise", [
+    (112, 112, 32, True), (56, 56, 24, False), (28, 28, 192, True), (14, 14, 64, False),
+    (7, 7, 320, False), (7, 7, 2048, False), (56, 56, 12, False), (9, 7, 3, False)])
+def test_conv_tile_fits_the_registers_and_divides_the_output(cpu, h, w, c, depthwise):
+    ty, tx, v = schedules.conv_tile(h, w, c, cpu, depthwise)
+    assert h % ty == 0 and w % tx == 0
+    if v:
+        assert c % (v * cpu.lanes) == 0
+        assert ty * tx * v + v <= cpu.accumulators
+    else:
+        assert c % cpu.lanes, "channels that fill whole vectors must be vectorized"
+
+
+def _conv_reference(x, w, stride, pad, groups):
+    """NHWC / HWIO convolution written out with numpy, independent of TVM and topi."""
+    n, h, wd, c = x.shape
+    kh, kw, cin_g, cout = w.shape
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    oh = (h + 2 * pad - kh) // stride + 1
+    ow = (wd + 2 * pad - kw) // stride + 1
+    out = np.zeros((n, oh, ow, cout), np.float64)
+    cout_g = cout // groups
+    for g in range(groups):
+        for i in range(kh):
+            for j in range(kw):
+                patch = xp[:, i:i + stride * oh:stride, j:j + stride * ow:stride,
+                           g * cin_g:(g + 1) * cin_g]
+                out[..., g * cout_g:(g + 1) * cout_g] += patch @ w[i, j, :, g * cout_g:
+                                                                   (g + 1) * cout_g]
+    return out
+
+
+@pytest.mark.parametrize("shape, kernel, stride, pad, groups, kind", [
+    ((1, 14, 14, 32), (1, 1, 32, 48), 1, 0, 1, "pointwise"),
+    ((1, 9, 7, 12), (3, 3, 12, 16), 2, 1, 1, "conv3x3"),
+    ((1, 10, 10, 24), (3, 3, 1, 24), 1, 1, 24, "depthwise"),
+    ((1, 16, 16, 3), (7, 7, 3, 8), 2, 3, 1, "conv7x7"),
+    ((1, 7, 7, 20), (1, 1, 20, 12), 1, 0, 1, "pointwise"),  # channels not whole vectors
+])
+def test_scheduled_convolution_is_parallel_vectorized_and_exact(shape, kernel, stride, pad,
+                                                                 groups, kind):
+    import tvm
+    from tvm import te, topi
+
+    target = _target(ZNVER3)
+    x_ph = te.placeholder(shape, name="x")
+    w_ph = te.placeholder(kernel, name="w")
+    b_ph = te.placeholder((kernel[-1],), name="b")
+    if groups == 1:
+        conv = topi.nn.conv2d_nhwc(x_ph, w_ph, stride, pad, 1, out_dtype="float32")
+    else:
+        conv = topi.nn.group_conv2d_nhwc(x_ph, w_ph, stride, pad, 1, groups,
+                                         out_dtype="float32")
+    out = topi.clip(topi.add(conv, b_ph), 0.0, 6.0)  # the fused epilogue of MobileNetV2
+    func = te.create_prim_func([x_ph, w_ph, b_ph, out])
+    sch, what = schedules.schedule_primfunc(func, target)
+    assert what["rule"] == "convolution" and what["kind"] == kind
+    script = sch.mod.script()
+    assert "T.parallel" in script
+    if shape[-1] % 8 == 0 and kernel[-1] % 8 == 0:
+        assert "T.vectorized" in script
+    blocks = set(re.findall(r'T\.sblock\("([^"]+)"\)', script))
+    assert blocks and not any(b.startswith("T_add") or b == "compute" for b in blocks), blocks
+    lib = tvm.compile(sch.mod, target)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal(kernel).astype(np.float32)
+    b = rng.standard_normal(kernel[-1]).astype(np.float32)
+    res = tvm.runtime.empty(tuple(int(d) for d in out.shape), "float32", tvm.cpu())
+    lib(tvm.runtime.tensor(x), tvm.runtime.tensor(w), tvm.runtime.tensor(b), res)
+    expected = np.clip(_conv_reference(x, w, stride, pad, groups) + b, 0.0, 6.0)
+    np.testing.assert_allclose(res.numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def _manifest(path):
+    return json.loads((path / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("fixture", ["tiny_mnv2", "tiny_resnet"])
+def test_every_operator_of_the_registered_models_is_scheduled(fixture, request):
+    art = request.getfixturevalue(fixture)
+    info = _manifest(art)["tuning"]["default_schedules"]
+    assert info["pipeline"] == "tsm-edge-cpu"
+    assert info["unscheduled"] == 0, info["unscheduled_ops"]
+    kinds = {op["kind"] for op in info["operators"].values() if op["rule"] == "convolution"}
+    expected = {"pointwise", "depthwise", "conv3x3"} if fixture == "tiny_mnv2" else \
+        {"pointwise", "conv3x3", "conv7x7"}
+    assert expected <= kinds
+    assert any(op["rule"] == "data-movement" for op in info["operators"].values())
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_default_schedules_compute_what_the_plain_loops_compute(tiny_mnv2, tmp_path, frames_npy):
+    """Same model, same frames: --schedules none (TVM's loops) and the default rules agree."""
+    plain = tmp_path / "plain"
+    _ok(run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "--schedules", "none",
+                "-o", str(plain)))
+    assert _manifest(plain)["tuning"]["default_schedules"]["pipeline"] == "tvm-default"
+    outs = []
+    for art in (plain, tiny_mnv2):
+        out = tmp_path / f"{art.name}.npy"
+        _ok(run_cli("run", str(art), "--frames-npy", str(frames_npy), "--save-logits", str(out)))
+        outs.append(np.load(out))
+    assert outs[0].shape == (6, 5)
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_schedules_value_is_a_user_error(tmp_path):
+    res = run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "--schedules", "fast",
+                  "-o", str(tmp_path / "x"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "--schedules fast" in res.stderr and "default, none" in res.stderr
+    assert not (tmp_path / "x").exists()
