@@ -12,6 +12,8 @@ _LAZY = {
     "compile": ("tsm_edge.compiler", "compile"),
     "compile_module": ("tsm_edge.compiler", "compile_module"),
     "StreamSession": ("tsm_edge.runtime", "StreamSession"),
+    "Model": ("tsm_edge.runtime", "Model"),
+    "CutPolicy": ("tsm_edge.runtime", "CutPolicy"),
     "read_manifest": ("tsm_edge.artifact", "read_manifest"),
     "TemporalShift": ("tsm_edge.shift", "TemporalShift"),
     "build_model": ("tsm_edge.models", "build_model"),

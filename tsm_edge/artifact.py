@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, disk_full_reason
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -23,6 +23,10 @@ LIBRARY = "model.so"
 REQUIRED_KEYS = ("schema_version", "model", "input", "outputs", "caches", "cache_bytes_total",
                  "weights_bytes", "workspace_bytes", "target", "host_triple", "device_code",
                  "runnable", "tool_versions", "files", "labels")
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_TENSOR_BYTES = 1 << 30  # a frame, a cache or the logits: far above any real model's
+DEVICES = ("cpu", "cuda", "opencl", "vulkan", "metal", "rocm")
+DTYPES = ("float32", "float16", "bfloat16", "int8", "uint8", "int32")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -33,18 +37,32 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def write_failed(path: str | os.PathLike, exc: OSError, kept: str) -> UserError:
+    """The UserError for an output that could not be written (disk full, no such folder...)."""
+    reason = disk_full_reason(exc) or exc.strerror or str(exc)
+    hint = "free space there or write elsewhere" if disk_full_reason(exc) else \
+        "give a path in an existing, writable folder"
+    return UserError(f"cannot write {path}: {reason}; {hint} ({kept})")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write a file so that readers see the old content or the new, never half of it."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    kept = "the file already there is unchanged" if path.exists() else "nothing was written"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise write_failed(path, exc, kept) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_failed(path, exc, kept) from None
         raise
 
 
@@ -78,8 +96,12 @@ def write_artifact_dir(out_dir: str | os.PathLike,
         if any(out.iterdir()) and not (out / MANIFEST).is_file():
             raise UserError(f"output folder {out} is not empty and holds no tsm-edge artifact; "
                             "give a new or empty folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    kept = "the artifact already there is unchanged" if out.exists() else "nothing was written"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as exc:
+        raise write_failed(out, exc, kept) from None
     try:
         manifest = populate(tmp)
         manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())
@@ -89,13 +111,23 @@ def write_artifact_dir(out_dir: str | os.PathLike,
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old / "a")
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old / "a", out)  # put the previous artifact back
+                shutil.rmtree(old, ignore_errors=True)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
         _fsync_dir(out.parent)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        # the disk filling up may surface from a tool (the linker) rather than as an OSError
+        reason = disk_full_reason(exc)
+        if reason is not None:
+            raise UserError(f"cannot write the artifact {out}: {reason}; free space on that "
+                            f"file system or give another -o ({kept})") from None
         raise
     return out
 
@@ -123,10 +155,16 @@ def read_manifest(art_dir: str | os.PathLike, *, check_files: bool = True) -> di
     if not path.is_file():
         raise UserError(f"{art} has no {MANIFEST}; it is not a tsm-edge artifact")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc.__class__.__name__}: {exc}); "
-                        "the artifact is damaged, compile it again") from None
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise UserError(f"{path} is {size} bytes; a manifest is at most "
+                            f"{MAX_MANIFEST_BYTES} bytes, this is not a tsm-edge manifest")
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc.__class__.__name__}: "
+                        f"{str(exc)[:200]}); the artifact is damaged, compile it again") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not isinstance(manifest, dict):
         raise UserError(f"{path} holds {type(manifest).__name__}, expected a JSON object")
     version = manifest.get("schema_version")
@@ -136,18 +174,127 @@ def read_manifest(art_dir: str | os.PathLike, *, check_files: bool = True) -> di
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise UserError(f"{path} lacks keys {', '.join(missing)}; compile the artifact again")
+    check_schema(manifest, path)
     if check_files:
         verify_files(art, manifest)
     return manifest
+
+
+def _bad(path: Path, where: str, value, valid: str) -> UserError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return UserError(f"{path}: {where} is {shown}; expected {valid}; the artifact is damaged, "
+                     "compile it again")
+
+
+def _plain_name(value) -> bool:
+    return isinstance(value, str) and value not in ("", ".", "..") and "/" not in value \
+        and "\\" not in value and "\x00" not in value
+
+
+def _check_tensor(path: Path, where: str, spec) -> None:
+    if not isinstance(spec, dict):
+        raise _bad(path, where, spec, "an object with shape and dtype")
+    shape, dtype = spec.get("shape"), spec.get("dtype")
+    if not isinstance(shape, list) or not shape or len(shape) > 8 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+        raise _bad(path, f"{where}.shape", shape, "a list of 1 to 8 positive integers")
+    if dtype not in DTYPES:
+        raise _bad(path, f"{where}.dtype", dtype, "one of " + ", ".join(DTYPES))
+    n = 1
+    for d in shape:
+        n *= d
+    if n * 4 > MAX_TENSOR_BYTES:
+        raise _bad(path, f"{where}.shape", shape, f"at most {MAX_TENSOR_BYTES} bytes")
+
+
+def check_schema(manifest: dict, path: Path) -> None:
+    """The types of every field the runtime reads; a UserError names the first bad one."""
+    for key in ("model", "input", "target", "tool_versions", "files"):
+        if not isinstance(manifest[key], dict):
+            raise _bad(path, key, manifest[key], "a JSON object")
+    model = manifest["model"]
+    if not isinstance(model.get("name"), str):
+        raise _bad(path, "model.name", model.get("name"), "a string")
+    for key in ("input_size", "num_classes"):
+        value = model.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < 1):
+            raise _bad(path, f"model.{key}", value, "a positive integer")
+    spec = manifest["input"]
+    _check_tensor(path, "input", spec)
+    if len(spec["shape"]) != 4:
+        raise _bad(path, "input.shape", spec["shape"], "(1, 3, S, S)")
+    if not isinstance(spec.get("name", ""), str):
+        raise _bad(path, "input.name", spec.get("name"), "a string")
+    prep = spec.get("preprocessing")
+    if prep is not None:
+        if not isinstance(prep, dict):
+            raise _bad(path, "input.preprocessing", prep, "a JSON object")
+        for key in ("resize_short_side", "center_crop"):
+            value = prep.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 15:
+                raise _bad(path, f"input.preprocessing.{key}", value, "a positive integer")
+        for key in ("mean", "std"):
+            value = prep.get(key)
+            if not isinstance(value, list) or len(value) != 3 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                raise _bad(path, f"input.preprocessing.{key}", value, "a list of 3 numbers")
+        if not all(v for v in prep["std"]):
+            raise _bad(path, "input.preprocessing.std", prep["std"], "non-zero numbers")
+        if not isinstance(prep.get("scale"), (int, float)) or isinstance(prep.get("scale"), bool):
+            raise _bad(path, "input.preprocessing.scale", prep.get("scale"), "a number")
+    outputs = manifest["outputs"]
+    if not isinstance(outputs, list) or not outputs:
+        raise _bad(path, "outputs", outputs, "a non-empty list")
+    for i, out in enumerate(outputs):
+        _check_tensor(path, f"outputs[{i}]", out)
+    caches = manifest["caches"]
+    if not isinstance(caches, list) or len(caches) > 4096:
+        raise _bad(path, "caches", caches, "a list (at most 4096)")
+    for i, cache in enumerate(caches):
+        _check_tensor(path, f"caches[{i}]", cache)
+        if not isinstance(cache.get("name"), str):
+            raise _bad(path, f"caches[{i}].name", cache.get("name"), "a string")
+    for key in ("cache_bytes_total", "weights_bytes", "workspace_bytes"):
+        value = manifest[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise _bad(path, key, value, "a byte count (an integer >= 0)")
+    for key in ("host_triple", "device_code"):
+        if not isinstance(manifest[key], str):
+            raise _bad(path, key, manifest[key], "a string")
+    if not isinstance(manifest["runnable"], (bool, str)):
+        raise _bad(path, "runnable", manifest["runnable"], "true, false or a reason")
+    labels = manifest["labels"]
+    if labels is not None and (not isinstance(labels, list)
+                               or not all(isinstance(x, str) for x in labels)):
+        raise _bad(path, "labels", labels, "null or a list of strings")
+    if not _plain_name(manifest.get("library", LIBRARY)):
+        raise _bad(path, "library", manifest.get("library"), "a plain file name")
+    if not isinstance(manifest.get("entry", "main"), str):
+        raise _bad(path, "entry", manifest.get("entry"), "a function name")
+    features = manifest.get("cpu_features", [])
+    if features is not None and (not isinstance(features, list)
+                                 or not all(isinstance(f, str) for f in features)):
+        raise _bad(path, "cpu_features", features, "a list of CPU feature names")
+    if manifest.get("device", "cpu") not in DEVICES:
+        raise _bad(path, "device", manifest.get("device"), "one of " + ", ".join(DEVICES))
 
 
 def verify_files(art: Path, manifest: dict) -> None:
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise UserError(f"{art / MANIFEST}: 'files' must map file names to sha256 digests")
+    library = manifest.get("library", LIBRARY)
+    if library not in files:
+        raise UserError(f"{art / MANIFEST}: the library {library!r} has no sha256 in 'files'; "
+                        "an unchecked library is never loaded: compile the artifact again")
     for name, digest in files.items():
-        if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", ".."):
+        if not _plain_name(name):
             raise UserError(f"{art / MANIFEST}: file name {name!r} is not a plain file name")
+        if not isinstance(digest, str):
+            raise UserError(f"{art / MANIFEST}: the sha256 of {name!r} is {digest!r}, not a "
+                            "hex digest; the artifact is damaged, compile it again")
         path = art / name
         if not path.is_file():
             raise UserError(f"artifact file {path} is missing; the artifact is incomplete, "

@@ -19,9 +19,13 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[0][:160] if lines else "no message"
+
+
 def read_state_dict(path: str | Path) -> dict:
     import pickle
-    import zipfile
 
     import torch
 
@@ -32,15 +36,12 @@ def read_state_dict(path: str | Path) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UserError(f"--checkpoint {path} was refused by torch.load(weights_only=True): it "
-                        f"needs code execution to load ({str(exc).splitlines()[0][:160]}); "
+                        f"needs code execution to load ({_first_line(exc)}); "
                         "save a plain state_dict instead") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError,
-            IndexError, TypeError, AttributeError) as exc:  # what a damaged file raises
-        text = str(exc).strip()
-        first = f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else \
-            type(exc).__name__
+    except Exception as exc:  # noqa: BLE001 - a damaged file makes torch.load raise anything
         raise UserError(f"--checkpoint {path} is not a readable PyTorch checkpoint "
-                        f"(truncated or another format: {first})") from None
+                        f"(truncated or another format: {type(exc).__name__}: "
+                        f"{_first_line(exc)})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
@@ -61,7 +62,13 @@ def load_into(model, state: dict, source: str) -> None:
     shapes = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                     for k in own_keys & set(state)
                     if isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape)
+    not_tensors = sorted(f"{k} ({type(state[k]).__name__})" for k in own_keys & set(state)
+                         if not isinstance(state[k], torch.Tensor)
+                         or state[k].is_complex() or state[k].dtype == torch.bool)
     problems = []
+    if not_tensors:
+        problems.append(f"{len(not_tensors)} value(s) that are not real-valued tensors: "
+                        f"{summarize(not_tensors, 3)}")
     if missing:
         problems.append(f"{len(missing)} missing key(s): {summarize(missing)}")
     if unexpected:

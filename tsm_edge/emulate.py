@@ -580,24 +580,40 @@ def device_info(cache_dir: Path | None = None) -> dict:
 
 
 def _check_port_free(host: str, port: int) -> None:
+    if not isinstance(port, int) or not 1 <= port <= 65535:
+        raise UserError(f"port {port!r} is not valid; give 1 to 65535")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
-        except OSError as exc:
-            raise UserError(f"port {port} on {host} is not free ({exc.strerror}); pick another "
-                            "port") from None
+        except socket.gaierror as exc:
+            raise UserError(f"host {host!r} is not an address of this machine ({exc.strerror}); "
+                            "give 127.0.0.1 (this machine only) or 0.0.0.0 (every network)") \
+                from None
+        except (OSError, UnicodeError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise UserError(f"cannot listen on {host}:{port} ({reason}); pick another port or "
+                            "host") from None
 
 
 def parse_address(text: str, default_port: int = 9190) -> tuple[str, int]:
     """'HOST:PORT' (or 'HOST') -> (host, port)."""
     host, sep, port = text.rpartition(":")
     if not sep:
-        return text, default_port
+        host, port = text, str(default_port)
     try:
-        return host, int(port)
+        number = int(port)
     except ValueError:
-        raise UserError(f"address {text!r} is not HOST:PORT") from None
+        number = -1
+    try:
+        valid_host = bool(host) and bool(host.encode("idna")) and \
+            re.fullmatch(r"[A-Za-z0-9._\-]+", host) is not None
+    except UnicodeError:  # a label that is empty or longer than 63 characters
+        valid_host = False
+    if not valid_host or not 1 <= number <= 65535:
+        raise UserError(f"address {text!r} is not valid; give HOST:PORT, a host name or IPv4 "
+                        "address and a port from 1 to 65535 (e.g. 127.0.0.1:9190)")
+    return host, number
 
 
 def start_server(port: int = DEFAULT_PORT, host: str = LOOPBACK, tracker: str | None = None,
@@ -877,39 +893,57 @@ def request_with_timeout(host: str, port: int, key: str, *, session_timeout: flo
 
     Checks the key is registered (UserError listing the keys present if not), asks the tracker
     for a server with a socket timeout, then connects to it with ``connect``.
+
+    A server gives up the one-time key the tracker handed out when no client arrives within
+    about 6 s, so TVM's RPC client is imported before asking (a first import can take that
+    long), and a key gone stale in between is asked for again.
     """
+    from tvm import rpc  # noqa: F401 - imported now, not between the request and the connect
+
     keys = tracker_keys(host, port, timeout=min(timeout, 10.0))
     info = keys.get(key)
     if not info or not (info["servers"] or info["free"]):
         raise UserError(f"no RPC server is registered under key '{key}' at the tracker "
                         f"{host}:{port}; {_describe_keys(keys)}")
     deadline = time.monotonic() + timeout
-    with _tracker_socket(host, port, timeout) as s:
+    for attempt in range(3):
+        with _tracker_socket(host, port, timeout) as s:
+            try:
+                _sendjson(s, [TRACKER_REQUEST, key, "", priority])
+                value = _recvjson(s)  # on timeout the socket closes; the tracker skips it
+            except socket.timeout:
+                raise UserError(f"no server under key '{key}' became free within "
+                                f"{timeout:.0f} s ({info['servers']} registered, all busy)") \
+                    from None
+            except (OSError, ConnectionError, ValueError, struct.error) as exc:
+                raise UserError(f"the tracker at {host}:{port} failed the request ({exc})") \
+                    from None
+        if value[0] != TRACKER_SUCCESS:
+            raise UserError(f"the tracker at {host}:{port} refused the request for '{key}': "
+                            f"{value}")
+        url, sport, matchkey = value[1]
         try:
-            _sendjson(s, [TRACKER_REQUEST, key, "", priority])
-            value = _recvjson(s)  # on timeout the socket closes; the tracker skips the request
-        except socket.timeout:
-            raise UserError(f"no server under key '{key}' became free within {timeout:.0f} s "
-                            f"({info['servers']} registered, all busy)") from None
-        except (OSError, ConnectionError, ValueError, struct.error) as exc:
-            raise UserError(f"the tracker at {host}:{port} failed the request ({exc})") from None
-    if value[0] != TRACKER_SUCCESS:
-        raise UserError(f"the tracker at {host}:{port} refused the request for '{key}': {value}")
-    url, sport, matchkey = value[1]
-    return connect(url, sport, key=matchkey, session_timeout=session_timeout,
-                   timeout=max(deadline - time.monotonic(), 10.0))
+            return connect(url, sport, key=matchkey, session_timeout=session_timeout,
+                           timeout=max(deadline - time.monotonic(), 10.0))
+        except UserError as exc:
+            if "cannot find server that matches key" not in str(exc) or attempt == 2 or \
+                    time.monotonic() > deadline:
+                raise
 
 
-@contextlib.contextmanager
-def running_tracker(port: int | None = None, host: str = LOOPBACK,
-                    timeout: float = 60.0) -> Iterator[tuple[str, int]]:
-    """A host ``python -m tvm.exec.rpc_tracker`` on loopback, stopped on exit (for tests/CLI)."""
+def start_tracker(port: int | None = None, host: str = LOOPBACK,
+                  timeout: float = 60.0) -> subprocess.Popen:
+    """Start ``python -m tvm.exec.rpc_tracker`` on ``host`` (loopback unless told otherwise).
+
+    Returns once it answers; its own process group, stopped with ``stop_server``.
+    """
     port = port or free_port(host)
     _check_port_free(host, port)
     proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host,
                              "--port", str(port), "--port-end", str(port + 1)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
+    proc.rpc_address = (host, port)  # type: ignore[attr-defined]
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -923,7 +957,67 @@ def running_tracker(port: int | None = None, host: str = LOOPBACK,
                     raise UserError(f"the RPC tracker did not answer at {host}:{port} within "
                                     f"{timeout:.0f} s") from None
                 time.sleep(0.3)
-        yield host, port
+    except BaseException:
+        stop_server(proc)
+        raise
+    return proc
+
+
+@contextlib.contextmanager
+def running_tracker(port: int | None = None, host: str = LOOPBACK,
+                    timeout: float = 60.0) -> Iterator[tuple[str, int]]:
+    """A host ``python -m tvm.exec.rpc_tracker`` on loopback, stopped on exit (for tests/CLI)."""
+    proc = start_tracker(port, host, timeout)
+    try:
+        yield proc.rpc_address  # type: ignore[attr-defined]
+    finally:
+        stop_server(proc)
+
+
+def start_host_server(port: int | None = None, host: str = LOOPBACK, tracker: str | None = None,
+                      key: str | None = None, *, timeout: float = 120.0) -> subprocess.Popen:
+    """This machine's own ``python -m tvm.exec.rpc_server`` (no emulation), loopback by default.
+
+    For running the remote path (``--rpc``, ``--tracker``) against artifacts built for this
+    machine. Returns once it answers (or, with a tracker, once it registered under ``key``); its
+    own process group, stopped with ``stop_server``.
+    """
+    if tracker and not key:
+        raise UserError("a server registered with a tracker needs a key (e.g. --key rpi4)")
+    port = port or free_port(host)
+    _check_port_free(host, port)
+    cmd = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", host, "--port", str(port),
+           "--port-end", str(port + 1)]
+    if tracker:
+        thost, tport = parse_address(tracker)
+        cmd += ["--tracker", f"{thost}:{tport}"]
+    if key:
+        cmd += ["--key", key]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc.rpc_address = (host, port)  # type: ignore[attr-defined]
+    proc.rpc_tracker = tracker  # type: ignore[attr-defined]
+    proc.rpc_key = key  # type: ignore[attr-defined]
+    try:
+        if tracker:
+            thost, tport = parse_address(tracker)
+            wait_for_key(thost, tport, key, timeout=timeout)
+        else:
+            wait_ready(host, port, timeout, proc=proc)
+    except BaseException:
+        stop_server(proc)
+        raise
+    return proc
+
+
+@contextlib.contextmanager
+def running_host_server(port: int | None = None, host: str = LOOPBACK,
+                        tracker: str | None = None, key: str | None = None, *,
+                        timeout: float = 120.0) -> Iterator[subprocess.Popen]:
+    """``start_host_server``, always stopped on exit."""
+    proc = start_host_server(port, host, tracker, key, timeout=timeout)
+    try:
+        yield proc
     finally:
         stop_server(proc)
 
@@ -941,11 +1035,21 @@ def _versions_from_maps(session, timeout: float) -> dict[str, str]:
     """
     download = session.get_function("tvm.rpc.server.download")
 
-    def read(path: str) -> str:
-        return bytes(_call_with_timeout(lambda: download(path), timeout,
-                                        f"reading {path} over RPC")).decode(errors="replace")
+    def read(path: str) -> str | None:
+        def fetch():
+            try:
+                return bytes(download(path))
+            except Exception:  # noqa: BLE001 - the server refused this path
+                return None
 
+        data = _call_with_timeout(fetch, timeout, f"reading {path} over RPC")
+        return None if data is None else data.decode(errors="replace")
+
+    # On a native Linux server the download's C++ reader sizes files with a seek, and /proc
+    # files report size 0: it fails there (it works under qemu-user, which emulates the file).
     maps = read("/proc/self/maps")
+    if maps is None:
+        return {}
     libs = sorted({line.split()[-1] for line in maps.splitlines()
                    if line.split() and line.split()[-1].startswith("/")
                    and re.search(r"/libtvm(_runtime|_ffi)?\.so$", line)})
@@ -958,7 +1062,7 @@ def _versions_from_maps(session, timeout: float) -> dict[str, str]:
         name = "apache-tvm" if pkg.name == "tvm" else "apache-tvm-ffi"
         if name in out:
             continue
-        text = read(str(pkg / "_version.py"))
+        text = read(str(pkg / "_version.py")) or ""
         m = re.search(r"""__version__\s*=\s*(?:version\s*=\s*)?['"]([^'"]+)['"]""", text)
         if m:
             out[name] = m.group(1)
@@ -1076,6 +1180,10 @@ class RemoteStream:
     @property
     def latencies_ms(self) -> list[float]:
         return list(self._latency_ms)
+
+    @property
+    def last_latency_ms(self) -> float | None:
+        return self._latency_ms[-1] if self._latency_ms else None
 
     def stats(self) -> dict:
         from .runtime import stream_stats

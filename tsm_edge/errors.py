@@ -7,6 +7,7 @@ InternalError keeps its traceback because it is ours to fix.
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
 
 
@@ -31,3 +32,19 @@ def summarize(items: list[str], limit: int = 5) -> str:
     head = ", ".join(items[:limit])
     rest = len(items) - limit
     return f"{head} and {rest} more" if rest > 0 else head
+
+
+_DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+              errno.EFBIG: "file too large for this file system or size limit"}
+
+
+def disk_full_reason(exc: BaseException) -> str | None:
+    """What ran out when ``exc`` says the disk is full (also from a tool's output), else None."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        return _DISK_FULL[exc.errno]
+    text = str(exc).lower()
+    for code, phrase in ((errno.ENOSPC, "no space left on device"),
+                         (errno.EDQUOT, "disk quota exceeded"), (errno.EFBIG, "file too large")):
+        if phrase in text:
+            return _DISK_FULL[code]
+    return None

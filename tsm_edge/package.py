@@ -14,10 +14,11 @@ import shutil
 import tarfile
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
-from .artifact import MANIFEST, read_manifest
-from .errors import UserError
+from .artifact import MANIFEST, read_manifest, write_failed
+from .errors import UserError, disk_full_reason
 
 # tsm-edge modules the standalone runner needs (numpy, TVM runtime and stdlib imports only)
 RUNTIME_MODULES = ("errors.py", "artifact.py", "platform_check.py", "tvm_api.py", "runtime.py",
@@ -57,9 +58,13 @@ def build_package(artifact: str | Path, output: str | Path) -> Path:
     out = Path(output)
     if not out.name.endswith((".tar.gz", ".tgz")):
         raise UserError(f"-o {out}: the package is a .tar.gz; give a name ending in .tar.gz")
-    out.parent.mkdir(parents=True, exist_ok=True)
     src_dir = Path(__file__).parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    kept = "the package already there is unchanged" if out.exists() else "nothing was written"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as exc:
+        raise write_failed(out, exc, kept) from None
     os.close(fd)
     try:
         with tarfile.open(tmp, "w:gz") as tar:
@@ -76,20 +81,28 @@ def build_package(artifact: str | Path, output: str | Path) -> Path:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_failed(out, exc, kept) from None
         raise
     return out
 
 
 def safe_members(tar: tarfile.TarFile, source: str) -> list[tarfile.TarInfo]:
     """Every member checked: plain files and folders, relative paths inside the package."""
-    members = tar.getmembers()
-    if len(members) > MAX_MEMBERS:
-        raise UserError(f"package {source} has {len(members)} members; at most {MAX_MEMBERS}")
+    members = []
+    for m in tar:  # lazily: a package of millions of members is refused after MAX_MEMBERS
+        members.append(m)
+        if len(members) > MAX_MEMBERS:
+            raise UserError(f"package {source} has more than {MAX_MEMBERS} members; at most "
+                            f"{MAX_MEMBERS}")
     total = 0
     for m in members:
         name = m.name
+        if "\x00" in name or any(ord(c) < 32 for c in name):
+            raise UserError(f"package {source} has a member name with control characters: "
+                            f"{name!r}; refusing to unpack it")
         parts = Path(name).parts
         if name.startswith(("/", "\\")) or os.path.isabs(name) or ".." in parts or \
                 (parts and ":" in parts[0]):
@@ -114,18 +127,21 @@ def unpack(package: str | Path, dest: str | Path) -> Path:
     if not pkg.is_file():
         raise UserError(f"package {pkg} does not exist")
     dest = Path(dest)
-    if dest.exists() and any(dest.iterdir()):
-        raise UserError(f"{dest} is not empty; unpack into a new or empty folder")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise UserError(f"{dest} is not an empty folder; unpack into a new or empty folder")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    except OSError as exc:
+        raise write_failed(dest, exc, "nothing was written") from None
     try:
         try:
             with tarfile.open(pkg, "r:gz") as tar:
                 members = safe_members(tar, str(pkg))
                 tar.extractall(tmp, members=members, filter="data")
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            if isinstance(exc, UserError):
-                raise
+        except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as exc:
+            if disk_full_reason(exc):
+                raise write_failed(dest, exc, "nothing was written") from None
             raise UserError(f"package {pkg} is not a readable .tar.gz ({exc}); it is damaged "
                             "or truncated") from None
         read_manifest(tmp)  # every listed file present and matching its hash

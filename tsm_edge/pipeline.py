@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .runtime import percentiles
+from .runtime import CutPolicy, CutTracker, percentiles
 from .smoothing import Smoother, SmoothingConfig
 from .video import Frame, preprocess
 
@@ -26,6 +26,7 @@ class StreamResult:
     stage_ms: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STAGES})
     dropped: int = 0
     wall_s: float = 0.0
+    cuts: int = 0
 
     def breakdown(self) -> dict:
         out = {s: {k: v for k, v in percentiles(ms).items() if k in ("p50_ms", "p99_ms", "mean_ms")}
@@ -33,6 +34,7 @@ class StreamResult:
         n = len(self.records)
         out["frames_processed"] = n
         out["frames_dropped"] = self.dropped
+        out["stream_cuts"] = self.cuts
         out["processed_fps"] = n / self.wall_s if self.wall_s > 0 else None
         return out
 
@@ -47,14 +49,26 @@ def top_k(logits: np.ndarray, k: int, labels: list[str] | None) -> list[dict]:
 
 def run_stream(session, frames: Iterable[Frame], *, labels: list[str] | None = None,
                smoothing: SmoothingConfig | None = None, k: int = 3, clock: dict | None = None,
-               on_frame=None) -> StreamResult:
-    """Stream decoded frames through ``session``; one record per processed frame."""
+               on_frame=None, cuts: CutPolicy | None = CutPolicy()) -> StreamResult:
+    """Stream decoded frames through ``session``; one record per processed frame.
+
+    ``cuts`` decides from each frame's timestamp and source when the stream starts over
+    (``session.reset()`` and a fresh smoother); such a frame's record has ``"cut"``, the
+    reason. None: never.
+    """
     prep = session.manifest["input"]["preprocessing"]
-    smoother = Smoother(smoothing or SmoothingConfig())
+    config = smoothing or SmoothingConfig()
+    smoother = Smoother(config)
+    tracker = CutTracker(cuts) if cuts is not None else None
     result = StreamResult()
     t_start = time.perf_counter()
     for frame in frames:
         t0 = time.perf_counter()
+        cut = tracker.observe(frame.timestamp, frame.source) if tracker is not None else None
+        if cut is not None:
+            session.reset()
+            smoother = Smoother(config)
+            result.cuts += 1
         x = preprocess(frame.rgb, prep)
         t1 = time.perf_counter()
         logits = session.step(x)
@@ -65,6 +79,8 @@ def run_stream(session, frames: Iterable[Frame], *, labels: list[str] | None = N
                   "decision": None if decision is None else {
                       "class": decision, "label": labels[decision] if labels else None,
                       "score": prob}}
+        if cut is not None:
+            record["cut"] = cut
         t3 = time.perf_counter()
         if clock is not None:
             clock["free_at"] = t3

@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime import StreamSession, percentiles
 
     baseline = _rss()
-    session = StreamSession(args.artifact, threads=args.threads)
+    session = StreamSession(args.artifact, threads=args.threads,
+                            latency_window=max(1, args.warmup + args.frames))
     loaded = _rss()
     size = session.input_shape[-1]
     if args.frames_npy:

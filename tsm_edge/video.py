@@ -24,6 +24,7 @@ class Frame:
     timestamp: float      # seconds from the start of the source
     rgb: np.ndarray       # (H, W, 3) uint8, resized so the short side is the manifest's
     decode_ms: float
+    source: str | None = None  # which file or camera: a new source starts a new stream
 
 
 def _av():
@@ -53,7 +54,8 @@ def preprocess(rgb: np.ndarray, prep: dict) -> np.ndarray:
     return np.ascontiguousarray(patch.transpose(2, 0, 1))
 
 
-def _decode(container, stream, short_side: int, stride: int, source: str) -> Iterator[Frame]:
+def _decode(container, stream, short_side: int, stride: int, source: str,
+            name: str | None = None) -> Iterator[Frame]:
     av = _av()
     t0 = time.perf_counter()
     index = -1
@@ -66,7 +68,7 @@ def _decode(container, stream, short_side: int, stride: int, source: str) -> Ite
             w, h = resized_size(packet_frame.width, packet_frame.height, short_side)
             rgb = packet_frame.to_ndarray(format="rgb24", width=w, height=h)
             ts = float(packet_frame.time) if packet_frame.time is not None else index / 30.0
-            yield Frame(index, ts, rgb, (time.perf_counter() - t0) * 1e3)
+            yield Frame(index, ts, rgb, (time.perf_counter() - t0) * 1e3, name)
             t0 = time.perf_counter()
     except av.error.FFmpegError as exc:
         raise UserError(f"{source} cannot be decoded after frame {index}: {exc}; the file is "
@@ -90,7 +92,7 @@ def video_frames(path: str | Path, short_side: int, stride: int = 1) -> Iterator
             raise UserError(f"--video {p} has no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        yield from _decode(container, stream, short_side, stride, f"--video {p}")
+        yield from _decode(container, stream, short_side, stride, f"--video {p}", str(p))
 
 
 class Camera:
@@ -112,6 +114,7 @@ class Camera:
             raise UserError(f"--camera {index}: cannot open {path} ({exc})") from None
         self._stream = self._container.streams.video[0]
         self._short = short_side
+        self._name = path
         self._slot: queue.Queue = queue.Queue(maxsize=1)
         self.dropped = 0
         self._stop = threading.Event()
@@ -119,7 +122,8 @@ class Camera:
         self._thread.start()
 
     def _run(self) -> None:
-        for frame in _decode(self._container, self._stream, self._short, 1, "camera"):
+        for frame in _decode(self._container, self._stream, self._short, 1, "camera",
+                             self._name):
             if self._stop.is_set():
                 break
             try:
