@@ -218,3 +218,49 @@ def test_cli_run_and_bench_over_rpc(aarch64_artifact, server, tmp_path):
     with emulate.running_tracker() as (host, tport):
         assert_user_error(run_cli("bench", str(aarch64_artifact), "--tracker",
                                   f"{host}:{tport}", "--key", "no-such-board"), "no-such-board")
+
+
+# --------------------------------------------------------------------------- fp16
+
+
+def test_fp16_rpi4_build_streams_on_the_device(server, tmp_path_factory):
+    """The fp16 rpi4-aarch64 build keeps float16 caches on the device, carries them, and stays
+    within the fp16 tolerance of PyTorch (fp32) for every frame; `tsm-edge verify --rpc` passes."""
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("aarch64-linux-gnu-g++ is not installed (Debian package g++-aarch64-linux-gnu)")
+    import tsm_edge
+    from conftest import run_cli
+    from tsm_edge.verify import TOLERANCES, make_frames
+
+    art = tsm_edge.compile(MODEL, tmp_path_factory.mktemp("emu16") / "tiny_aarch64_fp16",
+                           target="rpi4-aarch64", precision="fp16")
+    manifest = tsm_edge.read_manifest(art)
+    assert manifest["elf_machine"] == "aarch64" and manifest["precision"] == "fp16"
+    assert manifest["tuning"]["default_schedules"]["unscheduled"] == 0
+    host, port = server.rpc_address
+    remote = emulate.connect(host, port, session_timeout=SESSION_TIMEOUT, timeout=60)
+    emulate.check_versions(remote)
+    frames = make_frames(FRAMES, manifest["model"]["input_size"], seed=13)
+    ref_logits, ref_caches = _eager_reference(frames)
+    tol = TOLERANCES["fp16"]
+    stream = emulate.RemoteStream(remote, art)
+    scale = np.abs(ref_logits).max()
+    for t, frame in enumerate(frames):
+        got = stream.step(frame)
+        assert np.abs(got - ref_logits[t]).max() / scale < tol, f"logits, frame {t}"
+        for name, value in stream.caches().items():
+            assert value.dtype == np.float16
+            ref = ref_caches[t][name]
+            err = np.abs(value.astype(np.float32) - ref).max() / max(np.abs(ref).max(), 1e-6)
+            assert err < tol, f"cache {name}, frame {t}: {err}"
+    stream.reset()
+    fresh = stream.step(frames[2])
+    assert np.abs(fresh - ref_logits[2]).max() / scale > tol  # caches were carried
+    import gc
+
+    del stream, remote  # the server serves one session at a time: close this one
+    gc.collect()
+    proc = run_cli("verify", str(art), "--rpc", f"{host}:{port}", "--frames", str(FRAMES),
+                   timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PASS" in proc.stdout and "fp16 artifact" in proc.stdout

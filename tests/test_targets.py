@@ -60,6 +60,7 @@ def test_orin_artifact_holds_sm87_fatbin(tmp_path):
     data = (art / "model.so").read_bytes()
     assert readelf_machine(art / "model.so") == "AArch64"
     assert m["device_code"] == "fatbin" and "sm_87" in fatbin_arches(data)
+    assert m["precision"] == "fp16"  # the preset's default
     assert b'extern "C" __global__' not in data  # no CUDA C left to compile on the board
     assert m["device"] == "cuda"
 
@@ -72,6 +73,8 @@ def test_opencl_artifact_source_is_syntax_checked(tmp_path):
     assert readelf_machine(art / "model.so") == "AArch64"
     assert m["device_code"] == "opencl-source"
     assert m["opencl_syntax_check"].startswith("passed")
+    assert m["precision"] == "fp16"  # the preset's default: half kernels pass the check too
+    assert {c["dtype"] for c in m["caches"]} == {"float16"}
 
 
 def test_clang_syntax_check_catches_bad_opencl():

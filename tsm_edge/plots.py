@@ -43,3 +43,35 @@ def latency_plot(result: dict, path: str | Path) -> Path:
     ax_h.set_ylabel("frames")
     ax_h.legend()
     return _save(plt, fig, path)
+
+
+def drift_plot(report: dict, path: str | Path) -> Path:
+    """Per-frame largest logit difference over the stream, its least-squares line, the frames
+    whose top-1 class differs, and the largest relative cache difference, from a drift report."""
+    import numpy as np
+
+    diff = np.asarray(report["per_frame_max_logit_diff"])
+    t = np.arange(len(diff))
+    plt, (fig, ax) = _figure(figsize=(10, 4))
+    ax.plot(t, diff, linewidth=0.8, label="max |logit diff| per frame")
+    slope = report["drift_slope"] / 1000
+    line = diff.mean() + slope * (t - t.mean())
+    ax.plot(t, line, color="black", linewidth=1.5,
+            label=f"trend {report['drift_slope']:+.3g} per 1000 frames")
+    bad = report.get("top1_disagreement_frames") or []
+    if bad:
+        ax.scatter(bad, diff[bad], color="red", s=12, zorder=3,
+                   label=f"top-1 differs ({len(bad)} frames)")
+    ax.set_xlabel("frame")
+    ax.set_ylabel("max |logit diff|")
+    if "per_frame_cache_max_relative_diff" in report:
+        ax2 = ax.twinx()
+        ax2.plot(t, report["per_frame_cache_max_relative_diff"], color="tab:orange",
+                 linewidth=0.6, alpha=0.7, label="max cache diff / cache scale, per frame")
+        ax2.set_ylabel("relative cache diff", color="tab:orange")
+        ax2.legend(loc="upper right")
+    ax.set_title(f"{report.get('model', '')} {report.get('precision', '')} against "
+                 f"{report.get('reference_precision', '')}: {report['frames']} frames, top-1 "
+                 f"agreement {report['top1_agreement']:.2%}")
+    ax.legend(loc="upper left")
+    return _save(plt, fig, path)

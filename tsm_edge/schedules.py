@@ -13,12 +13,14 @@ are applied, without measurement, to every fused operator that no tuning record 
   axis vectorized, the outer axes parallel.
 
 Vector width and register count come from the target (AVX-512, AVX2, NEON), so the same rules
-serve ``host`` and the ARM presets. This module and ``tvm_api`` are the only ones that call TVM.
+serve ``host`` and the ARM presets; lanes are counted in each operator's dtype (a vector holds
+twice as many fp16 values as fp32 ones; a convolution's tile follows its accumulator's dtype).
+This module and ``tvm_api`` are the only ones that call TVM.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,12 @@ class CpuShape:
     @property
     def accumulators(self) -> int:
         return self.registers - 4  # weights, a broadcast input, addresses
+
+    def for_dtype(self, dtype: str) -> CpuShape:
+        """The same CPU for values of ``dtype``: lanes = vector bits / dtype bits."""
+        digits = "".join(ch for ch in str(dtype) if ch.isdigit())
+        bits = int(digits) if digits else 32
+        return self if bits == 32 else replace(self, lanes=max(1, self.lanes * 32 // bits))
 
 
 def cpu_shape(target) -> CpuShape:
@@ -131,8 +139,17 @@ def _inline_all(sch, keep=()) -> None:
                 break
 
 
+def _written_dtype(sch, block) -> str:
+    writes = sch.get(block).writes
+    if not writes:
+        return "float32"
+    buffer = getattr(writes[0], "buffer", None) or writes[0].source  # 0.27: a TensorRegion
+    return str(buffer.dtype)
+
+
 def _schedule_spatial(sch, block, cpu: CpuShape) -> None:
     """Fuse, vectorize the innermost axis where whole vectors fit, run the rest in parallel."""
+    cpu = cpu.for_dtype(_written_dtype(sch, block))  # fp16 data: twice the lanes
     loops = sch.get_loops(block)
     if not loops:
         return
@@ -155,6 +172,7 @@ def _schedule_spatial(sch, block, cpu: CpuShape) -> None:
 
 def _schedule_conv(sch, conv, cpu: CpuShape) -> dict:
     """NHWC convolution (n, y, x, f | ry, rx, rc) with a register tile and fused epilogue."""
+    cpu = cpu.for_dtype(_written_dtype(sch, conv))  # lanes of the accumulator's dtype
     # Producers that only copy (the "pad" of a 1x1 convolution) disappear; real padding is a
     # separate, parallel loop over the (slightly larger) input.
     for producer in sch.get_producers(conv):
