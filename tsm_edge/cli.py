@@ -25,8 +25,9 @@ def _apply_threads(threads: int | None) -> None:
     """Thread counts must be set before any pool (TVM, OpenMP, torch) starts."""
     if threads is None:
         return
-    if threads < 1:
-        raise UserError(f"--threads must be at least 1, got {threads}")
+    from .runtime import check_threads
+
+    check_threads(threads)
     for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
 
@@ -122,11 +123,11 @@ def targets(as_json: bool, tvm_tags: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{'name':<22}{'device':<8}{'runs':<7}{'host':<24}description")
+    click.echo(f"{'name':<22}{'device':<8}{'runs':<7}{'prec':<6}{'host':<24}description")
     for r in rows:
         runs = r["runnable"] if r["runnable"] in ("here", "board") else "no"
-        click.echo(f"{r['name']:<22}{r['device']:<8}{runs:<7}{r['host_triple']:<24}"
-                   f"{r['description']}")
+        click.echo(f"{r['name']:<22}{r['device']:<8}{runs:<7}{r['default_precision']:<6}"
+                   f"{r['host_triple']:<24}{r['description']}")
 
 
 @cli.command("compile")
@@ -136,7 +137,9 @@ def targets(as_json: bool, tvm_tags: bool) -> None:
 @click.option("--input-size", type=int, default=None)
 @click.option("--target", default="host", show_default=True,
               help="Preset name, TVM tag or JSON TVM target.")
-@click.option("--precision", default=None, help="fp32 (default of the preset).")
+@click.option("--precision", default=None,
+              help="fp32 | fp16 (default: the preset's). fp16: float16 weights, activations "
+                   "and caches, float32 accumulation, pooling and classifier.")
 @click.option("--tuning", default="auto", show_default=True, help="auto | none.")
 @click.option("--schedules", default="default", show_default=True,
               help="CPU schedules for operators without tuning records: default (tsm-edge's "
@@ -167,8 +170,8 @@ def compile_cmd(model, checkpoint, num_classes, input_size, target, precision, t
 
     m = read_manifest(path)
     click.echo(f"compiled {m['model']['name']} ({m['model']['input_size']}px, "
-               f"{len(m['caches'])} caches, {m['cache_bytes_total']:,} cache bytes) for "
-               f"{m['target_preset']} -> {path}")
+               f"{m.get('precision', 'fp32')}, {len(m['caches'])} caches, "
+               f"{m['cache_bytes_total']:,} cache bytes) for {m['target_preset']} -> {path}")
 
 
 @cli.command()
@@ -189,12 +192,27 @@ def inspect(artifact: str, as_json: bool) -> None:
     click.echo(f"target     {m.get('target_preset')}  {json.dumps(m['target'])}")
     click.echo(f"host       {m['host_triple']} (library: {m.get('elf_machine')}), "
                f"device code: {m['device_code']}, runnable here: {m['runnable']}")
+    click.echo(f"precision  {_precision_line(m)}")
     click.echo(f"weights    {m['weights_bytes']:,} bytes; workspace {m['workspace_bytes']:,} bytes")
     click.echo(f"caches     {len(m['caches'])}, {m['cache_bytes_total']:,} bytes")
     for c in m["caches"]:
         click.echo(f"  {c['name']:<24}{str(tuple(c['shape'])):<20}{c['dtype']:<9}"
                    f"channels [{c['channels'][0]}, {c['channels'][1]})  {c['bytes']:,} B")
     click.echo(f"tools      {', '.join(f'{k} {v}' for k, v in m['tool_versions'].items())}")
+
+
+def _precision_line(m: dict) -> str:
+    detail = m.get("precision_detail") or {}
+    ops = detail.get("operators")
+    line = m.get("precision", "fp32")
+    if ops:
+        line += (f": {ops['fp16_share']:.1%} of operators compute in fp16 "
+                 f"({ops['fp16_ops']} of {ops['fp16_ops'] + ops['fp32_ops'] + ops['other_ops']}; "
+                 f"{ops['fp16_mac_share']:.2%} of multiply-adds), {ops['casts']} casts")
+    if detail.get("compute") == "float16":
+        line += (f"; accumulation {detail['accumulation']}, float32: "
+                 f"{detail['float32_parts']}")
+    return line
 
 
 def _frames_source(frames_npy, frames_opt, size):
@@ -243,12 +261,17 @@ def _artifact_dir(path: str):
 @click.argument("artifact", type=click.Path())
 @click.option("--frames-npy", type=click.Path(), default=None,
               help="Preprocessed frames, float32 (T, 3, S, S).")
-@click.option("--video", type=click.Path(), default=None, help="A video file (decoded by PyAV).")
+@click.option("--video", type=click.Path(), multiple=True,
+              help="A video file (decoded by PyAV); repeat for several, one after the other.")
 @click.option("--camera", type=int, default=None, help="A camera index (/dev/videoN).")
 @click.option("--frames", "frames_opt", default=None,
               help="At most this many frames (or a .npy file, as --frames-npy).")
 @click.option("--stride", type=int, default=1, show_default=True,
               help="Process every K-th video frame.")
+@click.option("--max-gap", type=float, default=2.0, show_default=True,
+              help="Start the stream over (zero caches) when video timestamps jump by more "
+                   "than this many seconds (inf: never); a new video or a timestamp going "
+                   "back always starts it over.")
 @click.option("--realtime", is_flag=True,
               help="Replay --video at its frame rate, dropping frames the model is too slow for.")
 @click.option("--save-logits", type=click.Path(), default=None, help="Write logits (T, K) .npy.")
@@ -266,20 +289,23 @@ def _artifact_dir(path: str):
               help="Write the summary and latency breakdown as JSON.")
 @remote_options
 @threads_option
-def run(artifact, frames_npy, video, camera, frames_opt, stride, realtime, save_logits, jsonl,
-        annotate, top_k, smooth_history, smooth_threshold, smooth_agree, json_out, rpc, tracker,
-        key, threads) -> None:
+def run(artifact, frames_npy, video, camera, frames_opt, stride, max_gap, realtime, save_logits,
+        jsonl, annotate, top_k, smooth_history, smooth_threshold, smooth_agree, json_out, rpc,
+        tracker, key, threads) -> None:
     """Stream frames through an artifact (or package), caches carried frame to frame."""
     _apply_threads(threads)
+    videos = list(video)
+    video = videos[0] if videos else None
     import itertools
 
     import numpy as np
 
     from .artifact import atomic_write_bytes, atomic_write_npy
     from .pipeline import Annotator, jsonl as to_jsonl, run_stream, top_k as topk
-    from .runtime import StreamSession
+    from .runtime import CutPolicy, StreamSession
     from .smoothing import SmoothingConfig
 
+    cuts = CutPolicy(max_gap_s=max_gap)
     sources = [x for x in (frames_npy, video, camera) if x is not None]
     if frames_opt is not None and str(frames_opt).endswith(".npy"):
         sources.append(frames_opt)
@@ -293,7 +319,7 @@ def run(artifact, frames_npy, video, camera, frames_opt, stride, realtime, save_
 
             session = RemoteStream(remote, art)
         else:
-            session = StreamSession(art, threads=threads)
+            session = StreamSession(art, threads=threads, latency_window=1 << 20)
         labels = session.manifest.get("labels")
         result = None
         annotator = None
@@ -305,9 +331,10 @@ def run(artifact, frames_npy, video, camera, frames_opt, stride, realtime, save_
             clock: dict = {}
             cam = None
             if video is not None:
-                source = video_frames(video, short, stride)
-                if realtime:
-                    source = paced(source, clock)
+                # each file paced on its own clock; the stream starts over at each new file
+                source = itertools.chain.from_iterable(
+                    paced(video_frames(v, short, stride), clock) if realtime
+                    else video_frames(v, short, stride) for v in videos)
             else:
                 cam = Camera(camera, short)
                 source = iter(cam)
@@ -318,7 +345,7 @@ def run(artifact, frames_npy, video, camera, frames_opt, stride, realtime, save_
             try:
                 result = run_stream(session, itertools.islice(source, count), labels=labels,
                                     smoothing=smoothing, k=top_k, clock=clock,
-                                    on_frame=annotator.add if annotator else None)
+                                    on_frame=annotator.add if annotator else None, cuts=cuts)
                 if cam is not None:
                     result.dropped += cam.dropped
                 if annotator:
@@ -330,7 +357,7 @@ def run(artifact, frames_npy, video, camera, frames_opt, stride, realtime, save_
                 if ann_tmp is not None and ann_tmp.exists():
                     ann_tmp.unlink()
             if not result.records:
-                raise UserError(f"--video {video} gave no frames")
+                raise UserError(f"--video {' '.join(videos) or camera} gave no frames")
             logits, lines = result.logits, result.records
         else:
             frames = _frames_source(frames_npy, frames_opt, session.input_shape[-1])
@@ -338,7 +365,7 @@ def run(artifact, frames_npy, video, camera, frames_opt, stride, realtime, save_
             for i, frame in enumerate(frames):
                 out = session.step(frame)
                 logits.append(out)
-                lines.append({"index": i, "latency_ms": session.latencies_ms[-1],
+                lines.append({"index": i, "latency_ms": session.last_latency_ms,
                               "top": topk(out, top_k, labels)})
         if save_logits:
             atomic_write_npy(save_logits, np.stack(logits))
@@ -357,7 +384,7 @@ def run(artifact, frames_npy, video, camera, frames_opt, stride, realtime, save_
             click.echo(f"{stage:<13}{b[stage]['p50_ms']:>9.2f}{b[stage]['p99_ms']:>9.2f}")
         fps = f"{b['processed_fps']:.1f}" if b["processed_fps"] else "?"
         click.echo(f"processed {b['frames_processed']} frames ({fps} fps), dropped "
-                   f"{b['frames_dropped']}")
+                   f"{b['frames_dropped']}, stream cuts {b['stream_cuts']}")
         last = lines[-1]["decision"]
         click.echo("decision at the last frame: " + ("none" if last is None else
                    f"class {last['class']}" + (f" ({last['label']})" if last["label"] else "")
@@ -376,8 +403,9 @@ def run(artifact, frames_npy, video, camera, frames_opt, stride, realtime, save_
 @click.option("--frames-npy", type=click.Path(), default=None)
 @click.option("--checkpoint", type=click.Path(), default=None,
               help="The checkpoint the artifact was compiled from (if moved).")
-@click.option("--tolerance", type=float, default=1e-4, show_default=True,
-              help="Largest logit difference relative to the logits' scale.")
+@click.option("--tolerance", type=float, default=None,
+              help="Largest logit difference relative to the logits' scale (default: 1e-4 for "
+                   "fp32 artifacts, 5e-2 for fp16).")
 @click.option("--json", "json_out", type=click.Path(), default=None)
 @remote_options
 @threads_option
@@ -414,7 +442,8 @@ def verify(artifact, frames, frames_npy, checkpoint, tolerance, json_out, rpc, t
         click.echo(f"  cache {name:<24} max |diff| {c['max_abs_diff']:.3g} "
                    f"(relative {c['relative']:.3g})")
     verdict = "PASS" if report["passed"] else "FAIL"
-    click.echo(f"{verdict} (tolerance {tolerance:g} relative)")
+    click.echo(f"{verdict} (tolerance {report['tolerance']:g} relative, "
+               f"{report['precision']} artifact)")
     if not report["passed"]:
         sys.exit(1)
 
@@ -475,6 +504,40 @@ def bench(artifact, frames, warmup, compare, json_out, plot_out, rpc, tracker, k
 
 
 @cli.command()
+@click.option("--model", required=True, help="Registered model name (see 'tsm-edge models').")
+@click.option("--target", default="host", show_default=True, help="Preset name (CPU targets).")
+@click.option("--input-size", type=int, default=None)
+@click.option("--trials", type=int, default=None, help="Budget: measured schedules in all.")
+@click.option("--minutes", type=float, default=None, help="Budget: wall-clock minutes.")
+@click.option("--per-iter", type=int, default=16, show_default=True,
+              help="Candidates built and measured per batch.")
+@click.option("--workers", type=int, default=None, help="Build processes (default: cores).")
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="Database folder (default: ~/.cache/tsm-edge/tuning/<preset>/<target id>).")
+@click.option("--json", "json_out", type=click.Path(), default=None)
+@remote_options
+def tune(model, target, input_size, trials, minutes, per_iter, workers, output, json_out, rpc,
+         tracker, key) -> None:
+    """Measure schedules with MetaSchedule into a tuning database (resumable)."""
+    from .tuning import tune as run_tune
+
+    result = run_tune(model, target=target, trials=trials, minutes=minutes,
+                      input_size=input_size, output=output, rpc=rpc, tracker=tracker, key=key,
+                      per_iter=per_iter, workers=workers)
+    if json_out:
+        _write_json(json_out, result)
+    click.echo(f"{result['default_schedules_measured']} default schedules and "
+               f"{result['trials_measured']} trials in {result['seconds']:.0f} s "
+               f"({result['trials_per_minute']} trials/min, {result['tasks']} tasks, stopped by "
+               f"{result['stopped_by']}); database {result['database']} now holds "
+               f"{result['records_after']} records for {result['target']}")
+    if result["stopped_by"] == "interrupted":
+        click.echo("interrupted: the records measured so far are kept; run the same command "
+                   "to resume")
+        sys.exit(130)
+
+
+@cli.command()
 @click.argument("artifact", type=click.Path())
 @click.option("--frames", type=int, default=20, show_default=True, help="Profiled frames.")
 @click.option("--warmup", type=int, default=5, show_default=True)
@@ -493,6 +556,80 @@ def profile(artifact, frames, warmup, compare, json_out, threads) -> None:
     if json_out:
         _write_json(json_out, result)
     click.echo(table(result))
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--reference", required=True, type=click.Path(),
+              help="The fp32 artifact of the same model and weights.")
+@click.option("--frames-npy", type=click.Path(), default=None,
+              help="Preprocessed frames, float32 (T, 3, S, S).")
+@click.option("--video", type=click.Path(), default=None, help="A video file (decoded by PyAV).")
+@click.option("--frames", "frames_opt", type=int, default=None, help="At most this many frames.")
+@click.option("--json", "json_out", type=click.Path(), default=None)
+@click.option("--plot", "plot_out", type=click.Path(), default=None,
+              help="PNG: the per-frame logit difference over the stream and its trend.")
+@threads_option
+def drift(artifact, reference, frames_npy, video, frames_opt, json_out, plot_out,
+          threads) -> None:
+    """A reduced-precision artifact against its fp32 reference over one stream, caches carried."""
+    _apply_threads(threads)
+    from .drift import drift as run_drift
+
+    if (frames_npy is None) == (video is None):
+        raise UserError("give one input: --frames-npy FILE or --video FILE")
+    arr = None
+    if frames_npy is not None:
+        from .artifact import read_manifest
+        from .runtime import load_frames_npy
+
+        size = read_manifest(artifact, check_files=False)["model"]["input_size"]
+        arr = load_frames_npy(frames_npy, size)
+    r = run_drift(artifact, reference, frames_array=arr, video=video, frames=frames_opt,
+                  threads=threads)
+    if json_out:
+        _write_json(json_out, r)
+    if plot_out:
+        from .plots import drift_plot
+
+        drift_plot(r, plot_out)
+    bad = len(r["top1_disagreement_frames"])
+    click.echo(f"{r['model']} {r['precision']} against {r['reference_precision']} reference, "
+               f"{r['frames']} frames ({r['source']}), caches carried in both")
+    click.echo(f"  top-1 agreement    {r['top1_agreement']:.2%} ({bad} frames differ)")
+    click.echo(f"  max |logit diff|   {r['max_logit_diff']:.4g} (frame {r['worst_frame']}; "
+               f"{r['relative_max_logit_diff']:.2%} of the logit scale {r['logit_scale']:.3g})")
+    click.echo(f"  mean |logit diff|  {r['mean_logit_diff']:.4g}")
+    click.echo(f"  drift slope        {r['drift_slope']:+.3g} per 1000 frames "
+               f"(+/- {r['drift_slope_stderr']:.2g}); per-frame max |diff| averages "
+               f"{r['first_tenth_mean_diff']:.4g} over the first tenth, "
+               f"{r['last_tenth_mean_diff']:.4g} over the last")
+    click.echo(f"  caches             max |diff| {r['cache_max_relative_diff']:.2%} of the "
+               f"cache's scale; slope {r['cache_drift_slope']:+.3g} per 1000 frames (+/- "
+               f"{r['cache_drift_slope_stderr']:.2g}); first tenth "
+               f"{r['cache_first_tenth_mean']:.4g}, last {r['cache_last_tenth_mean']:.4g}")
+
+
+@cli.command("soak")
+@click.argument("artifact", type=click.Path())
+@click.option("--frames", type=int, default=100_000, show_default=True,
+              help="Frames in all (frame i goes to stream i mod K).")
+@click.option("--streams", type=int, default=1, show_default=True,
+              help="K interleaved streams sharing one loaded model.")
+@click.option("--warmup", type=int, default=None,
+              help="Warm-up frames before measuring (default: 5% of --frames, 50 to 1000).")
+@click.option("--json", "json_out", type=click.Path(), default=None)
+@threads_option
+def soak_cmd(artifact, frames, streams, warmup, json_out, threads) -> None:
+    """Long run: RSS and latency over time, hot-path allocations, interleaved == alone."""
+    _apply_threads(threads)
+    from .soak import format_report, soak
+
+    with _artifact_dir(artifact) as art:
+        result = soak(art, frames=frames, streams=streams, threads=threads, warmup=warmup)
+    if json_out:
+        _write_json(json_out, result)
+    click.echo(format_report(result))
 
 
 @cli.command()

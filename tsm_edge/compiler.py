@@ -1,7 +1,8 @@
 """``tsm_edge.compile``: model -> exported program -> rewritten step -> TVM executable -> artifact.
 
 Each arrow is one module: ``export.trace_step``, ``rewrite.rewrite_shifts``,
-``tvm_api.import_exported`` + ``tvm_api.fold_constants``, ``tvm_api.build``, ``artifact``.
+``tvm_api.import_exported`` + ``tvm_api.fold_constants`` (+ ``tvm_api.to_fp16`` for fp16),
+``tvm_api.build``, ``artifact``.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import __version__
@@ -20,7 +21,8 @@ from .targets import native_triple
 
 log = logging.getLogger("tsm_edge")
 
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "fp16")
+CALIBRATED_PRECISIONS = ("int8",)  # need activation ranges measured on real frames
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -260,14 +262,12 @@ def compile(model: str, output: str | Path, *, target: str | dict = "host",
     check_buildable(preset)
     cross_compiler = preset.resolved_cross_compiler(ndk)
     precision = precision or preset.default_precision
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision {precision} is not available in this version; "
-                        f"valid: {', '.join(PRECISIONS)}")
+    check_precision(precision)
     if schedules not in SCHEDULES:
         raise UserError(f"--schedules {schedules}: valid: {', '.join(SCHEDULES)}")
-    if tuning not in ("auto", "none"):
-        raise UserError(f"--tuning {tuning}: tuning databases are not available in this version; "
-                        "valid: auto, none")
+    if not tuning:
+        raise UserError("--tuning is empty; valid: auto, none, or a folder written by "
+                        "'tsm-edge tune'")
     source = resolve_model(model, num_classes=num_classes, input_size=input_size,
                            checkpoint=checkpoint, seed=seed, trained_shift=trained_shift,
                            cache_channels=cache_channels)
@@ -281,6 +281,49 @@ def compile(model: str, output: str | Path, *, target: str | dict = "host",
     return compile_module(source, output, preset=preset, precision=precision, tuning=tuning,
                           labels=label_list, cross_compiler=cross_compiler, cuda=cuda,
                           schedules=schedules)
+
+
+def check_precision(precision: str) -> None:
+    """A precision this version compiles; else UserError naming it and the valid ones."""
+    if precision in CALIBRATED_PRECISIONS:
+        raise UserError(f"--precision {precision} needs a calibration (activation ranges "
+                        "measured on real frames), and this version cannot calibrate yet; "
+                        f"valid: {', '.join(PRECISIONS)}")
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision} is not valid; valid: {', '.join(PRECISIONS)} "
+                        f"({', '.join(CALIBRATED_PRECISIONS)} with a calibration)")
+
+
+def compiled_specs(step, params: dict[str, str], outputs: list[str]):
+    """The step's input, outputs and caches with the dtypes of the function TVM compiles.
+
+    The precision stage changes dtypes (fp16 caches); the manifest must describe what runs. At
+    this boundary every cache's input and output must still agree in dtype.
+    """
+    n = len(step.outputs)
+    if len(outputs) != n + len(step.caches):
+        raise InternalError(f"the compiled step returns {len(outputs)} values; expected {n} "
+                            f"outputs and {len(step.caches)} caches")
+    caches = []
+    for i, c in enumerate(step.caches):
+        din, dout = params.get(c.input_name), outputs[n + i]
+        if din is None or din != dout:
+            raise InternalError(f"cache {c.name}: compiled input dtype {din}, output {dout}")
+        caches.append(replace(c, dtype=din))
+    frame = replace(step.input, dtype=params[step.input.name])
+    return frame, [replace(o, dtype=outputs[i]) for i, o in enumerate(step.outputs)], caches
+
+
+def precision_detail(precision: str, census: dict) -> dict:
+    """What the manifest says about the precision the step computes in."""
+    from .tvm_api import FP16_ACCUMULATION
+
+    if precision == "fp16":
+        return {"compute": "float16", "accumulation": FP16_ACCUMULATION,
+                "float32_parts": "global pooling and the classifier it feeds",
+                "input": "float32, cast to float16 inside the step", "logits": "float32",
+                "caches": "float16", "operators": census}
+    return {"compute": "float32", "accumulation": "float32", "operators": census}
 
 
 def check_buildable(preset) -> None:
@@ -323,6 +366,7 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
     from .export import trace_step
     from .rewrite import rewrite_shifts
 
+    check_precision(precision)
     seconds: dict[str, float] = {}
 
     def timed(stage, fn, *args):
@@ -337,13 +381,27 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
     target = tvm_api.make_target(preset.resolved_tvm_target())
     mod = timed("import", tvm_api.import_exported, step.exported)
     mod = timed("fold", tvm_api.fold_constants, mod)
+    if precision == "fp16":
+        mod = timed("precision", tvm_api.to_fp16, mod, [c.input_name for c in step.caches],
+                    len(step.outputs))
+    census = tvm_api.precision_census(mod)
+    frame_spec, output_specs, cache_specs = compiled_specs(step, *tvm_api.signature(mod))
     cpu = target.kind.name == "llvm"
     use_schedules = cpu and schedules == "default"
-    if use_schedules:
+    databases = []
+    if cpu:
+        from . import tuning as tuning_mod
+
+        databases = timed("tuning", tuning_mod.databases_for, tuning, preset.name,
+                          tvm_api.target_key(target))
+    elif tuning not in ("auto", "none"):
+        raise UserError(f"--tuning {tuning}: tuning records apply to CPU (llvm) targets; "
+                        f"{preset.name} is a {target.kind.name} target (valid: auto, none)")
+    if use_schedules or databases:
         mod = timed("layout", tvm_api.prepare_cpu, mod)
     weights_bytes = tvm_api.constants_bytes(mod)
     workspace = timed("plan", tvm_api.estimate_workspace, mod, target)
-    exe, build_info = timed("build", tvm_api.build, mod, target, use_schedules)
+    exe, build_info = timed("build", tvm_api.build, mod, target, use_schedules, databases)
     triple = preset.resolved_host_triple()
     arch = triple.split("-")[0]
     host_target = target.host if getattr(target, "host", None) is not None else target
@@ -361,15 +419,15 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
         extra = device_checks(exe, target, lib, device_code, cuda)
         caches = [{"name": c.name, "input_name": c.input_name, "output_name": c.output_name,
                    "shape": list(c.shape), "dtype": c.dtype, "bytes": c.nbytes,
-                   "channels": list(c.channels), "init": c.init} for c in step.caches]
+                   "channels": list(c.channels), "init": c.init} for c in cache_specs]
         return {
             "schema_version": SCHEMA_VERSION,
             "model": source.manifest_entry(),
-            "input": {"name": step.input.name, "shape": list(step.input.shape),
-                      "dtype": step.input.dtype,
+            "input": {"name": frame_spec.name, "shape": list(frame_spec.shape),
+                      "dtype": frame_spec.dtype,
                       "preprocessing": preprocessing(source.input_size)},
             "outputs": [{"name": o.name, "shape": list(o.shape), "dtype": o.dtype}
-                        for o in step.outputs],
+                        for o in output_specs],
             "caches": caches,
             "cache_bytes_total": sum(c["bytes"] for c in caches),
             "cache_elements_total": sum(c.numel for c in step.caches),
@@ -377,6 +435,7 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
             "weights_location": f"constants inside {LIBRARY} (batch-norm folded)",
             "workspace_bytes": workspace,
             "precision": precision,
+            "precision_detail": precision_detail(precision, census),
             "target": tvm_api.target_json(target),
             "target_preset": preset.name,
             "host_triple": triple,
@@ -389,7 +448,9 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
                         + extra.get("board_needs", ""),
             **{k: v for k, v in extra.items() if k != "board_needs"},
             "cpu_features": features,
-            "tuning": {"mode": tuning, "records_applied": 0,
+            "tuning": {"mode": tuning, "databases": [str(d) for d in databases],
+                       "records_applied": len(build_info.get("tuned_ops", [])),
+                       "tuned_operators": build_info.get("tuned_ops", []),
                        "default_schedules": schedule_summary(build_info, schedules, cpu)},
             "library": LIBRARY,
             "entry": "main",

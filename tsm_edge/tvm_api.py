@@ -310,6 +310,210 @@ def _clip_to_min_max(mod):
     return mod
 
 
+# --------------------------------------------------------------------------- half precision
+
+# Ops whose float32 result must not be rounded to fp16 before the logits: a reduction over a
+# whole feature map (global pooling) averages thousands of values, and what it feeds (the
+# classifier) is small. TVM's ToMixedPrecision already keeps these reductions in float32.
+_FP32_REDUCTIONS = ("relax.mean", "relax.sum", "relax.variance", "relax.std", "relax.prod",
+                    "relax.nn.softmax", "relax.nn.log_softmax")
+FP16_ACCUMULATION = "float32"
+
+
+def _ty_dtype(expr) -> str | None:
+    """The dtype of a tensor-valued expression; None for anything else (scalars, tuples)."""
+    from tvm import relax
+
+    ty = getattr(expr, "ty", None)
+    return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
+
+
+def to_fp16(mod, cache_inputs: list[str], model_outputs: int = 1):
+    """The step in half precision; returns a new module (``mod`` is not changed).
+
+    Weights, activations and caches become float16, computed in float16, with float32
+    accumulation in convolutions and matrix products (``FP16_ACCUMULATION``: it keeps the
+    rounding error of long sums, such as a 1x1 convolution over 960 channels, at fp32's level,
+    and on CPUs without fp16 arithmetic it is also the fast choice). The global reductions and
+    everything computed from them alone (the classifier) stay float32, so the logits are never
+    rounded to fp16. The frame input and the logits stay float32; the cache inputs
+    (``cache_inputs``, by name) and the cache outputs (the function's outputs after the first
+    ``model_outputs``) are float16.
+    """
+    from tvm import relax
+
+    mod = _clip_to_min_max(mod.clone())  # ToMixedPrecision cannot cast clip's scalar bounds
+    # Constants bound to variables are opaque to ToMixedPrecision: inline them so it can cast.
+    mod = relax.transform.CanonicalizeBindings()(mod)
+    mod = relax.transform.ToMixedPrecision(out_dtype=FP16_ACCUMULATION,
+                                           fp16_input_names=list(cache_inputs))(mod)
+    mod = _float32_head(mod, model_outputs)
+    mod = relax.transform.DeadCodeElimination()(mod)
+    mod = numpy_fold(mod)  # the weights' casts happen here, once
+    params = {p.name: _ty_dtype(p) for p in mod["main"].params}
+    wrong = [n for n in cache_inputs if params.get(n) != "float16"]
+    if wrong:
+        raise InternalError(f"cache inputs {wrong} are not float16 after the fp16 conversion")
+    return relax.transform.CanonicalizeBindings()(mod)
+
+
+def _float32_head(mod, model_outputs: int):
+    """After ToMixedPrecision: keep float32 whatever only a float32 reduction feeds (the
+    classifier), give the caches out as float16 and the model outputs as float32."""
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    func = mod["main"]
+    result = func.body.body
+
+    def is_const(expr) -> bool:
+        return _constant_tensor(expr) is not None
+
+    @mutator
+    class _Head(PyExprMutator):
+        def __init__(self, module):
+            super().__init__(module)
+            self.f32: dict = {}  # original variable -> its float32 value in the new function
+            self.head: set = set()  # original variables computed in float32 from a reduction
+
+        def _bind(self, var, value):
+            new = self.builder_.emit(value, name_hint=var.name)
+            self.set_var_remap(var, new)
+            return new
+
+        def visit_var_binding_(self, binding):  # noqa: ANN001 - TVM visitor signature
+            var, value = binding.var, binding.value
+            if var.same_as(result) and isinstance(value, relax.Tuple):
+                return self._outputs(var, value)
+            if not isinstance(value, relax.Call) or not hasattr(value.op, "name"):
+                return super().visit_var_binding_(binding)
+            name = str(value.op.name)
+            if name == "relax.astype":
+                src = value.args[0]
+                if src in self.f32:
+                    self.f32[var] = self.f32[src]
+                    if str(value.attrs.dtype) == "float32":  # a cast back: use the float32 value
+                        self.set_var_remap(var, self.f32[src])
+                        return None
+                elif is_const(src) and _ty_dtype(src) == "float32":
+                    self.f32[var] = src  # a weight cast to fp16: the head uses the original
+                return super().visit_var_binding_(binding)
+            if name in _FP32_REDUCTIONS:
+                new = self._bind(var, self.visit_expr(value))
+                if _ty_dtype(var) == "float32":
+                    self.f32[var] = new
+                    self.head.add(var)
+                return None
+            tensors = [a for a in value.args if _ty_dtype(a) is not None]
+            from_head = [a for a in tensors if a in self.f32 and not is_const(self.f32[a])]
+            if not from_head or not all(a in self.f32 or is_const(a) for a in tensors):
+                return super().visit_var_binding_(binding)  # mixes in fp16 activations
+            args = [self.f32[a] if a in self.f32 else
+                    (relax.op.astype(a, "float32") if is_const(a) and _ty_dtype(a) != "float32"
+                     else a) for a in value.args]
+            new = self.builder_.emit(relax.Call(value.op, args, value.attrs, value.ty_args),
+                                     name_hint=var.name + "_f32")
+            self.f32[var] = new
+            self.head.add(var)
+            # consumers outside the head still see the dtype they were built for
+            self.set_var_remap(var, new if _ty_dtype(new) == _ty_dtype(var) else
+                               self.builder_.emit(relax.op.astype(new, _ty_dtype(var)),
+                                                  name_hint=var.name))
+            return None
+
+        def _outputs(self, var, value):
+            fields = []
+            for i, f in enumerate(value.fields):
+                if i < model_outputs:
+                    new = self.f32[f] if f in self.f32 else self.visit_expr(f)
+                    want = "float32"
+                else:
+                    src = self.lookup_binding(f)
+                    if isinstance(src, relax.Call) and \
+                            getattr(src.op, "name", "") == "relax.astype" and \
+                            _ty_dtype(src.args[0]) == "float16":
+                        f = src.args[0]  # ToMixedPrecision's cast back to float32: dropped
+                    new = self.visit_expr(f)
+                    want = "float16"
+                if _ty_dtype(new) != want:
+                    new = self.builder_.emit(relax.op.astype(new, want))
+                fields.append(new)
+            self.set_var_remap(var, self.builder_.emit_output(relax.Tuple(fields),
+                                                              name_hint=var.name))
+
+    body = _Head(mod).visit_expr(func.body)
+    out = mod.clone()
+    # the return type follows the new body (float16 caches)
+    out["main"] = relax.Function(func.params, body, None, func.is_pure, func.attrs)
+    return out
+
+
+def signature(mod, func: str = "main") -> tuple[dict[str, str], list[str]]:
+    """({parameter name: dtype}, [output dtypes]) of the function, as it will be compiled."""
+    f = mod[func]
+    params = {p.name: _ty_dtype(p) for p in f.params}
+    ret = f.body.body.ty
+    fields = list(ret.fields) if hasattr(ret, "fields") else [ret]
+    return params, [str(getattr(t, "dtype", "")) for t in fields]
+
+
+def precision_census(mod, func: str = "main") -> dict:
+    """Which dtype each operator of the function computes in, counted.
+
+    An operator computes in the dtype of its tensor operands (a convolution on float16 inputs
+    computes in fp16, whatever its accumulator); casts are counted apart. ``fp16_share`` is the
+    share of the other operators computing in fp16; ``fp16_mac_share`` the share of the
+    multiply-adds of convolutions and matrix products.
+    """
+    from collections import Counter
+
+    from tvm import relax
+
+    kinds: Counter = Counter()
+    not_fp16: Counter = Counter()
+    macs: Counter = Counter()
+
+    def shape(expr) -> list[int]:
+        return [int(d) for d in getattr(expr.ty, "shape", None) or []]
+
+    def visit(expr):
+        if not isinstance(expr, relax.Call) or not hasattr(expr.op, "name"):
+            return
+        name = str(expr.op.name)
+        if name == "relax.astype":
+            kinds["casts"] += 1
+            return
+        args = [f for a in expr.args for f in (a.fields if isinstance(a, relax.Tuple) else [a])]
+        dtypes = {_ty_dtype(a) for a in args if _ty_dtype(a) is not None}
+        kind = "fp16" if dtypes == {"float16"} else ("fp32" if dtypes == {"float32"} else
+                                                      "other")
+        kinds[kind] += 1
+        if kind != "fp16":
+            not_fp16[name] += 1
+        n = 0
+        if name == "relax.nn.conv2d":  # weights OIHW here: out elements x (I/groups) x H x W
+            n = _prod(shape(expr)) * _prod(shape(expr.args[1])[1:])
+        elif name == "relax.matmul":
+            n = _prod(shape(expr)) * shape(expr.args[0])[-1]
+        macs[kind] += n
+
+    relax.analysis.post_order_visit(mod[func], visit)
+    ops = kinds["fp16"] + kinds["fp32"] + kinds["other"]
+    total_macs = sum(macs.values())
+    return {"fp16_ops": kinds["fp16"], "fp32_ops": kinds["fp32"], "other_ops": kinds["other"],
+            "casts": kinds["casts"],
+            "fp16_share": round(kinds["fp16"] / ops, 4) if ops else 0.0,
+            "fp16_mac_share": round(macs["fp16"] / total_macs, 4) if total_macs else 0.0,
+            "not_fp16": dict(sorted(not_fp16.items()))}
+
+
+def _prod(values) -> int:
+    n = 1
+    for v in values:
+        n *= int(v)
+    return n
+
+
 def count_calls(mod, op_name: str, func: str = "main") -> int:
     """How many calls to the Relax op ``op_name`` the function holds."""
     from tvm import relax
@@ -390,27 +594,41 @@ def estimate_workspace(mod, target) -> int:
 # --------------------------------------------------------------------------- build
 
 
-def build(mod, target, default_schedules: bool = True):
+def build(mod, target, default_schedules: bool = True, databases: list | None = None):
     """Compile a Relax module for ``target`` (host code included); returns (executable, info).
 
-    CPU targets get tsm-edge's default schedules (``schedules.py``) on every fused operator;
-    GPU targets get TVM's own pipeline (fusion and dlight GPU schedules). Inside ``with target``
-    so that device compilers (nvcc) see the target's arch.
+    CPU targets: fused operators with a tuning record for exactly this target (``databases``,
+    folders written by ``tsm-edge tune``) get the record's schedule; the rest get tsm-edge's
+    default schedules (``schedules.py``). GPU targets get TVM's own pipeline (fusion and dlight
+    GPU schedules). Inside ``with target`` so that device compilers (nvcc) see the target's arch.
     """
     tvm = _tvm()
     info: dict = {"pipeline": "tvm-default"}
-    if target.kind.name == "llvm" and default_schedules:
+    if target.kind.name == "llvm" and (default_schedules or databases):
         info = {"pipeline": "tsm-edge-cpu"}
-        pipeline = _cpu_pipeline(target, info)
+        pipeline = _cpu_pipeline(target, info, default_schedules, databases or [])
         with target:
             return tvm.compile(mod, target=target, relax_pipeline=pipeline), info
     with target:
         return tvm.compile(mod, target=target), info
 
 
-def _cpu_pipeline(target, info: dict):
-    """TVM's CPU pipeline with the default schedules between fusion and lowering."""
+def fuse(mod, target):
+    """Legalize and fuse: the fused operators (PrimFuncs) that schedules and tuning work on."""
     from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    with target:
+        return _tvm().transform.Sequential(
+            cpu.library_dispatch_passes(target)
+            + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+               relax.transform.FuseOps(), relax.transform.FuseTIR(),
+               relax.transform.DeadCodeElimination()])(mod)
+
+
+def _cpu_pipeline(target, info: dict, default_schedules: bool, databases: list):
+    """TVM's CPU pipeline with tuning records, then default schedules, between fusion and
+    lowering."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from . import schedules
@@ -420,13 +638,15 @@ def _cpu_pipeline(target, info: dict):
     @tvm.transform.module_pass(opt_level=0, name="TsmEdgeCpuPipeline")
     def _pipeline(mod, _ctx):  # noqa: ANN001 - TVM pass signature
         with target:
-            mod = tvm.transform.Sequential(
-                cpu.library_dispatch_passes(target)
-                + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-                   relax.transform.FuseOps(), relax.transform.FuseTIR(),
-                   relax.transform.DeadCodeElimination()])(mod)
-            mod, counts = schedules.apply_default_schedules(mod, target)
-            info.update(counts)
+            mod = fuse(mod, target)
+            tuned: list[str] = []
+            for folder in databases:
+                mod, applied = apply_database(mod, open_database(folder), target)
+                tuned += applied
+            info["tuned_ops"] = tuned
+            if default_schedules:
+                mod, counts = schedules.apply_default_schedules(mod, target)
+                info.update(counts)
             mod = tvm.transform.Sequential(cpu.dataflow_lower_passes(target)
                                            + cpu.finalize_passes(target))(mod)
         return mod
@@ -567,6 +787,300 @@ def export_library(exe, path: str, cross_compiler: str | None = None) -> None:
         exe.export_library(path)
 
 
+# --------------------------------------------------------------------------- tuning (MetaSchedule)
+
+_WORKER_SITE = '''"""tsm-edge tuning workers: no torch (tvm_ffi imports it whenever installed: +5 s, +200 MB)."""
+import os
+import sys
+
+if os.environ.get("TSM_EDGE_WORKER_NO_TORCH") == "1":
+    sys.modules["torch"] = None
+'''
+
+
+def _worker_site() -> Path:
+    """A folder with a sitecustomize that keeps torch out of TVM's worker processes."""
+    import os
+
+    site = _cache_dir() / "worker-site"
+    path = site / "sitecustomize.py"
+    if not path.is_file() or path.read_text() != _WORKER_SITE:
+        site.mkdir(parents=True, exist_ok=True)
+        tmp = site / f".sitecustomize.{os.getpid()}"
+        tmp.write_text(_WORKER_SITE)
+        tmp.replace(path)
+    return site
+
+
+def lean_workers() -> None:
+    """Make worker processes started from now on (builder, runner pools) skip torch."""
+    import os
+
+    site = str(_worker_site())
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if site not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([site, *paths])
+    os.environ["TSM_EDGE_WORKER_NO_TORCH"] = "1"
+
+
+def _task_module(func):
+    tvm = _tvm()
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+
+
+def tuning_tasks(fused) -> list[tuple[str, Any, int]]:
+    """(name, module, calls) per distinct fused operator: identical operators are one task."""
+    import tvm_ffi
+    from tvm import relax, tirx
+
+    calls: dict[str, int] = {}
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", None) == "relax.call_tir":
+            gv = expr.args[0]
+            calls[gv.name_hint] = calls.get(gv.name_hint, 0) + 1
+
+    relax.analysis.post_order_visit(fused["main"], visit)
+    tasks: list[list] = []
+    for gv, func in fused.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        mod = _task_module(func)
+        n = calls.get(gv.name_hint, 1)
+        for task in tasks:
+            if tvm_ffi.structural_equal(task[1], mod):
+                task[2] += n
+                break
+        else:
+            tasks.append([gv.name_hint, mod, n])
+    return [tuple(t) for t in tasks]
+
+
+def open_database(folder: str | Path):
+    """MetaSchedule's JSON database in ``folder`` (created if absent)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(path_workload=str(folder / "database_workload.json"),
+                                    path_tuning_record=str(folder / "database_tuning_record.json"),
+                                    module_equality="structural")
+
+
+def database_size(db) -> int:
+    return len(db.get_all_tuning_records())
+
+
+def apply_database(fused, db, target) -> tuple[Any, list[str]]:
+    """Fused operators with a record for exactly ``target`` get the record's schedule.
+
+    TVM's lookup matches the workload only; a record measured for another target is skipped.
+    """
+    from tvm import tirx
+
+    want = target_key(target)
+    applied = []
+    updates = {}
+    for gv, func in fused.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        mod = _task_module(func)
+        if not db.has_workload(mod):
+            continue
+        records = db.get_top_k(db.commit_workload(mod), 1)
+        if not records or target_key(records[0].target) != want:
+            continue
+        sch = db.query_schedule(mod, target=records[0].target, workload_name="main")
+        if sch is None:
+            continue
+        new = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        if func.attrs is not None and "global_symbol" in func.attrs:
+            new = new.with_attr("global_symbol", func.attrs["global_symbol"])
+        updates[gv] = new
+        applied.append(gv.name_hint)
+    for gv, func in updates.items():
+        fused[gv] = func
+    return fused, applied
+
+
+def target_key(target) -> str:
+    """The target as canonical JSON: records apply only where this string is equal."""
+    import json
+
+    raw = target_json(target)
+    raw.pop("tag", None)
+    raw.pop("keys", None)
+    if isinstance(raw.get("host"), dict):
+        raw["host"].pop("tag", None)
+        raw["host"].pop("keys", None)
+    return json.dumps(raw, sort_keys=True)
+
+
+def tune(tasks, target, db, *, trials: int, per_iter: int, on_batch, runner: dict,
+         workers: int, seed: int = 0):
+    """MetaSchedule over ``tasks`` into ``db``; ``on_batch(n, task)`` returning True stops it.
+
+    First the default schedule of every new task is measured and recorded (the baseline, returned
+    as {task: seconds}), so a record that wins is one that beats tsm-edge's own rules.
+
+    Builds run in a pool of ``workers`` processes kept for the whole run (TVM's LocalBuilder
+    starts a fresh pool, importing TVM again, for every batch) and recycled every 64 builds.
+    """
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder import local_builder as lb
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+    from tvm.ir.utils import derived_object
+    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+    lean_workers()
+
+    @derived_object
+    class _PooledBuilder(PyBuilder):
+        def __init__(self):
+            super().__init__()
+            self.pool = PopenPoolExecutor(max_workers=workers, timeout=60.0,
+                                          maximum_process_uses=64)
+
+        def build(self, build_inputs):
+            import time as _t
+            _t0 = _t.perf_counter()
+            out = []
+            jobs = [(_build_candidate, None, b.mod, b.target, None) for b in build_inputs]
+            for res in self.pool.map_with_error_catching(lambda x: lb._worker_func(*x), jobs):
+                if res.status == StatusKind.COMPLETE:
+                    out.append(BuilderResult(res.value, None))
+                elif res.status == StatusKind.TIMEOUT:
+                    out.append(BuilderResult(None, "build timed out after 60 s"))
+                else:
+                    out.append(BuilderResult(None, f"build failed: {res.value}"))
+            import os as _os
+            if _os.environ.get("TSM_EDGE_TUNE_DEBUG"):
+                print(f"build {len(build_inputs)} in {_t.perf_counter() - _t0:.1f}s", flush=True)
+            return out
+
+    @derived_object
+    class _Progress(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
+                  runner_results):
+            if on_batch(len(measure_candidates), task_id):
+                for i in range(len(tasks)):
+                    try:
+                        task_scheduler.terminate_task(i)
+                    except Exception:  # noqa: BLE001 - already finished
+                        pass
+
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50,
+                                          enable_cpu_cache_flush=False)
+    if runner["kind"] == "local":
+        run = ms.runner.LocalRunner(timeout_sec=30, evaluator_config=evaluator)
+    else:
+        run = _rpc_runner(runner, evaluator)
+    builder = _PooledBuilder()
+    baseline = _commit_default_schedules(tasks, target, db, builder, run)
+    contexts = [ms.TuneContext(mod=mod, target=target, space_generator="post-order-apply",
+                               search_strategy="evolutionary", task_name=name,
+                               num_threads=workers, rand_state=seed + i).clone()
+                for i, (name, mod, _calls) in enumerate(tasks)]
+    callbacks = [ms.measure_callback.AddToDatabase(), ms.measure_callback.RemoveBuildArtifact(),
+                 ms.measure_callback.UpdateCostModel(), _Progress()]
+    ms.tune.tune_tasks(tasks=contexts, task_weights=[float(t[2]) for t in tasks],
+                       work_dir=str(Path(db.path_workload).parent), max_trials_global=trials,
+                       num_trials_per_iter=per_iter, builder=builder, runner=run,
+                       database=db, cost_model=ms.cost_model.XGBModel(num_tuning_cores=workers),
+                       measure_callbacks=callbacks, task_scheduler="gradient")
+    return baseline
+
+
+def best_seconds(tasks, db) -> dict:
+    """{task: mean seconds of its best record in ``db``} for the tasks that have one."""
+    out = {}
+    for name, mod, _calls in tasks:
+        if not db.has_workload(mod):
+            continue
+        top = db.get_top_k(db.commit_workload(mod), 1)
+        if top and top[0].run_secs:
+            secs = [float(x) for x in top[0].run_secs]
+            out[name] = sum(secs) / len(secs)
+    return out
+
+
+def _commit_default_schedules(tasks, target, db, builder, runner) -> dict:
+    """Measure tsm-edge's default schedule of every task not yet in ``db`` and record it.
+
+    The database's best record per operator is then never slower than the default rules, so a
+    short tuning run cannot make a build slower. Returns {task: seconds} of what was measured.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    from . import schedules
+
+    todo = []
+    for name, mod, _calls in tasks:
+        if db.has_workload(mod) and db.get_top_k(db.commit_workload(mod), 1):
+            continue
+        sch, _what = schedules.schedule_primfunc(mod["main"], target)
+        if sch is not None:
+            todo.append((name, mod, sch))
+    if not todo:
+        return {}
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _n, _m, sch in todo])
+    inputs, kept = [], []
+    for (name, mod, sch), res in zip(todo, built):
+        if res.error_msg is None:
+            inputs.append(ms.runner.RunnerInput(res.artifact_path, "cpu",
+                                                ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+            kept.append((name, mod, sch))
+    out = {}
+    for (name, mod, sch), future in zip(kept, runner.run(inputs)):
+        result = future.result()
+        if result.error_msg is not None or not result.run_secs:
+            continue
+        secs = [float(x) for x in result.run_secs]
+        db.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, db.commit_workload(mod), secs, target,
+            ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+        out[name] = sum(secs) / len(secs)
+    return out
+
+
+def _build_candidate(mod, target, _params):
+    """MetaSchedule's default build without ``import tvm.s_tir.tensor_intrin``.
+
+    That import parses TVMScript tensor intrinsics for every architecture: 25 s in each fresh
+    worker on this 2-core machine, and TVM's LocalBuilder starts fresh workers for every batch.
+    fp32 CPU schedules use no tensor intrinsics.
+    """
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm_build(mod, target=target)
+
+
+def _rpc_runner(spec: dict, evaluator):
+    """MetaSchedule's RPC runner: boards from a tracker, or one server by address."""
+    from tvm.s_tir.meta_schedule.runner import RPCConfig, RPCRunner
+
+    timeout = int(spec.get("timeout", 120))
+    if spec["kind"] == "tracker":
+        config = RPCConfig(tracker_host=spec["host"], tracker_port=int(spec["port"]),
+                           tracker_key=spec["key"], session_timeout_sec=timeout)
+        return RPCRunner(rpc_config=config, evaluator_config=evaluator,
+                         max_workers=int(spec.get("workers", 1)))
+    host, port = spec["host"], int(spec["port"])
+
+    def connect(_config):  # noqa: ANN001 - MetaSchedule's session factory signature
+        from tvm import rpc
+
+        return rpc.connect(host, port, session_timeout=timeout)
+
+    config = RPCConfig(tracker_host=host, tracker_port=port, tracker_key="direct",
+                       session_timeout_sec=timeout)
+    return RPCRunner(rpc_config=config, evaluator_config=evaluator, f_create_session=connect,
+                     max_workers=1)
+
+
 # --------------------------------------------------------------------------- runtime
 
 
@@ -630,6 +1144,45 @@ def tensor(array, dev):
 
 def empty(shape, dtype: str, dev):
     return _tvm().runtime.empty(tuple(shape), dtype, dev)
+
+
+def wrap_array(array):
+    """A TVM tensor over a numpy array's memory (no copy): a destination for ``copyto``.
+
+    Any alignment: a copy destination is not read by generated kernels (which want 64 bytes).
+    """
+    import tvm_ffi
+
+    return tvm_ffi.from_dlpack(array, require_alignment=0, require_contiguous=True)
+
+
+def copy_array(array, dst) -> None:
+    """Copy a C-contiguous numpy array into the TVM tensor ``dst`` (same size, same dtype).
+
+    Through DLPack: ``Tensor.copyfrom(numpy)`` leaves about 470 bytes of cyclic garbage per
+    call (numpy's ctypes pointer objects), which a stream of millions of frames then makes the
+    garbage collector sweep; this leaves none and is several times faster.
+    """
+    import tvm_ffi
+
+    tvm_ffi.from_dlpack(array, require_alignment=0, require_contiguous=True).copyto(dst)
+
+
+def record_vm_allocations(vm, seen: set[int] | None) -> None:
+    """Add to ``seen`` the data address of every tensor the VM allocates; None stops recording.
+
+    Uses the VM's instrument hook, called around every instruction: slow, for measuring only.
+    """
+    if seen is None:
+        vm.set_instrument(None)
+        return
+
+    def instrument(_func, name, before_run, ret, *_args):
+        if not before_run and name == "vm.builtin.alloc_tensor":
+            seen.add(ret.data_ptr())
+        return 0  # VMInstrumentReturnKind.NO_OP
+
+    vm.set_instrument(instrument)
 
 
 def list_tags() -> list[str]:
