@@ -31,6 +31,7 @@ def compile_all(model: str, out: Path) -> dict[str, Path]:
             source.module = build_model(model, num_classes=source.num_classes, seed=source.seed,
                                         shift=False)
             source.description = f"{source.description} -- TSN: the same backbone, no shift"
+            source.require_shift = False
         paths[name] = compiler.compile_module(source, out / name, preset=preset)
     return paths
 

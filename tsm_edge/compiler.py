@@ -42,6 +42,7 @@ class ModelSource:
     seed: int = 0
     description: str = ""
     module: object = field(default=None, repr=False)
+    require_shift: bool = True  # False only for TSN baselines (benchmarks/shift_overhead.py)
 
     def manifest_entry(self) -> dict:
         return {"name": self.name, "description": self.description,
@@ -376,8 +377,9 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
         seconds[stage] = round(time.perf_counter() - t0, 3)
         return result
 
-    exported = timed("export", trace_step, source.module, source.input_size)
-    step = timed("rewrite", rewrite_shifts, exported)
+    exported = timed("export", trace_step, source.module, source.input_size,
+                     source.require_shift)
+    step = timed("rewrite", rewrite_shifts, exported, source.require_shift)
     target = tvm_api.make_target(preset.resolved_tvm_target())
     mod = timed("import", tvm_api.import_exported, step.exported)
     mod = timed("fold", tvm_api.fold_constants, mod)

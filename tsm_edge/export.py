@@ -19,10 +19,14 @@ def example_frame(input_size: int) -> torch.Tensor:
     return torch.zeros(1, 3, input_size, input_size)
 
 
-def trace_step(model: nn.Module, input_size: int) -> torch.export.ExportedProgram:
-    """``torch.export`` one frame through ``model`` (not mutated: shift modes are restored)."""
+def trace_step(model: nn.Module, input_size: int,
+               require_shift: bool = True) -> torch.export.ExportedProgram:
+    """``torch.export`` one frame through ``model`` (not mutated: shift modes are restored).
+
+    ``require_shift=False`` admits a plain 2D backbone (TSN), as a benchmark baseline.
+    """
     shifts = shift_modules(model)
-    if not shifts:
+    if not shifts and require_shift:
         raise UserError("the model has no TemporalShift blocks; put tsm_edge.TemporalShift at the "
                         "start of the residual branches that should see the past")
     saved = [(m.mode, m.n_segment, m.direction) for _, m in shifts]

@@ -115,11 +115,14 @@ def find_shift_nodes(graph: fx.Graph) -> list[fx.Node]:
     return [n for n in graph.nodes if n.op == "call_function" and n.target == op]
 
 
-def rewrite_shifts(ep: torch.export.ExportedProgram) -> OnlineStep:
-    """Turn every shift op of ``ep`` into slice + concat with an explicit cache (``ep`` untouched)."""
+def rewrite_shifts(ep: torch.export.ExportedProgram, require_shift: bool = True) -> OnlineStep:
+    """Turn every shift op of ``ep`` into slice + concat with an explicit cache (``ep`` untouched).
+
+    ``require_shift=False`` admits a graph without shifts (a TSN baseline: no caches).
+    """
     src = ep.module()
     shifts = find_shift_nodes(src.graph)
-    if not shifts:
+    if not shifts and require_shift:
         raise InternalError("no online_shift node in the traced graph")
 
     graph = fx.Graph()

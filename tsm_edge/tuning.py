@@ -283,7 +283,12 @@ def tune(model: str, *, target: str = "host", trials: int | None = None,
     stop = {"signal": None}
 
     def on_signal(signum, _frame):  # noqa: ANN001 - signal handler signature
-        # MetaSchedule's loop runs in C++: stop at the next batch, cleanly, keeping records
+        # MetaSchedule's loop runs in C++: stop after the batch in progress, keeping records.
+        # (Python sees the signal only when that batch returns; SIGTERM still stops at once.)
+        if stop["signal"] is None:
+            progress_stream.write("\nstopping after the batch in progress; records so far are "
+                                  "kept (kill -TERM stops at once)\n")
+            progress_stream.flush()
         stop["signal"] = signum
 
     def on_batch(n: int, i: int) -> bool:
@@ -291,7 +296,7 @@ def tune(model: str, *, target: str = "host", trials: int | None = None,
         return spent or stop["signal"] is not None
 
     old_handlers = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT,):
         try:
             old_handlers[sig] = signal.signal(sig, on_signal)
         except ValueError:  # not the main thread: no handler, Ctrl-C stops the process
