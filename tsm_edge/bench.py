@@ -46,6 +46,20 @@ def _child_env(threads: int | None) -> dict:
     return env
 
 
+def child_args(frames: int, warmup: int, threads: int | None, compare: tuple[str, ...],
+               valid: tuple[str, ...]) -> list[str]:
+    """Check the shared timing options; the argument list every measuring child takes."""
+    if frames < 1 or warmup < 0:
+        raise UserError(f"--frames must be >= 1 (got {frames}) and warm-up >= 0 (got {warmup})")
+    unknown = [b for b in compare if b not in valid]
+    if unknown:
+        raise UserError(f"--compare {','.join(unknown)} is not valid; valid: {', '.join(valid)}")
+    common = ["--frames", str(frames), "--warmup", str(warmup)]
+    if threads:
+        common += ["--threads", str(threads)]
+    return common
+
+
 def _run_child(args: list[str], threads: int | None, timeout: float) -> dict:
     try:
         proc = subprocess.run([sys.executable, *args], capture_output=True, text=True,
@@ -72,14 +86,7 @@ def bench(artifact: str | Path, *, frames: int = 100, warmup: int = 10,
 
     art = Path(artifact)
     manifest = read_manifest(art)
-    if frames < 1 or warmup < 0:
-        raise UserError(f"--frames must be >= 1 (got {frames}) and warm-up >= 0 (got {warmup})")
-    unknown = [b for b in compare if b not in BACKENDS]
-    if unknown:
-        raise UserError(f"--compare {','.join(unknown)} is not valid; valid: {', '.join(BACKENDS)}")
-    common = ["--frames", str(frames), "--warmup", str(warmup)]
-    if threads:
-        common += ["--threads", str(threads)]
+    common = child_args(frames, warmup, threads, compare, BACKENDS)
     results = {"tsm-edge": _run_child(["-m", "tsm_edge.probe", str(art), *common], threads,
                                       timeout)}
     for backend in compare:

@@ -103,21 +103,14 @@ def profile(artifact: str | Path, *, frames: int = 20, warmup: int = 5, threads:
             compare: tuple[str, ...] = ("onnxruntime",), timeout: float = 3600) -> dict:
     """Per-operator profile of ``artifact`` (and ONNX Runtime's) as JSON."""
     from .artifact import read_manifest
-    from .bench import _run_child, machine
+    from .bench import _run_child, child_args, machine
 
     art = Path(artifact)
     manifest = read_manifest(art)
     if manifest.get("device", "cpu") != "cpu" or manifest.get("runnable") is not True:
         raise UserError(f"{art}: profile runs artifacts built for this machine's CPU; this one "
                         f"is for {manifest.get('target_preset')} ({manifest.get('device')})")
-    if frames < 1 or warmup < 0:
-        raise UserError(f"--frames must be >= 1 (got {frames}) and warm-up >= 0 (got {warmup})")
-    unknown = [b for b in compare if b not in BACKENDS]
-    if unknown:
-        raise UserError(f"--compare {','.join(unknown)} is not valid; valid: {', '.join(BACKENDS)}")
-    common = ["--frames", str(frames), "--warmup", str(warmup)]
-    if threads:
-        common += ["--threads", str(threads)]
+    common = child_args(frames, warmup, threads, compare, BACKENDS)
     sides = {"tsm-edge": _run_child(["-m", "tsm_edge.profile", "tsm-edge", str(art), *common],
                                     threads, timeout)}
     for backend in compare:
