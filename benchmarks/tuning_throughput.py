@@ -38,7 +38,7 @@ def main() -> int:
 
     preset = targets.resolve_target("host")
     target = tvm_api.make_target(preset.resolved_tvm_target())
-    _fused, tasks = tuning._tasks(args.model, None, target)
+    tasks = tuning._tasks(args.model, None, target)
     workers = len(os.sched_getaffinity(0))
     out = {"model": args.model, "tasks": len(tasks), "trials": args.trials,
            "per_iter": args.per_iter, "workers": workers, "machine": machine(), "runs": {}}

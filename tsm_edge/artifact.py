@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError, disk_full_reason
@@ -45,18 +46,25 @@ def write_failed(path: str | os.PathLike, exc: OSError, kept: str) -> UserError:
     return UserError(f"cannot write {path}: {reason}; {hint} ({kept})")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file so that readers see the old content or the new, never half of it."""
+@contextmanager
+def atomic_path(path: str | os.PathLike, what: str = "file", make_parent: bool = False):
+    """A temporary path beside ``path``, renamed onto it (after fsync) when the block succeeds.
+
+    On any failure the temporary is removed and ``path`` is left as it was; an OSError (disk
+    full, unwritable folder) becomes a one-line UserError saying so.
+    """
     path = Path(path)
-    kept = "the file already there is unchanged" if path.exists() else "nothing was written"
+    kept = f"the {what} already there is unchanged" if path.exists() else "nothing was written"
     try:
+        if make_parent:
+            path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise write_failed(path, exc, kept) from None
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
@@ -64,6 +72,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if isinstance(exc, OSError):
             raise write_failed(path, exc, kept) from None
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:

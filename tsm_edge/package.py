@@ -17,7 +17,7 @@ import time
 import zlib
 from pathlib import Path
 
-from .artifact import MANIFEST, read_manifest, write_failed
+from .artifact import MANIFEST, atomic_path, read_manifest, write_failed
 from .errors import UserError, disk_full_reason
 
 # tsm-edge modules the standalone runner needs (numpy, TVM runtime and stdlib imports only)
@@ -59,14 +59,7 @@ def build_package(artifact: str | Path, output: str | Path) -> Path:
     if not out.name.endswith((".tar.gz", ".tgz")):
         raise UserError(f"-o {out}: the package is a .tar.gz; give a name ending in .tar.gz")
     src_dir = Path(__file__).parent
-    kept = "the package already there is unchanged" if out.exists() else "nothing was written"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    except OSError as exc:
-        raise write_failed(out, exc, kept) from None
-    os.close(fd)
-    try:
+    with atomic_path(out, "package", make_parent=True) as tmp:
         with tarfile.open(tmp, "w:gz") as tar:
             tar.add(art / MANIFEST, arcname=MANIFEST)
             for name in manifest["files"]:
@@ -78,14 +71,6 @@ def build_package(artifact: str | Path, output: str | Path) -> Path:
                        b'"""tsm-edge runtime modules, packaged with an artifact."""\n')
             for mod in RUNTIME_MODULES:
                 tar.add(src_dir / mod, arcname=f"_tsm_edge/{mod}")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise write_failed(out, exc, kept) from None
-        raise
     return out
 
 

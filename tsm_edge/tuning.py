@@ -271,7 +271,7 @@ def tune(model: str, *, target: str = "host", trials: int | None = None,
                         "folder")
     if folder.is_dir():
         check_files(folder)
-    fused, tasks = _tasks(model, input_size, target_obj)
+    tasks = _tasks(model, input_size, target_obj)
     db = tvm_api.open_database(folder)
     before = tvm_api.database_size(db)
     meta = meta or {"target_key": key_str, "target": json.loads(key_str), "preset": preset.name,
@@ -295,12 +295,10 @@ def tune(model: str, *, target: str = "host", trials: int | None = None,
         spent = prog.update(n, names[i] if i < len(names) else "?")
         return spent or stop["signal"] is not None
 
-    old_handlers = {}
-    for sig in (signal.SIGINT,):
-        try:
-            old_handlers[sig] = signal.signal(sig, on_signal)
-        except ValueError:  # not the main thread: no handler, Ctrl-C stops the process
-            pass
+    try:
+        old_handler = signal.signal(signal.SIGINT, on_signal)
+    except ValueError:  # not the main thread: no handler, Ctrl-C stops the process
+        old_handler = None
     prog.start()
     stopped = "budget"
     t0 = time.monotonic()
@@ -310,8 +308,8 @@ def tune(model: str, *, target: str = "host", trials: int | None = None,
                                 per_iter=per_iter, on_batch=on_batch, runner=runner,
                                 workers=workers or len(os.sched_getaffinity(0)))
     finally:
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
         prog.finish()
     if stop["signal"] is not None:
         stopped = "interrupted"
@@ -320,7 +318,6 @@ def tune(model: str, *, target: str = "host", trials: int | None = None,
     seconds = time.monotonic() - t0
     db = tvm_api.open_database(folder)
     after = tvm_api.database_size(db)
-    meta = read_meta(folder) or meta
     defaults = {**meta.get("default_schedule_seconds", {}), **baseline}
     best = tvm_api.best_seconds(tasks, db)
     calls = {name: n for name, _mod, n in tasks}
@@ -345,7 +342,6 @@ def tune(model: str, *, target: str = "host", trials: int | None = None,
     meta["runs"] = [*meta.get("runs", []), run]
     meta["records"] = after
     atomic_write_json(folder / META, meta)
-    del fused
     return {"database": str(folder), "target": _short(key_str), "records_before": before,
             "records_after": after, **run}
 
@@ -366,5 +362,4 @@ def _tasks(model: str, input_size: int | None, target):
     source = resolve_model(model, input_size=input_size)
     step = rewrite_shifts(trace_step(source.module, source.input_size))
     mod = tvm_api.prepare_cpu(tvm_api.fold_constants(tvm_api.import_exported(step.exported)))
-    fused = tvm_api.fuse(mod, target)
-    return fused, tvm_api.tuning_tasks(fused)
+    return tvm_api.tuning_tasks(tvm_api.fuse(mod, target))

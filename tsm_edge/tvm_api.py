@@ -266,7 +266,6 @@ def _fold_call(call, lookup):
 def numpy_fold(mod):
     """Replace every elementwise / reshape / transpose call on constants by its value."""
     import numpy as np
-    import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
@@ -943,8 +942,6 @@ def tune(tasks, target, db, *, trials: int, per_iter: int, on_batch, runner: dic
                                           maximum_process_uses=64)
 
         def build(self, build_inputs):
-            import time as _t
-            _t0 = _t.perf_counter()
             out = []
             jobs = [(_build_candidate, None, b.mod, b.target, None) for b in build_inputs]
             for res in self.pool.map_with_error_catching(lambda x: lb._worker_func(*x), jobs):
@@ -954,9 +951,6 @@ def tune(tasks, target, db, *, trials: int, per_iter: int, on_batch, runner: dic
                     out.append(BuilderResult(None, "build timed out after 60 s"))
                 else:
                     out.append(BuilderResult(None, f"build failed: {res.value}"))
-            import os as _os
-            if _os.environ.get("TSM_EDGE_TUNE_DEBUG"):
-                print(f"build {len(build_inputs)} in {_t.perf_counter() - _t0:.1f}s", flush=True)
             return out
 
     @derived_object
