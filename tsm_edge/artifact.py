@@ -269,6 +269,14 @@ def check_schema(manifest: dict, path: Path) -> None:
         _check_tensor(path, f"caches[{i}]", cache)
         if not isinstance(cache.get("name"), str):
             raise _bad(path, f"caches[{i}].name", cache.get("name"), "a string")
+        scale = cache.get("scale")
+        if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)
+                                  or not 0 < scale < float("inf")):
+            raise _bad(path, f"caches[{i}].scale", scale, "a positive number")
+        zero_point = cache.get("zero_point", 0)
+        if not isinstance(zero_point, int) or isinstance(zero_point, bool) \
+                or not -128 <= zero_point <= 255:
+            raise _bad(path, f"caches[{i}].zero_point", zero_point, "an integer in [-128, 255]")
     for key in ("cache_bytes_total", "weights_bytes", "workspace_bytes"):
         value = manifest[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:

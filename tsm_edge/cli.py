@@ -138,8 +138,10 @@ def targets(as_json: bool, tvm_tags: bool) -> None:
 @click.option("--target", default="host", show_default=True,
               help="Preset name, TVM tag or JSON TVM target.")
 @click.option("--precision", default=None,
-              help="fp32 | fp16 (default: the preset's). fp16: float16 weights, activations "
-                   "and caches, float32 accumulation, pooling and classifier.")
+              help="fp32 | fp16 | int8 (default: the preset's). fp16: float16 weights, "
+                   "activations and caches, float32 accumulation, pooling and classifier. "
+                   "int8 (needs --calibration): integer convolutions on the CPU's dot-product "
+                   "instructions, int8 caches.")
 @click.option("--tuning", default="auto", show_default=True, help="auto | none.")
 @click.option("--schedules", default="default", show_default=True,
               help="CPU schedules for operators without tuning records: default (tsm-edge's "
@@ -155,9 +157,15 @@ def targets(as_json: bool, tvm_tags: bool) -> None:
 @click.option("--cache-channels", default=None,
               help="first: cache [0, C/8) (online demo); second: cache [C/8, 2C/8), [0, C/8) "
                    "zero (for bi-directionally trained checkpoints).")
+@click.option("--calibration", default=None, type=click.Path(),
+              help="For --precision int8: the file written by 'tsm-edge calibrate'.")
+@click.option("--calibration-method", default="max", show_default=True,
+              help="int8 activation ranges: max (the largest magnitude seen) | percentile "
+                   "(the 99.99th percentile of magnitudes).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Artifact folder.")
 def compile_cmd(model, checkpoint, num_classes, input_size, target, precision, tuning, schedules,
-                labels, seed, ndk, trained_shift, cache_channels, output) -> None:
+                labels, seed, ndk, trained_shift, cache_channels, calibration, calibration_method,
+                output) -> None:
     """Compile a model into an artifact folder."""
     from .compiler import compile as compile_model
 
@@ -165,7 +173,8 @@ def compile_cmd(model, checkpoint, num_classes, input_size, target, precision, t
                          num_classes=num_classes, checkpoint=checkpoint, precision=precision,
                          tuning=tuning, labels=labels, seed=seed, ndk=ndk,
                          trained_shift=trained_shift, cache_channels=cache_channels,
-                         schedules=schedules)
+                         schedules=schedules, calibration=calibration,
+                         calibration_method=calibration_method)
     from .artifact import read_manifest
 
     m = read_manifest(path)
@@ -209,6 +218,10 @@ def _precision_line(m: dict) -> str:
         line += (f": {ops['fp16_share']:.1%} of operators compute in fp16 "
                  f"({ops['fp16_ops']} of {ops['fp16_ops'] + ops['fp32_ops'] + ops['other_ops']}; "
                  f"{ops['fp16_mac_share']:.2%} of multiply-adds), {ops['casts']} casts")
+    if detail.get("integer_convolutions") is not None:
+        line += (f": {detail['integer_convolutions']} integer convolutions on "
+                 f"{detail['instructions']}, {detail['float_convolutions']} float32; "
+                 f"{detail['caches']}")
     if detail.get("compute") == "float16":
         line += (f"; accumulation {detail['accumulation']}, float32: "
                  f"{detail['float32_parts']}")
@@ -727,6 +740,59 @@ def emulate(arch, port, host, tracker, key, provision_only) -> None:
         click.echo("stopping the emulated device", err=True)
     finally:
         emu.stop_server(proc)
+
+
+@cli.command("calibrate")
+@click.option("--model", required=True, help="Registered model name (see 'tsm-edge models').")
+@click.option("--checkpoint", type=click.Path(), default=None, help="Trained weights (state_dict).")
+@click.option("--num-classes", type=int, default=None)
+@click.option("--input-size", type=int, default=None)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the random weights when no checkpoint is given.")
+@click.option("--trained-shift", default=None,
+              help="As for compile: unidirectional | bidirectional.")
+@click.option("--cache-channels", default=None, help="As for compile: first | second.")
+@click.option("--video", type=click.Path(), multiple=True,
+              help="A video file (PyAV); repeat for several: each is its own stream.")
+@click.option("--frames-npy", type=click.Path(), default=None,
+              help="Preprocessed frames, float32 (T, 3, S, S): one stream.")
+@click.option("--frames", "max_frames", type=int, default=None,
+              help="Use at most this many frames in all (default: every frame).")
+@click.option("--stride", type=int, default=1, show_default=True,
+              help="Use every K-th frame of each source.")
+@click.option("--caches", default="evolving", show_default=True,
+              help="evolving: caches carried frame to frame, as deployed; zeros: every frame "
+                   "with zero caches (the naive calibration, for comparison).")
+@click.option("--bins", type=int, default=2048, show_default=True,
+              help="Bins of each |x| histogram.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="CALIB.json")
+@threads_option
+def calibrate_cmd(model, checkpoint, num_classes, input_size, seed, trained_shift,
+                  cache_channels, video, frames_npy, max_frames, stride, caches, bins,
+                  output, threads) -> None:
+    """Measure activation ranges for int8 on real frames, caches evolving as deployed."""
+    _apply_threads(threads)
+    from . import calibrate as cal
+
+    cal.check_options(caches, max_frames, bins)
+    if not video and frames_npy is None:
+        raise UserError("no calibration frames; give --video FILE... (repeatable) or "
+                        "--frames-npy FILE")
+    if video and frames_npy is not None:
+        raise UserError("give --video FILE... or --frames-npy FILE, not both")
+    out = Path(output)
+    if out.is_dir() or not out.parent.is_dir():
+        raise UserError(f"-o {out} is not a file path in an existing folder")
+    sources = ([cal.video_stream(v, stride) for v in video] if video else
+               [cal.npy_stream(frames_npy, stride)])
+    result = cal.calibrate(model, sources=sources, checkpoint=checkpoint,
+                           num_classes=num_classes, input_size=input_size, seed=seed,
+                           caches=caches, max_frames=max_frames, bins=bins,
+                           trained_shift=trained_shift, cache_channels=cache_channels,
+                           threads=threads)
+    cal.write_calibration(result, out)
+    for line in cal.summary_lines(result, out):
+        click.echo(line)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import __version__
-from .artifact import LIBRARY, SCHEMA_VERSION, write_artifact_dir
+from .artifact import LIBRARY, SCHEMA_VERSION, sha256_file, write_artifact_dir
 from .errors import InternalError, UserError
 from .platform_check import elf_machine, relevant_features
 from .targets import native_triple
@@ -244,7 +244,8 @@ def compile(model: str, output: str | Path, *, target: str | dict = "host",
             checkpoint: str | None = None, precision: str | None = None, tuning: str = "auto",
             labels: str | list[str] | None = None, seed: int = 0, ndk: str | None = None,
             trained_shift: str | None = None, cache_channels: str | None = None,
-            schedules: str = "default") -> Path:
+            schedules: str = "default", calibration: str | None = None,
+            calibration_method: str = "max") -> Path:
     """Compile an online TSM model into an artifact folder; returns its path."""
     from . import targets as targets_mod
     from .models import get_model_info
@@ -263,7 +264,20 @@ def compile(model: str, output: str | Path, *, target: str | dict = "host",
     check_buildable(preset)
     cross_compiler = preset.resolved_cross_compiler(ndk)
     precision = precision or preset.default_precision
-    check_precision(precision)
+    check_precision(precision, calibration)
+    calib = None
+    if precision in CALIBRATED_PRECISIONS:
+        from .calibrate import load_calibration
+
+        from . import int8, tvm_api
+
+        check_method(calibration_method)
+        target_ = tvm_api.make_target(preset.resolved_tvm_target())
+        if target_.kind.name != "llvm":
+            raise UserError(f"--precision int8 is built for CPU (llvm) targets; {preset.name} "
+                            f"is a {target_.kind.name} target (valid: fp32, fp16)")
+        int8.check_target(target_, preset.name)  # before any work: says why not, plainly
+        calib = load_calibration(calibration)
     if schedules not in SCHEDULES:
         raise UserError(f"--schedules {schedules}: valid: {', '.join(SCHEDULES)}")
     if not tuning:
@@ -279,18 +293,37 @@ def compile(model: str, output: str | Path, *, target: str | dict = "host",
         if len(label_list) != source.num_classes:
             raise UserError(f"{len(label_list)} labels given; the model has "
                             f"{source.num_classes} classes")
+    if calib is not None:
+        from .calibrate import check_model
+
+        check_model(calib, source.manifest_entry())
+        calib = dict(calib, path=str(Path(calibration).resolve()),
+                     sha256=sha256_file(calibration), method=calibration_method)
     return compile_module(source, output, preset=preset, precision=precision, tuning=tuning,
                           labels=label_list, cross_compiler=cross_compiler, cuda=cuda,
-                          schedules=schedules)
+                          schedules=schedules, calibration=calib)
 
 
-def check_precision(precision: str) -> None:
+CALIBRATION_METHODS = ("max", "percentile")
+
+
+def check_method(method: str) -> None:
+    if method not in CALIBRATION_METHODS:
+        raise UserError(f"--calibration-method {method} is not valid; valid: "
+                        f"{', '.join(CALIBRATION_METHODS)}")
+
+
+def check_precision(precision: str, calibration: str | None = None) -> None:
     """A precision this version compiles; else UserError naming it and the valid ones."""
     if precision in CALIBRATED_PRECISIONS:
-        raise UserError(f"--precision {precision} needs a calibration (activation ranges "
-                        "measured on real frames), and this version cannot calibrate yet; "
-                        f"valid: {', '.join(PRECISIONS)}")
-    if precision not in PRECISIONS:
+        if not calibration:
+            raise UserError(f"--precision {precision} needs --calibration CALIB: activation "
+                            "ranges measured on real frames, written by 'tsm-edge calibrate'")
+        return
+    if calibration:
+        raise UserError(f"--calibration is for --precision int8; --precision {precision} "
+                        "computes in floating point and reads no calibration")
+    if precision not in PRECISIONS + CALIBRATED_PRECISIONS:
         raise UserError(f"--precision {precision} is not valid; valid: {', '.join(PRECISIONS)} "
                         f"({', '.join(CALIBRATED_PRECISIONS)} with a calibration)")
 
@@ -315,16 +348,34 @@ def compiled_specs(step, params: dict[str, str], outputs: list[str]):
     return frame, [replace(o, dtype=outputs[i]) for i, o in enumerate(step.outputs)], caches
 
 
-def precision_detail(precision: str, census: dict) -> dict:
+def precision_detail(precision: str, census: dict, int8: dict | None = None) -> dict:
     """What the manifest says about the precision the step computes in."""
     from .tvm_api import FP16_ACCUMULATION
 
+    if precision == "int8" and int8 is not None:
+        return int8
     if precision == "fp16":
         return {"compute": "float16", "accumulation": FP16_ACCUMULATION,
                 "float32_parts": "global pooling and the classifier it feeds",
                 "input": "float32, cast to float16 inside the step", "logits": "float32",
                 "caches": "float16", "operators": census}
     return {"compute": "float32", "accumulation": "float32", "operators": census}
+
+
+def int8_plan(calib: dict, step):
+    """The calibration's per-convolution input scales and per-cache feeding convolution."""
+    from .calibrate import activation_scale
+    from .int8 import ConvPlan
+
+    method = calib.get("method", "max")
+    plans = [ConvPlan(activation_scale(c, method), tuple(c["weight_shape"]))
+             for c in calib["convs"]]
+    by_input = {c["input_name"]: c.get("conv") for c in calib["caches"]}
+    missing = [c.input_name for c in step.caches if c.input_name not in by_input]
+    if missing:
+        raise UserError(f"the calibration has no statistics for caches {missing}: it was made "
+                        "for another model; run 'tsm-edge calibrate' for this one")
+    return plans, [(c.input_name, by_input[c.input_name]) for c in step.caches]
 
 
 def check_buildable(preset) -> None:
@@ -358,16 +409,45 @@ def schedule_summary(info: dict, schedules: str, cpu: bool) -> dict:
                if k in info}}
 
 
+def int8_detail(report: dict, isa, calib: dict) -> dict:
+    """What the manifest says about an int8 step: what runs in integers, on what, from what."""
+    convs = report["convolutions"]
+    integer = [c for c in convs if c.get("compute") == "int8"]
+    why: dict[str, int] = {}
+    for c in convs:
+        if c.get("compute") != "int8":
+            why[c.get("why", "?")] = why.get(c.get("why", "?"), 0) + 1
+    return {
+        "compute": "int8 x int8 -> int32 in integer convolutions; float32 elsewhere",
+        "instructions": isa.instructions, "isa": isa.name,
+        "activations": ("symmetric int8, one scale per tensor from the calibration"
+                        + (f"; stored as uint8 with zero point {isa.zero_point} for the "
+                           "instruction's unsigned operand" if isa.zero_point else "")),
+        "weights": f"symmetric int8, one scale per output channel, {isa.weight_bits} bits "
+                   f"(+-{isa.weight_max})" + ("; vpmaddubsw sums two products in a saturating "
+                                              "int16" if isa.weight_max < 127 else ""),
+        "integer_convolutions": len(integer),
+        "float_convolutions": len(convs) - len(integer),
+        "float_convolutions_why": why,
+        "integer_macs": sum(c.get("macs") or 0 for c in integer),
+        "caches": f"int8 where the cache feeds an integer convolution "
+                  f"({report['int8_caches']} of {len(report['caches'])}); float32 elsewhere",
+        "calibration": {k: calib.get(k) for k in ("path", "sha256", "caches_mode", "frames",
+                                                   "method", "created")},
+        "convolutions": convs,
+    }
+
+
 def compile_module(source: ModelSource, output: str | Path, *, preset, precision: str = "fp32",
                    tuning: str = "auto", labels: list[str] | None = None,
                    cross_compiler: str | None = None, cuda: dict | None = None,
-                   schedules: str = "default") -> Path:
+                   schedules: str = "default", calibration: dict | None = None) -> Path:
     """The stages, for an already-built ``source.module`` (also a user's own nn.Module)."""
     from . import tvm_api
     from .export import trace_step
     from .rewrite import rewrite_shifts
 
-    check_precision(precision)
+    check_precision(precision, "given" if calibration is not None else None)
     seconds: dict[str, float] = {}
 
     def timed(stage, fn, *args):
@@ -399,8 +479,22 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
     elif tuning not in ("auto", "none"):
         raise UserError(f"--tuning {tuning}: tuning records apply to CPU (llvm) targets; "
                         f"{preset.name} is a {target.kind.name} target (valid: auto, none)")
-    if use_schedules or databases:
+    isa = None
+    if precision == "int8":
+        from . import int8
+
+        if not cpu:
+            raise UserError(f"--precision int8 is built for CPU (llvm) targets; {preset.name} "
+                            f"is a {target.kind.name} target (valid: fp32, fp16)")
+        isa = int8.check_target(target, preset.name)
+    if use_schedules or databases or isa is not None:
         mod = timed("layout", tvm_api.prepare_cpu, mod)
+    int8_report = None
+    if isa is not None:
+        plans, cache_plan = int8_plan(calibration, step)
+        mod, int8_report = timed("quantize", int8.quantize_step, mod, isa, plans, cache_plan,
+                                 len(step.outputs))
+        frame_spec, output_specs, cache_specs = compiled_specs(step, *tvm_api.signature(mod))
     weights_bytes = tvm_api.constants_bytes(mod)
     workspace = timed("plan", tvm_api.estimate_workspace, mod, target)
     exe, build_info = timed("build", tvm_api.build, mod, target, use_schedules, databases)
@@ -422,6 +516,13 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
         caches = [{"name": c.name, "input_name": c.input_name, "output_name": c.output_name,
                    "shape": list(c.shape), "dtype": c.dtype, "bytes": c.nbytes,
                    "channels": list(c.channels), "init": c.init} for c in cache_specs]
+        if int8_report is not None:
+            scales = {r["name"]: r["scale"] for r in int8_report["caches"] if "scale" in r}
+            for c in caches:
+                if c["input_name"] in scales:
+                    c.update(scale=scales[c["input_name"]], zero_point=0,
+                             quantization="symmetric int8, the scale of the integer "
+                                          "convolution the cache feeds")
         return {
             "schema_version": SCHEMA_VERSION,
             "model": source.manifest_entry(),
@@ -437,7 +538,9 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
             "weights_location": f"constants inside {LIBRARY} (batch-norm folded)",
             "workspace_bytes": workspace,
             "precision": precision,
-            "precision_detail": precision_detail(precision, census),
+            "precision_detail": precision_detail(
+                precision, census,
+                int8_detail(int8_report, isa, calibration) if int8_report else None),
             "target": tvm_api.target_json(target),
             "target_preset": preset.name,
             "host_triple": triple,

@@ -177,7 +177,7 @@ def drift(artifact: str | Path, reference: str | Path, *,
             break
         got.append(session.step(frame))
         want.append(ref.step(frame))
-        ca, cr = session.caches(), ref.caches()
+        ca, cr = session.caches(dequantize=True), ref.caches(dequantize=True)
         cache_diffs.append(max((_relative(ca[n], cr[n]) for n in session.cache_names),
                                default=0.0))
     if len(got) < 2:

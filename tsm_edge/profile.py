@@ -35,7 +35,7 @@ def tvm_category(name: str, info: dict | None) -> str:
     """The category of one tsm-edge VM call (a fused operator or a VM builtin)."""
     if name.startswith("vm.builtin") or name.startswith("vm."):
         return "runtime"
-    if info and info.get("rule") == "convolution":
+    if info and info.get("rule") in ("convolution", "convolution-int8"):
         kind = info.get("kind", "")
         return kind if kind in CATEGORIES else "conv (other)"
     if "conv2d" in name:

@@ -24,6 +24,15 @@ from .platform_check import check_runnable
 MAX_THREADS = 1024  # beyond this a thread pool exhausts the process before it helps
 
 
+def dequantize_cache(spec: dict, array: np.ndarray) -> np.ndarray:
+    """A cache's values as float32: an int8 cache (``scale`` in its manifest entry) holds
+    ``round(value / scale) + zero_point``; other caches are returned as they are."""
+    scale = spec.get("scale")
+    if scale is None:
+        return array
+    return (array.astype(np.float32) - np.float32(spec.get("zero_point", 0))) * np.float32(scale)
+
+
 def check_threads(threads: int | None) -> None:
     """A thread count is 1 to MAX_THREADS; else UserError naming it."""
     if threads is None:
@@ -361,9 +370,16 @@ class StreamSession:
             if self._cuts is not None:
                 self._cuts.forget()
 
-    def caches(self) -> dict[str, np.ndarray]:
-        """The caches the next frame will read, by name (copies, for checking)."""
-        return {n: c.numpy() for n, c in zip(self.cache_names, self._caches)}
+    def caches(self, dequantize: bool = False) -> dict[str, np.ndarray]:
+        """The caches the next frame will read, by name (copies, for checking).
+
+        With ``dequantize`` an int8 cache comes back as the float32 values it stands for.
+        """
+        out = {n: c.numpy() for n, c in zip(self.cache_names, self._caches)}
+        if dequantize:
+            for spec in self.manifest["caches"]:
+                out[spec["name"]] = dequantize_cache(spec, out[spec["name"]])
+        return out
 
     # ------------------------------------------------------------------ reporting
     def stats(self) -> dict:

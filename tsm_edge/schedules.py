@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+CONV_INT8 = "conv_int8"  # int8.CONV_BLOCK: the reduction block of an integer convolution
+
 
 @dataclass(frozen=True)
 class CpuShape:
@@ -170,6 +172,22 @@ def _schedule_spatial(sch, block, cpu: CpuShape) -> None:
         sch.parallel(po)
 
 
+def _register_tile(sch, conv):
+    """The convolution accumulates in a local buffer (registers); the elementwise chain after
+    it (bias, activation, residual add, quantization) is applied as that buffer is written
+    back. Returns the write-back block."""
+    wb = sch.cache_write(conv, 0, "local")
+    while True:
+        consumers = sch.get_consumers(wb)
+        if len(consumers) != 1:
+            break
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except Exception:  # noqa: BLE001 - not elementwise: stays a separate loop
+            break
+    return wb
+
+
 def _schedule_conv(sch, conv, cpu: CpuShape) -> dict:
     """NHWC convolution (n, y, x, f | ry, rx, rc) with a register tile and fused epilogue."""
     cpu = cpu.for_dtype(_written_dtype(sch, conv))  # lanes of the accumulator's dtype
@@ -180,15 +198,7 @@ def _schedule_conv(sch, conv, cpu: CpuShape) -> dict:
             sch.compute_inline(producer)
         except Exception:  # noqa: BLE001 - keep a padding block that cannot be inlined cheaply
             _schedule_spatial(sch, producer, cpu)
-    wb = sch.cache_write(conv, 0, "local")
-    while True:
-        consumers = sch.get_consumers(wb)
-        if len(consumers) != 1:
-            break
-        try:
-            sch.reverse_compute_inline(consumers[0])
-        except Exception:  # noqa: BLE001 - not elementwise: stays a separate loop
-            break
+    wb = _register_tile(sch, conv)
     n, y, x, f, ry, rx, rc = sch.get_loops(conv)
     _, height, width, channels, kh, kw, reduce_c = _extents(sch, [n, y, x, f, ry, rx, rc])
     depthwise = reduce_c == 1 and channels > 1
@@ -222,6 +232,61 @@ def _schedule_conv(sch, conv, cpu: CpuShape) -> dict:
     return {"rule": "convolution", "kind": kind, "macs": macs, "tile": [ty, tx, v * cpu.lanes]}
 
 
+def _upstream_inline(sch, block) -> None:
+    """Inline every producer chain of ``block`` (elementwise ops) into it."""
+    changed = True
+    while changed:
+        changed = False
+        for producer in sch.get_producers(block):
+            try:
+                sch.compute_inline(producer)
+                changed = True
+                break
+            except Exception:  # noqa: BLE001 - not inlinable: stays its own loop
+                continue
+
+
+def _schedule_conv_int8(sch, conv, cpu: CpuShape, isa) -> dict:
+    """Integer convolution (n, y, x, f | ry, rx, rco, rci): the register tile of the float rule,
+    with the innermost L output channels x 4 input channels on the target's dot-product
+    instruction (``int8.ISAS``)."""
+    from .int8 import register_intrinsic
+
+    intrin = register_intrinsic(isa)
+    # The quantized input must exist as a buffer (the instruction loads 4 bytes of it): the
+    # quantization (and padding) is one parallel loop before the tiles.
+    for producer in sch.get_producers(conv):
+        _upstream_inline(sch, producer)
+        _schedule_spatial(sch, producer, cpu)
+    wb = _register_tile(sch, conv)
+    n, y, x, f, ry, rx, rco, rci = sch.get_loops(conv)
+    _, height, width, channels, kh, kw, rc4, _ = _extents(sch, [n, y, x, f, ry, rx, rco, rci])
+    # int32 accumulators, L per vector; besides the tile: the weight vectors, the broadcast
+    # input, the 16-bit products and the constant ones
+    icpu = replace(cpu, lanes=isa.lanes, registers=cpu.registers - 2)
+    ty, tx, v = conv_tile(height, width, channels, icpu, depthwise=False)
+    yo, yi = sch.split(y, [None, ty])
+    xo, xi = sch.split(x, [None, tx])
+    fo, fv, fi = sch.split(f, [None, v, isa.lanes])
+    sch.reorder(fo, n, yo, xo, ry, rx, rco, yi, xi, fv, fi, rci)
+    outer = sch.fuse(fo, n, yo, xo)
+    sch.parallel(outer)
+    sch.reverse_compute_at(wb, outer)
+    wb_loops = sch.get_loops(wb)[1:]
+    _o, lane = sch.split(wb_loops[-1], [None, isa.lanes])
+    sch.vectorize(lane)
+    init = sch.decompose_reduction(conv, ry)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(fi, intrin)
+    sch.unroll(fv)
+    sch.unroll(xi)
+    sch.unroll(yi)
+    kind = "pointwise" if kh == kw == 1 else f"conv{kh}x{kw}"
+    return {"rule": "convolution-int8", "kind": kind, "instructions": isa.instructions,
+            "macs": height * width * channels * kh * kw * rc4 * 4,
+            "tile": [ty, tx, v * isa.lanes]}
+
+
 def _schedule_reduction(sch, block, cpu: CpuShape) -> None:
     """Pooling, the classifier: reductions inside, contiguous spatial axis vectorized."""
     kinds = _iter_kinds(sch, block)
@@ -249,6 +314,15 @@ def schedule_primfunc(func, target, cpu: CpuShape | None = None):
     cpu = cpu or cpu_shape(target)
     sch = s_tir.Schedule(func)
     blocks = _blocks(sch)
+    int8_convs = [b for b in blocks if _iter_kinds(sch, b) == "SSSSRRRR"
+                  and sch.get(b).name_hint.startswith(CONV_INT8)]
+    if len(int8_convs) == 1:
+        from .int8 import isa_for
+
+        isa = isa_for(target)
+        if isa is None:
+            return None, None
+        return sch, _schedule_conv_int8(sch, int8_convs[0], cpu, isa)
     convs = [b for b in blocks if _iter_kinds(sch, b) == "SSSSRRR"]
     if len(convs) == 1:
         return sch, _schedule_conv(sch, convs[0], cpu)

@@ -1,0 +1,262 @@
+"""Int8: integer convolutions on dot-product instructions, int8 caches, calibration use."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
+TARGETS = {  # ISA -> a TVM target whose CPU has it
+    "avx2": dict(X86, mcpu="znver3"),
+    "avx512bw": dict(X86, mcpu="skylake-avx512"),
+    "avx512-vnni": dict(X86, mcpu="cascadelake"),
+    "neon-dotprod": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"},
+}
+INSTRUCTIONS = {"avx2": ("vpmaddubsw", "ymm"), "avx512bw": ("vpmaddubsw", "zmm"),
+                "avx512-vnni": ("vpdpbusd", "zmm"), "neon-dotprod": ("sdot", "v")}
+
+
+def _conv_module(isa, shape, kernel, out_channels, strides, padding):
+    import tvm
+
+    from tsm_edge import int8, schedules
+
+    func = int8.conv_prim_func(isa, shape, kernel, out_channels, strides, padding)
+    target = tvm.target.Target(TARGETS[isa.name])
+    sch, what = schedules.schedule_primfunc(func, target)
+    assert what is not None and what["rule"] == "convolution-int8", what
+    mod = tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")})
+    return mod, target, what
+
+
+def _reference(x_stored, w_hwio, strides, padding, zero_point):
+    """Integer convolution in numpy: padded with the zero point, summed in int64."""
+    pt, pl, pb, pr = padding
+    x = np.pad(x_stored.astype(np.int64), ((0, 0), (pt, pb), (pl, pr), (0, 0)),
+               constant_values=zero_point)
+    kh, kw, _c, o = w_hwio.shape
+    sh, sw = strides
+    ho = (x.shape[1] - kh) // sh + 1
+    wo = (x.shape[2] - kw) // sw + 1
+    out = np.zeros((1, ho, wo, o), np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            patch = x[:, i:i + sh * ho:sh, j:j + sw * wo:sw, :]
+            out += np.einsum("nhwc,co->nhwo", patch, w_hwio[i, j].astype(np.int64))
+    return out
+
+
+@pytest.mark.parametrize("case", [
+    ((1, 14, 14, 32), (1, 1), 48, (1, 1), (0, 0, 0, 0)),    # pointwise
+    ((1, 15, 15, 16), (3, 3), 32, (2, 2), (1, 1, 1, 1)),    # strided 3x3, odd size
+    ((1, 8, 8, 64), (3, 3), 16, (1, 1), (1, 1, 1, 1)),      # 3x3, few output channels
+])
+def test_integer_convolution_is_exact_on_this_cpu(case):
+    """The tensorized convolution (AVX2 here) equals numpy's integer convolution exactly, at
+    the extremes of the value ranges too (no int16 saturation with 7-bit weights)."""
+    import tvm
+
+    from tsm_edge import int8
+
+    isa = int8.isa_for(tvm.target.Target(TARGETS["avx2"]))
+    assert isa.name == "avx2"
+    shape, kernel, o, strides, padding = case
+    mod, target, what = _conv_module(isa, shape, kernel, o, strides, padding)
+    exe = tvm.compile(mod, target=target)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, shape).astype(np.uint8)
+    x.flat[:64] = 255  # the worst case for vpmaddubsw: 255 * 63 + 255 * 63
+    w = rng.integers(-isa.weight_max, isa.weight_max + 1,
+                     (*kernel, shape[-1], o)).astype(np.int8)
+    w[..., 0] = isa.weight_max
+    w[..., 1] = -isa.weight_max
+    want = _reference(x, w, strides, padding, isa.zero_point)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(want.shape, np.int32), dev)
+    exe(tvm.runtime.tensor(x, dev), tvm.runtime.tensor(int8.pack_weights(w, isa.lanes), dev), out)
+    np.testing.assert_array_equal(out.numpy(), want)
+    assert what["kind"] == ("pointwise" if kernel == (1, 1) else "conv3x3")
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_each_isa_lowers_to_its_instruction(name):
+    """Every supported family compiles to its integer instruction (assembly checked); the
+    boards' own are only compiled here, the AVX2 one also runs (above)."""
+    import tvm
+
+    from tsm_edge import int8
+
+    isa = int8.isa_for(tvm.target.Target(TARGETS[name]))
+    assert isa is not None and isa.name == name
+    mod, target, _ = _conv_module(isa, (1, 8, 8, 32), (3, 3), 32, (1, 1), (1, 1, 1, 1))
+    exe = tvm.compile(mod, target=target)
+    asm = "".join(str(m.inspect_source("asm")) for m in [exe.mod, *exe.mod.imports])
+    mnemonic, register = INSTRUCTIONS[name]
+    lines = [ln for ln in asm.splitlines() if mnemonic in ln]
+    assert len(lines) >= 16, f"{mnemonic} appears {len(lines)} times"
+    assert any(register in ln for ln in lines)
+
+
+def test_no_dot_product_means_no_int8():
+    """A CPU without an integer dot product (Cortex-A72: Armv8.0) gets no int8 build."""
+    import tvm
+
+    from tsm_edge import int8
+    from tsm_edge.errors import UserError
+
+    a72 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+                             "mcpu": "cortex-a72"})
+    assert int8.isa_for(a72) is None
+    with pytest.raises(UserError, match="no integer dot-product instruction"):
+        int8.check_target(a72, "rpi4-aarch64")
+
+
+def test_weight_quantization_and_packing():
+    from tsm_edge import int8
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((3, 3, 8, 16)).astype(np.float32)
+    w[..., 5] = 0.0  # an all-zero output channel keeps a usable scale
+    for isa in (int8.ISAS["avx2"], int8.ISAS["avx512-vnni"]):
+        q, scale = int8.quantize_weights(w, isa)
+        assert q.dtype == np.int8 and np.abs(q).max() == isa.weight_max
+        assert np.all(scale > 0) and np.all(q[..., 5] == 0)
+        err = np.abs(q * scale - w).max(axis=(0, 1, 2))
+        assert np.all(err <= scale / 2 + 1e-7)
+    packed = int8.pack_weights(q, 8)
+    assert packed.shape == (3, 3, 2, 2, 8, 4)
+    # [kh, kw, c/4, o/L, L, 4]: element (1, 2, c=6, o=11)
+    assert packed[1, 2, 1, 1, 3, 2] == q[1, 2, 6, 11]
+
+
+# --------------------------------------------------------------------------- the whole step
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory, synthetic_video):
+    from tsm_edge import calibrate
+
+    path = tmp_path_factory.mktemp("calib") / "tiny.json"
+    calib = calibrate.calibrate("tsm_mobilenetv2_tiny",
+                                sources=[calibrate.video_stream(synthetic_video)],
+                                max_frames=40)
+    calibrate.write_calibration(calib, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_int8(tmp_path_factory, calibration):
+    import tsm_edge
+
+    out = tmp_path_factory.mktemp("art") / "tiny_int8"
+    return tsm_edge.compile("tsm_mobilenetv2_tiny", out, precision="int8",
+                            calibration=str(calibration))
+
+
+def _stream(artifact, frames, carry=True):
+    from tsm_edge.runtime import StreamSession
+
+    s = StreamSession(artifact)
+    out = []
+    for f in frames:
+        if not carry:
+            s.reset()
+        out.append(s.step(f))
+    return np.stack(out)
+
+
+def _video_frames(path, size, n):
+    from tsm_edge.compiler import preprocessing
+    from tsm_edge.drift import video_source
+
+    frames = []
+    for f in video_source(path, preprocessing(size)):
+        frames.append(f)
+        if len(frames) == n:
+            break
+    return np.stack(frames)
+
+
+def test_int8_manifest_says_what_runs_in_integers(tiny_int8, tiny_mnv2):
+    m = json.loads((tiny_int8 / "manifest.json").read_text())
+    ref = json.loads((tiny_mnv2 / "manifest.json").read_text())
+    d = m["precision_detail"]
+    assert m["precision"] == "int8" and d["isa"] == "avx2"
+    assert d["integer_convolutions"] >= 10 and d["float_convolutions"] >= 1
+    assert all(c["compute"] == "int8" or c["why"] for c in d["convolutions"])
+    depthwise = [c for c in d["convolutions"] if c["kind"] == "depthwise"]
+    assert depthwise and all(c["compute"] == "float32" for c in depthwise)
+    sched = m["tuning"]["default_schedules"]
+    # identical fused operators are compiled once, so there may be fewer than convolutions
+    n_int8 = sum(o["rule"] == "convolution-int8" for o in sched["operators"].values())
+    assert 1 <= n_int8 <= d["integer_convolutions"] and sched["unscheduled"] == 0
+    int8_caches = [c for c in m["caches"] if c["dtype"] == "int8"]
+    assert int8_caches and all(c["scale"] > 0 for c in int8_caches)
+    # an int8 cache is a quarter of its fp32 bytes
+    fp32 = {c["name"]: c["bytes"] for c in ref["caches"]}
+    assert all(c["bytes"] * 4 == fp32[c["name"]] for c in int8_caches)
+    assert m["cache_bytes_total"] < ref["cache_bytes_total"]
+    assert m["weights_bytes"] < ref["weights_bytes"] / 2
+    assert d["calibration"]["caches_mode"] == "evolving"
+
+
+def test_int8_streams_close_to_fp32(tiny_int8, tiny_mnv2, synthetic_video):
+    """Over frames of the video it was calibrated on, int8 follows fp32 within a few percent
+    of the logit scale; a stream that drops its caches does not."""
+    frames = _video_frames(synthetic_video, 64, 30)
+    want = _stream(tiny_mnv2, frames)
+    got = _stream(tiny_int8, frames)
+    scale = np.abs(want).max()
+    rel = np.abs(got - want).max() / scale
+    assert rel < 0.08, rel
+    dropped = np.abs(_stream(tiny_int8, frames, carry=False) - want).max() / scale
+    assert dropped > 2 * rel, (dropped, rel)
+
+
+def test_int8_caches_hold_the_quantized_block_input(tiny_int8, tiny_mnv2, synthetic_video):
+    """After each frame every int8 cache, dequantized, is the fp32 artifact's cache to within
+    what one quantization step and the int8 arithmetic upstream allow."""
+    from tsm_edge.runtime import StreamSession
+
+    frames = _video_frames(synthetic_video, 64, 12)
+    a, b = StreamSession(tiny_int8), StreamSession(tiny_mnv2)
+    specs = {c["name"]: c for c in a.manifest["caches"]}
+    for f in frames:
+        a.step(f)
+        b.step(f)
+        got, want = a.caches(dequantize=True), b.caches()
+        for name, spec in specs.items():
+            if spec["dtype"] != "int8":
+                continue
+            raw = a.caches()[name]
+            assert raw.dtype == np.int8 and np.abs(raw.astype(int)).max() <= 127
+            limit = 127 * spec["scale"]
+            err = np.abs(got[name] - np.clip(want[name], -limit, limit)).max()
+            assert err < 0.1 * limit, (name, err, limit)
+
+
+def test_int8_cli_errors(tmp_path, calibration):
+    out = tmp_path / "a"
+    r = run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "--precision", "int8", "-o",
+                str(out))
+    assert r.returncode == 2 and "needs --calibration" in r.stderr
+    r = run_cli("compile", "--model", "tsm_resnet50_tiny", "--precision", "int8",
+                "--calibration", str(calibration), "-o", str(out))
+    assert r.returncode == 2 and "calibration" in r.stderr and "tsm_resnet50_tiny" in r.stderr
+    r = run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "--precision", "int8",
+                "--calibration", str(calibration), "--target", "rpi4-aarch64", "-o", str(out))
+    assert r.returncode == 2 and "dot-product" in r.stderr
+    r = run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "--precision", "fp16",
+                "--calibration", str(calibration), "-o", str(out))
+    assert r.returncode == 2 and "--calibration is for --precision int8" in r.stderr
+    r = run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "--precision", "int8",
+                "--calibration", str(calibration), "--calibration-method", "entropy", "-o",
+                str(out))
+    assert r.returncode == 2 and "valid: max, percentile" in r.stderr
+    assert not out.exists()
+    for line in r.stderr.strip().splitlines():
+        assert line.startswith("error:")

@@ -1,0 +1,467 @@
+"""Int8: integer convolutions on the target's dot-product instructions, and int8 caches.
+
+What ``compile --precision int8 --calibration CALIB`` changes in the step (after the CPU layout
+pass, so activations are NHWC and weights HWIO constants):
+
+- every dense convolution (groups 1) whose input channels are a multiple of 4 and whose output
+  channels fill whole vectors becomes an integer convolution: its input is quantized (symmetric,
+  one scale per tensor, from the calibration), its weights are quantized once here (symmetric, one
+  scale per output channel) and packed as ``[kh, kw, in/4, out/L, L, 4]``, it accumulates in
+  int32, and the result is scaled back to float32 before the bias and activation;
+- the int32 products run on the target's instruction, through a tensorized inner block of L
+  output channels by 4 input channels (``ISAS``): AVX2 ``vpmaddubsw`` + ``vpmaddwd``, AVX-512BW
+  the same on 512 bits, AVX-512 VNNI ``vpdpbusd``, Armv8.2 dot product ``sdot``. x86's
+  instructions multiply unsigned by signed bytes, so on x86 the quantized activation is stored
+  with zero point 128 (``uint8``) and a per-channel correction ``128 * sum(w)`` is subtracted from
+  the int32 result; ``vpmaddubsw`` adds two products into a saturating int16, so without VNNI the
+  weights use 7 bits (+-63), as ONNX Runtime's ``reduce_range`` does;
+- depthwise convolutions, the 3-channel stem and the classifier stay float32: a dot product over
+  4 input channels has nothing to work on there. The manifest counts what runs in integers;
+- each cache whose channels feed an integer convolution is stored as int8 with that
+  convolution's input scale: the next frame quantizes the same values with the same scale, so an
+  int8 cache loses nothing beyond what the integer convolution itself loses (a quarter of fp32's
+  bytes). Caches that feed a float operator stay float32.
+
+This module, ``tvm_api`` and ``schedules`` are the ones that call TVM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InternalError, UserError
+from .schedules import CONV_INT8 as CONV_BLOCK  # the schedule finds the convolution by name
+PAD_BLOCK = "pad_int8"
+
+
+@dataclass(frozen=True)
+class Isa:
+    """One integer dot-product instruction family: L output channels x 4 input bytes."""
+
+    name: str
+    lanes: int          # int32 accumulators per vector = output channels per instruction
+    data_dtype: str     # the activation's storage dtype the instruction multiplies
+    zero_point: int     # added to the symmetric int8 value to get data_dtype
+    weight_max: int     # largest |quantized weight|
+    intrin: str         # TensorIntrin name
+    instructions: str   # for the manifest
+
+    @property
+    def weight_bits(self) -> int:
+        return int(np.ceil(np.log2(self.weight_max + 1))) + 1
+
+
+ISAS = {
+    "avx512-vnni": Isa("avx512-vnni", 16, "uint8", 128, 127, "tsm_edge_dot_16x4_vnni",
+                       "vpdpbusd (AVX-512 VNNI)"),
+    "avx512bw": Isa("avx512bw", 16, "uint8", 128, 63, "tsm_edge_dot_16x4_avx512",
+                    "vpmaddubsw + vpmaddwd (AVX-512BW)"),
+    "avx2": Isa("avx2", 8, "uint8", 128, 63, "tsm_edge_dot_8x4_avx2",
+                "vpmaddubsw + vpmaddwd (AVX2)"),
+    "neon-dotprod": Isa("neon-dotprod", 4, "int8", 0, 127, "tsm_edge_dot_4x4_sdot",
+                        "sdot (Armv8.2 dot product)"),
+}
+
+
+def isa_for(target) -> Isa | None:
+    """The best integer dot-product family the target's CPU has; None where it has none."""
+    from tvm.target import codegen
+
+    host = target.host if getattr(target, "host", None) is not None else target
+    if host.kind.name != "llvm":
+        return None
+    feats = {str(f) for f in codegen.llvm_get_cpu_features(host)}
+    triple = str(host.attrs.get("mtriple", "") or "")
+    if "avx512vnni" in feats and "avx512bw" in feats:
+        return ISAS["avx512-vnni"]
+    if "avx512bw" in feats:
+        return ISAS["avx512bw"]
+    if "avx2" in feats:
+        return ISAS["avx2"]
+    if (triple.startswith("aarch64") or "neon" in feats) and "dotprod" in feats:
+        return ISAS["neon-dotprod"]
+    return None
+
+
+def check_target(target, preset_name: str) -> Isa:
+    """The target's Isa, or a UserError saying plainly that it has no integer dot product."""
+    isa = isa_for(target)
+    if isa is None:
+        host = target.host if getattr(target, "host", None) is not None else target
+        cpu = host.attrs.get("mcpu", "") or host.attrs.get("mtriple", "") or host.kind.name
+        raise UserError(
+            f"--precision int8 for target {preset_name} ({cpu}): its CPU has no integer "
+            "dot-product instruction tsm-edge lowers to (x86 AVX2, AVX-512BW or AVX-512 VNNI; "
+            "Armv8.2 'dotprod', e.g. Cortex-A55/A76/A78). Int8 here would be float arithmetic "
+            "on int8 storage, not faster; valid precisions for this target: fp32, fp16")
+    return isa
+
+
+# --------------------------------------------------------------------------- intrinsics
+
+_REGISTERED: set[str] = set()
+
+
+def register_intrinsic(isa: Isa) -> str:
+    """Register ``isa``'s tensor intrinsic once per process; returns its name."""
+    if isa.intrin in _REGISTERED:
+        return isa.intrin
+    from tvm.s_tir import TensorIntrin
+
+    try:
+        TensorIntrin.get(isa.intrin, allow_missing=True)
+        known = TensorIntrin.get(isa.intrin, allow_missing=True) is not None
+    except TypeError:  # older signature without allow_missing
+        known = False
+    if not known:
+        TensorIntrin.register(isa.intrin, *_intrinsic(isa))
+    _REGISTERED.add(isa.intrin)
+    return isa.intrin
+
+
+def _intrinsic(isa: Isa):
+    """(description, implementation) PrimFuncs: C[i] += A[k] * B[i, k], i < L, k < 4.
+
+    C is the register tile (scope "local") the convolution schedule accumulates in.
+    """
+    from tvm.script import tirx as T
+
+    L, dt = isa.lanes, isa.data_dtype
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), dt, offset_factor=1),
+             B: T.Buffer((L, 4), "int8", offset_factor=1),
+             C: T.Buffer((L,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:L], A[0:4], B[0:L, 0:4])
+            T.writes(C[0:L])
+            for i in T.serial(0, L):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    vec, n_bytes = f"int32x{L}", 4 * L
+    data4 = f"{dt}x4"
+    data_vec = "uint8x" + str(n_bytes) if dt == "uint8" else "int8x" + str(n_bytes)
+    weights_vec = f"int8x{n_bytes}"
+    # (A's 4 bytes broadcast to every lane, B's L x 4 bytes) -> the instruction's operands. One
+    # expression each: a named temporary would become a local buffer per call.
+    if isa.name in ("avx2", "avx512bw"):
+        # products summed in pairs into int16 (saturating), then pairs of those into int32
+        pair_op, widen_op = {
+            "avx2": ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"),
+            "avx512bw": ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"),
+        }[isa.name]
+        pairs = f"int16x{2 * L}"
+
+        @T.prim_func(s_tir=True)
+        def impl(A: T.Buffer((4,), dt, offset_factor=1),
+                 B: T.Buffer((L, 4), "int8", offset_factor=1),
+                 C: T.Buffer((L,), "int32", offset_factor=1, scope="local")) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:L], A[0:4], B[0:L, 0:4])
+                T.writes(C[0:L])
+                C[T.ramp(T.int32(0), 1, L)] += T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(widen_op),
+                    T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id(pair_op),
+                        T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], data4),
+                                                                dtype="int32"), L),
+                                      dtype=data_vec),
+                        B.vload([0, 0], dtype=weights_vec), dtype=pairs),
+                    T.broadcast(T.int16(1), 2 * L), dtype=vec)
+    elif isa.name in ("avx512-vnni", "neon-dotprod"):
+        # four products summed straight into the int32 accumulator (LLVM 17+ takes the bytes
+        # as byte vectors); sdot's operands are both signed, so their order does not matter
+        dot_op = {"avx512-vnni": "llvm.x86.avx512.vpdpbusd.512",
+                  "neon-dotprod": "llvm.aarch64.neon.sdot.v4i32.v16i8"}[isa.name]
+
+        @T.prim_func(s_tir=True)
+        def impl(A: T.Buffer((4,), dt, offset_factor=1),
+                 B: T.Buffer((L, 4), "int8", offset_factor=1),
+                 C: T.Buffer((L,), "int32", offset_factor=1, scope="local")) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:L], A[0:4], B[0:L, 0:4])
+                T.writes(C[0:L])
+                C[T.ramp(T.int32(0), 1, L)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(dot_op), C.vload([0], dtype=vec),
+                    T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], data4),
+                                                            dtype="int32"), L),
+                                  dtype=data_vec),
+                    B.vload([0, 0], dtype=weights_vec), dtype=vec)
+    else:
+        raise InternalError(f"no intrinsic for {isa.name}")
+    return desc, impl
+
+
+# --------------------------------------------------------------------------- operators
+
+
+def conv_prim_func(isa: Isa, data_shape, kernel: tuple[int, int], channels_out: int,
+                   strides, padding):
+    """The integer convolution: NHWC ``isa.data_dtype`` data, packed int8 weights -> int32.
+
+    Padding is the zero point (a real 0). Reduction axes are (ry, rx, rco, rci) so the
+    innermost 4 input channels meet the intrinsic's ``k`` directly.
+    """
+    from tvm import te, tirx
+
+    n, h, w, c = (int(d) for d in data_shape)
+    kh, kw = kernel
+    sh, sw = (int(s) for s in strides)
+    pt, pl, pb, pr = (int(p) for p in padding)
+    L = isa.lanes
+
+    def i64(v: int):  # Relax's legalized operators index in int64: FuseTIR needs the same
+        return tirx.const(v, "int64")
+
+    ho = (h + pt + pb - kh) // sh + 1
+    wo = (w + pl + pr - kw) // sw + 1
+    data = te.placeholder(tuple(map(i64, (n, h, w, c))), isa.data_dtype, name="data")
+    weight = te.placeholder(tuple(map(i64, (kh, kw, c // 4, channels_out // L, L, 4))), "int8",
+                            name="weight")
+    if pt or pl or pb or pr:
+        zp = tirx.const(isa.zero_point, isa.data_dtype)
+        padded = te.compute(
+            tuple(map(i64, (n, h + pt + pb, w + pl + pr, c))),
+            lambda b, y, x, ch: tirx.if_then_else(
+                tirx.all(y >= i64(pt), y < i64(h + pt), x >= i64(pl), x < i64(w + pl)),
+                data[b, y - i64(pt), x - i64(pl), ch], zp), name=PAD_BLOCK)
+    else:
+        padded = data
+    ry = te.reduce_axis((i64(0), i64(kh)), "ry")
+    rx = te.reduce_axis((i64(0), i64(kw)), "rx")
+    rco = te.reduce_axis((i64(0), i64(c // 4)), "rco")
+    rci = te.reduce_axis((i64(0), i64(4)), "rci")
+    out = te.compute(
+        tuple(map(i64, (n, ho, wo, channels_out))),
+        lambda b, y, x, f: te.sum(
+            padded[b, y * i64(sh) + ry, x * i64(sw) + rx, rco * i64(4) + rci].astype("int32")
+            * weight[ry, rx, rco, f // i64(L), f % i64(L), rci].astype("int32"),
+            axis=[ry, rx, rco, rci]), name=CONV_BLOCK)
+    func = te.create_prim_func([data, weight, out])
+    return func.without_attr("global_symbol")  # a private function of the step
+
+
+def quantize_weights(w_hwio: np.ndarray, isa: Isa) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 HWIO weights, float32 per-output-channel scales): symmetric, +-isa.weight_max."""
+    w = np.asarray(w_hwio, dtype=np.float32)
+    absmax = np.abs(w).reshape(-1, w.shape[-1]).max(axis=0)
+    scale = np.where(absmax > 0, absmax / isa.weight_max, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -isa.weight_max, isa.weight_max).astype(np.int8)
+    return q, scale
+
+
+def pack_weights(q_hwio: np.ndarray, lanes: int) -> np.ndarray:
+    """HWIO int8 -> [kh, kw, in/4, out/L, L, 4]: one intrinsic's L x 4 bytes contiguous."""
+    kh, kw, c, o = q_hwio.shape
+    return np.ascontiguousarray(
+        q_hwio.reshape(kh, kw, c // 4, 4, o // lanes, lanes).transpose(0, 1, 2, 4, 5, 3))
+
+
+# --------------------------------------------------------------------------- the step
+
+
+@dataclass(frozen=True)
+class ConvPlan:
+    """What the calibration says about one convolution, in graph order."""
+
+    scale: float                      # the input activation's scale (symmetric int8)
+    weight_shape: tuple[int, ...]     # [O, I/groups, kh, kw], to check the order matches
+
+
+def _weight(expr, lookup):
+    from .tvm_api import _constant_tensor
+
+    from tvm import relax
+
+    if isinstance(expr, relax.Var):
+        expr = lookup(expr)
+        if expr is None:
+            return None
+    tensor = _constant_tensor(expr)
+    return None if tensor is None else tensor.numpy()
+
+
+def quantize_step(mod, isa: Isa, convs: list[ConvPlan], caches: list[tuple[str, int | None]],
+                  model_outputs: int = 1):
+    """The int8 step; returns (module, report). ``mod`` is in the CPU layout (NHWC / HWIO).
+
+    ``caches``: per cache, in step order, (input parameter name, index of the convolution its
+    channels feed, or None). ``report`` lists each convolution (integer or why not) and each
+    cache's dtype and scale.
+    """
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    register_intrinsic(isa)
+    func = mod["main"]
+    result = func.body.body
+    params = list(func.params)
+    report: dict = {"convolutions": [], "caches": []}
+
+    def f32(value: float):
+        return relax.const(np.float32(value), "float32")
+
+    @mutator
+    class _Int8(PyExprMutator):
+        def __init__(self, module):
+            super().__init__(module)
+            self.index = 0
+            self.started = False
+            self.integer: dict[int, float] = {}  # conv index -> input scale, for int8 convs
+            self.cache_params: dict[int, relax.Var] = {}
+
+        def _quantize(self, x, scale: float, dtype: str, zero_point: int):
+            """round(x / scale) clipped to +-127, plus ``zero_point``, as ``dtype``.
+
+            Rounding without a round op (LLVM expands a vector round-half-away-from-zero
+            element by element): shifted by 128.5 into [1, 255.5] every value is positive, so
+            the truncating float-to-integer conversion rounds half up.
+            """
+            b = self.builder_
+            v = b.emit(relax.op.add(relax.op.multiply(x, f32(1.0 / scale)), f32(128.5)))
+            v = b.emit(relax.op.minimum(relax.op.maximum(v, f32(1.0)), f32(255.5)))
+            if dtype == "uint8" and zero_point == 128:
+                return b.emit(relax.op.astype(v, "uint8"))
+            v = b.emit(relax.op.astype(v, "int32"))
+            v = b.emit(relax.op.subtract(v, relax.const(np.int32(128 - zero_point), "int32")))
+            return b.emit(relax.op.astype(v, dtype))
+
+        def _start(self):
+            """Caches stored as int8: dequantize each one where the step begins."""
+            self.started = True
+            for k, (name, conv) in enumerate(caches):
+                scale = self.integer_scale(conv)
+                param = next(p for p in params if p.name == name)
+                if scale is None:
+                    report["caches"].append({"name": name, "dtype": "float32",
+                                             "why": "feeds no integer convolution"})
+                    continue
+                shape = [int(d) for d in param.ty.shape]
+                new = relax.Var(name, relax.TensorType(shape, "int8"))
+                self.cache_params[k] = new
+                deq = self.builder_.emit(relax.op.multiply(relax.op.astype(new, "float32"),
+                                                           f32(scale)), name_hint=name + "_deq")
+                self.set_var_remap(param, deq)
+                report["caches"].append({"name": name, "dtype": "int8", "scale": scale,
+                                         "conv": conv})
+
+        def integer_scale(self, conv: int | None) -> float | None:
+            if conv is None or conv >= len(convs):
+                return None
+            return convs[conv].scale if _eligible_shape(convs[conv].weight_shape, isa) else None
+
+        def visit_var_binding_(self, binding):  # noqa: ANN001 - TVM visitor signature
+            if not self.started:
+                self._start()
+            var, value = binding.var, binding.value
+            if var.same_as(result) and isinstance(value, relax.Tuple):
+                return self._outputs(var, value)
+            if isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.nn.conv2d":
+                index = self.index
+                self.index += 1
+                new = self._conv(index, value)
+                if new is not None:
+                    self.set_var_remap(var, new)
+                    return None
+            return super().visit_var_binding_(binding)
+
+        def _conv(self, index: int, call):
+            attrs = call.attrs
+            w = _weight(call.args[1], self.lookup_binding)
+            entry = {"index": index}
+            report["convolutions"].append(entry)
+            if index >= len(convs):
+                raise UserError(f"the calibration describes {len(convs)} convolutions; the step "
+                                f"has more: calibrate this model again")
+            plan = convs[index]
+            if w is None:
+                raise InternalError(f"convolution {index}: weight is not a constant")
+            o, i, kh, kw = plan.weight_shape
+            if tuple(w.shape) != (kh, kw, i, o):
+                raise UserError(f"the calibration's convolution {index} has weights "
+                                f"{list(plan.weight_shape)} (OIHW); the step's has "
+                                f"{[w.shape[3], w.shape[2], w.shape[0], w.shape[1]]}: it was "
+                                "made for another model; calibrate this model again")
+            entry.update(kind="depthwise" if int(attrs.groups) > 1 else
+                         ("pointwise" if kh == kw == 1 else f"conv{kh}x{kw}"),
+                         macs=None)
+            why = _why_float(plan.weight_shape, int(attrs.groups), attrs, isa)
+            if why:
+                entry.update(compute="float32", why=why)
+                return None
+            if str(attrs.data_layout) != "NHWC" or str(attrs.kernel_layout) != "HWIO":
+                raise InternalError(f"convolution {index}: layout {attrs.data_layout}/"
+                                    f"{attrs.kernel_layout}, expected NHWC/HWIO")
+            x = self.visit_expr(call.args[0])
+            q, wscale = quantize_weights(w, isa)
+            packed = pack_weights(q, isa.lanes)
+            correction = (isa.zero_point * q.astype(np.int64).reshape(-1, o).sum(axis=0)
+                          ).astype(np.int32)
+            xq = self._quantize(x, plan.scale, isa.data_dtype, isa.zero_point)
+            shape = [int(d) for d in x.ty.shape]
+            prim = conv_prim_func(isa, shape, (kh, kw), o, attrs.strides, attrs.padding)
+            gv = self.builder_.add_func(prim, f"conv2d_int8_{index}")
+            out_shape = [int(d) for d in call.ty.shape]
+            acc = self.builder_.emit(relax.call_tir(
+                gv, [xq, relax.const(packed, "int8")], relax.TensorType(out_shape, "int32")))
+            if isa.zero_point:
+                acc = self.builder_.emit(relax.op.subtract(acc, relax.const(correction, "int32")))
+            y = self.builder_.emit(relax.op.astype(acc, "float32"))
+            scale = (np.float32(plan.scale) * wscale).astype(np.float32)
+            self.integer[index] = plan.scale
+            entry.update(compute="int8", input_scale=plan.scale,
+                         macs=int(np.prod(out_shape)) * kh * kw * i)
+            return self.builder_.emit(relax.op.multiply(y, relax.const(scale, "float32")))
+
+        def _outputs(self, var, value):
+            fields = []
+            n_model = len(value.fields) - len(caches)
+            for k, f in enumerate(value.fields):
+                new = self.visit_expr(f)
+                c = k - n_model
+                if c >= 0 and c in self.cache_params:
+                    scale = report["caches"][c]["scale"]
+                    new = self._quantize(new, scale, "int8", 0)
+                fields.append(new)
+            self.set_var_remap(var, self.builder_.emit_output(relax.Tuple(fields),
+                                                              name_hint=var.name))
+
+    mutator_ = _Int8(mod)
+    body = mutator_.visit_expr(func.body)
+    new_params = [mutator_.cache_params.get(next((k for k, (n, _) in enumerate(caches)
+                                                  if n == p.name), -1), p) for p in params]
+    out = mutator_.builder_.get()
+    out["main"] = relax.Function(new_params, body, None, func.is_pure, func.attrs)
+    if mutator_.index != len(convs):
+        raise UserError(f"the calibration describes {len(convs)} convolutions; the step has "
+                        f"{mutator_.index}: it was made for another model; calibrate again")
+    cached = [r for r in report["caches"] if r["dtype"] == "int8"]
+    report["integer_convolutions"] = len(mutator_.integer)
+    report["float_convolutions"] = mutator_.index - len(mutator_.integer)
+    report["int8_caches"] = len(cached)
+    return relax.transform.DeadCodeElimination()(out), report
+
+
+def _eligible_shape(weight_shape, isa: Isa) -> bool:
+    o, i, _kh, _kw = weight_shape
+    return i % 4 == 0 and o % isa.lanes == 0 and i > 1
+
+
+def _why_float(weight_shape, groups: int, attrs, isa: Isa) -> str | None:
+    """Why a convolution stays float32, or None when it runs in integers."""
+    o, i, _kh, _kw = weight_shape
+    if groups != 1:
+        return ("depthwise: each output reads one input channel, so there is no 4-channel "
+                "dot product for the instruction")
+    if any(int(d) != 1 for d in attrs.dilation):
+        return "dilated"
+    if i % 4:
+        return f"{i} input channels: not a multiple of the instruction's 4"
+    if o % isa.lanes:
+        return f"{o} output channels: not a multiple of {isa.lanes} ({isa.name} lanes)"
+    return None
