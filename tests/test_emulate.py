@@ -264,3 +264,53 @@ def test_fp16_rpi4_build_streams_on_the_device(server, tmp_path_factory):
                    timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASS" in proc.stdout and "fp16 artifact" in proc.stdout
+
+
+# --------------------------------------------------------------------------- int8
+
+
+def test_int8_dotprod_build_runs_on_the_device(server, tmp_path_factory, synthetic_video):
+    """The int8 jetson-orin-nano-cpu build (Armv8.2 sdot) runs under the emulated aarch64 CPU,
+    keeps int8 caches, and follows the host's fp32 artifact within the int8 tolerance on video
+    frames; it differs from the host's AVX2 int8 build only by the 7-bit weights AVX2 needs."""
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("aarch64-linux-gnu-g++ is not installed (Debian package g++-aarch64-linux-gnu)")
+    import tsm_edge
+    from tsm_edge import calibrate
+    from tsm_edge.compiler import preprocessing
+    from tsm_edge.drift import video_source
+    from tsm_edge.runtime import StreamSession
+    from tsm_edge.verify import TOLERANCES
+
+    work = tmp_path_factory.mktemp("emu8")
+    calib = calibrate.calibrate(MODEL, sources=[calibrate.video_stream(synthetic_video)],
+                                max_frames=30, threads=1)
+    calibrate.write_calibration(calib, work / "calib.json")
+    art = tsm_edge.compile(MODEL, work / "orin_int8", target="jetson-orin-nano-cpu",
+                           precision="int8", calibration=str(work / "calib.json"))
+    manifest = tsm_edge.read_manifest(art)
+    assert manifest["precision_detail"]["isa"] == "neon-dotprod"
+    assert manifest["elf_machine"] == "aarch64"
+    fp32 = tsm_edge.compile(MODEL, work / "fp32")
+    frames = []
+    for f in video_source(synthetic_video, preprocessing(manifest["model"]["input_size"])):
+        frames.append(f)
+        if len(frames) == FRAMES:
+            break
+    want = StreamSession(fp32)
+    host, port = server.rpc_address
+    remote = emulate.connect(host, port, session_timeout=SESSION_TIMEOUT, timeout=60)
+    stream = emulate.RemoteStream(remote, art)
+    got, ref = [], []
+    for frame in frames:
+        got.append(stream.step(frame))
+        ref.append(want.step(frame))
+        raw = stream.caches()
+        assert any(v.dtype in (np.int8, np.uint8) for v in raw.values())
+    got, ref = np.stack(got), np.stack(ref)
+    rel = np.abs(got - ref).max() / np.abs(ref).max()
+    assert rel < TOLERANCES["int8"], rel
+    import gc
+
+    del stream, remote
+    gc.collect()

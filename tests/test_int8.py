@@ -194,7 +194,7 @@ def test_int8_manifest_says_what_runs_in_integers(tiny_int8, tiny_mnv2):
     # identical fused operators are compiled once, so there may be fewer than convolutions
     n_int8 = sum(o["rule"] == "convolution-int8" for o in sched["operators"].values())
     assert 1 <= n_int8 <= d["integer_convolutions"] and sched["unscheduled"] == 0
-    int8_caches = [c for c in m["caches"] if c["dtype"] == "int8"]
+    int8_caches = [c for c in m["caches"] if c["dtype"] in ("int8", "uint8")]
     assert int8_caches and all(c["scale"] > 0 for c in int8_caches)
     # an int8 cache is a quarter of its fp32 bytes
     fp32 = {c["name"]: c["bytes"] for c in ref["caches"]}
@@ -221,6 +221,7 @@ def test_int8_caches_hold_the_quantized_block_input(tiny_int8, tiny_mnv2, synthe
     """After each frame every int8 cache, dequantized, is the fp32 artifact's cache to within
     what one quantization step and the int8 arithmetic upstream allow."""
     from tsm_edge.runtime import StreamSession
+    from tsm_edge.verify import cache_range
 
     frames = _video_frames(synthetic_video, 64, 12)
     a, b = StreamSession(tiny_int8), StreamSession(tiny_mnv2)
@@ -230,12 +231,19 @@ def test_int8_caches_hold_the_quantized_block_input(tiny_int8, tiny_mnv2, synthe
         b.step(f)
         got, want = a.caches(dequantize=True), b.caches()
         for name, spec in specs.items():
-            if spec["dtype"] != "int8":
+            if spec["dtype"] == "float32":
                 continue
             raw = a.caches()[name]
-            assert raw.dtype == np.int8 and np.abs(raw.astype(int)).max() <= 127
-            limit = 127 * spec["scale"]
-            err = np.abs(got[name] - np.clip(want[name], -limit, limit)).max()
+            assert raw.dtype == np.dtype(spec["dtype"])
+            if spec["dtype"] == "int8":  # symmetric: -128 is never used
+                assert np.abs(raw.astype(int)).max() <= 127
+                assert cache_range(spec) == pytest.approx((-127 * spec["scale"],
+                                                           127 * spec["scale"]))
+            else:  # uint8 for a block input that is never negative
+                assert spec["dtype"] == "uint8" and spec["zero_point"] == 0
+                assert cache_range(spec) == pytest.approx((0.0, 255 * spec["scale"]))
+            lo, limit = cache_range(spec)
+            err = np.abs(got[name] - np.clip(want[name], lo, limit)).max()
             assert err < 0.1 * limit, (name, err, limit)
 
 

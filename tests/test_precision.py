@@ -148,7 +148,7 @@ def test_fp16_run_bench_and_package(tiny_fp16, tmp_path, stream_npy):
 
 
 @pytest.mark.parametrize("precision,fragments", [
-    ("int8", ("--precision int8", "calibration", "valid: fp32, fp16")),
+    ("int8", ("--precision int8 needs --calibration", "tsm-edge calibrate")),
     ("fp8", ("--precision fp8 is not valid", "valid: fp32, fp16")),
 ])
 def test_precision_errors(tmp_path, precision, fragments):

@@ -169,6 +169,21 @@ _BACKEND_NOTES = {
 # ----------------------------------------------------------------------------- child side
 
 
+def time_stream(make, frames, warmup: int, count: int) -> list[float]:
+    """Per-frame latencies (ms) of one stream: ``make()`` returns a fresh ``run(frame)`` that
+    starts from zero caches and carries them; one stream warms up, a new one is timed."""
+    run = make()
+    for i in range(warmup):
+        run(frames[i % len(frames)])
+    run = make()
+    lat = []
+    for i in range(count):
+        t0 = time.perf_counter()
+        run(frames[i % len(frames)])
+        lat.append((time.perf_counter() - t0) * 1e3)
+    return lat
+
+
 def _child(argv: list[str]) -> int:
     import argparse
 
@@ -230,15 +245,7 @@ def _child(argv: list[str]) -> int:
                 return out[0]
             return run
 
-    run = make()
-    for i in range(args.warmup):
-        run(frames[i % len(frames)])
-    run = make()
-    lat = []
-    for i in range(args.frames):
-        t0 = time.perf_counter()
-        run(frames[i % len(frames)])
-        lat.append((time.perf_counter() - t0) * 1e3)
+    lat = time_stream(make, frames, args.warmup, args.frames)
     json.dump({"backend": args.backend, "latencies_ms": lat, **percentiles(lat)}, sys.stdout)
     sys.stdout.write("\n")
     return 0

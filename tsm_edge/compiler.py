@@ -368,8 +368,9 @@ def int8_plan(calib: dict, step):
     from .int8 import ConvPlan
 
     method = calib.get("method", "max")
-    plans = [ConvPlan(activation_scale(c, method), tuple(c["weight_shape"]))
-             for c in calib["convs"]]
+    # activation_scale is the symmetric int8 scale: threshold / 127
+    plans = [ConvPlan(activation_scale(c, method) * 127.0, tuple(c["weight_shape"]),
+                      nonnegative=float(c["min"]) >= 0.0) for c in calib["convs"]]
     by_input = {c["input_name"]: c.get("conv") for c in calib["caches"]}
     missing = [c.input_name for c in step.caches if c.input_name not in by_input]
     if missing:
@@ -420,9 +421,10 @@ def int8_detail(report: dict, isa, calib: dict) -> dict:
     return {
         "compute": "int8 x int8 -> int32 in integer convolutions; float32 elsewhere",
         "instructions": isa.instructions, "isa": isa.name,
-        "activations": ("symmetric int8, one scale per tensor from the calibration"
-                        + (f"; stored as uint8 with zero point {isa.zero_point} for the "
-                           "instruction's unsigned operand" if isa.zero_point else "")),
+        "activations": ("one scale per tensor from the calibration; " +
+                        ("uint8 over all 256 levels where the input is never negative, "
+                         "symmetric int8 + 128 elsewhere (the instruction's operand is "
+                         "unsigned)" if isa.data_dtype == "uint8" else "symmetric int8")),
         "weights": f"symmetric int8, one scale per output channel, {isa.weight_bits} bits "
                    f"(+-{isa.weight_max})" + ("; vpmaddubsw sums two products in a saturating "
                                               "int16" if isa.weight_max < 127 else ""),
@@ -430,7 +432,7 @@ def int8_detail(report: dict, isa, calib: dict) -> dict:
         "float_convolutions": len(convs) - len(integer),
         "float_convolutions_why": why,
         "integer_macs": sum(c.get("macs") or 0 for c in integer),
-        "caches": f"int8 where the cache feeds an integer convolution "
+        "caches": f"8-bit where the cache feeds an integer convolution "
                   f"({report['int8_caches']} of {len(report['caches'])}); float32 elsewhere",
         "calibration": {k: calib.get(k) for k in ("path", "sha256", "caches_mode", "frames",
                                                    "method", "created")},
@@ -517,11 +519,12 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
                    "shape": list(c.shape), "dtype": c.dtype, "bytes": c.nbytes,
                    "channels": list(c.channels), "init": c.init} for c in cache_specs]
         if int8_report is not None:
-            scales = {r["name"]: r["scale"] for r in int8_report["caches"] if "scale" in r}
+            stored = {r["name"]: r for r in int8_report["caches"] if "scale" in r}
             for c in caches:
-                if c["input_name"] in scales:
-                    c.update(scale=scales[c["input_name"]], zero_point=0,
-                             quantization="symmetric int8, the scale of the integer "
+                if c["input_name"] in stored:
+                    r = stored[c["input_name"]]
+                    c.update(scale=r["scale"], zero_point=r["zero_point"],
+                             quantization=f"{r['dtype']}, the scale of the integer "
                                           "convolution the cache feeds")
         return {
             "schema_version": SCHEMA_VERSION,

@@ -1173,9 +1173,16 @@ class RemoteStream:
     def reset(self) -> None:
         self._caches = list(self._zeros)
 
-    def caches(self) -> dict:
-        """The caches the next frame will read, by name (copied back, for checking)."""
-        return {n: c.numpy() for n, c in zip(self.cache_names, self._caches)}
+    def caches(self, dequantize: bool = False) -> dict:
+        """The caches the next frame will read, by name (copied back, for checking); with
+        ``dequantize`` int8 caches as the float32 values they stand for."""
+        from .runtime import dequantize_cache
+
+        out = {n: c.numpy() for n, c in zip(self.cache_names, self._caches)}
+        if dequantize:
+            for spec in self.manifest["caches"]:
+                out[spec["name"]] = dequantize_cache(spec, out[spec["name"]])
+        return out
 
     @property
     def latencies_ms(self) -> list[float]:

@@ -201,10 +201,10 @@ def _intrinsic(isa: Isa):
 
 
 def conv_prim_func(isa: Isa, data_shape, kernel: tuple[int, int], channels_out: int,
-                   strides, padding):
+                   strides, padding, zero_point: int | None = None):
     """The integer convolution: NHWC ``isa.data_dtype`` data, packed int8 weights -> int32.
 
-    Padding is the zero point (a real 0). Reduction axes are (ry, rx, rco, rci) so the
+    Padding is the zero point (a real 0; ``isa.zero_point`` unless given). Reduction axes are (ry, rx, rco, rci) so the
     innermost 4 input channels meet the intrinsic's ``k`` directly.
     """
     from tvm import te, tirx
@@ -224,7 +224,7 @@ def conv_prim_func(isa: Isa, data_shape, kernel: tuple[int, int], channels_out: 
     weight = te.placeholder(tuple(map(i64, (kh, kw, c // 4, channels_out // L, L, 4))), "int8",
                             name="weight")
     if pt or pl or pb or pr:
-        zp = tirx.const(isa.zero_point, isa.data_dtype)
+        zp = tirx.const(isa.zero_point if zero_point is None else zero_point, isa.data_dtype)
         padded = te.compute(
             tuple(map(i64, (n, h + pt + pb, w + pl + pr, c))),
             lambda b, y, x, ch: tirx.if_then_else(
@@ -269,8 +269,40 @@ def pack_weights(q_hwio: np.ndarray, lanes: int) -> np.ndarray:
 class ConvPlan:
     """What the calibration says about one convolution, in graph order."""
 
-    scale: float                      # the input activation's scale (symmetric int8)
+    threshold: float                  # the largest input magnitude kept (calibration method)
     weight_shape: tuple[int, ...]     # [O, I/groups, kh, kw], to check the order matches
+    nonnegative: bool = False         # the input never went below 0 (after a ReLU)
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How a quantized tensor is stored: value = (stored - zero_point) * scale."""
+
+    scale: float
+    zero_point: int
+    dtype: str
+    qmin: int   # the stored range
+    qmax: int
+
+
+def input_storage(plan: ConvPlan, isa: Isa) -> Storage:
+    """A convolution input's storage. x86's instructions take unsigned bytes: a non-negative
+    input uses all 256 levels (zero point 0), a signed one is symmetric int8 + 128. Arm's sdot
+    takes signed bytes: symmetric int8."""
+    t = max(plan.threshold, 1e-30)
+    if isa.data_dtype == "uint8" and plan.nonnegative:
+        return Storage(t / 255.0, 0, "uint8", 0, 255)
+    if isa.data_dtype == "uint8":
+        return Storage(t / 127.0, 128, "uint8", 1, 255)
+    return Storage(t / 127.0, 0, "int8", -127, 127)
+
+
+def cache_storage(conv: Storage) -> Storage:
+    """A cache feeding that convolution: the same scale, stored so that zero is 0 (caches
+    start as zeros): uint8 for a non-negative input, symmetric int8 otherwise."""
+    if conv.dtype == "uint8" and conv.zero_point == 0:
+        return conv
+    return Storage(conv.scale, 0, "int8", -127, 127)
 
 
 def _weight(expr, lookup):
@@ -312,48 +344,54 @@ def quantize_step(mod, isa: Isa, convs: list[ConvPlan], caches: list[tuple[str, 
             super().__init__(module)
             self.index = 0
             self.started = False
-            self.integer: dict[int, float] = {}  # conv index -> input scale, for int8 convs
+            self.integer: dict[int, Storage] = {}  # conv index -> its input's storage
             self.cache_params: dict[int, relax.Var] = {}
 
-        def _quantize(self, x, scale: float, dtype: str, zero_point: int):
-            """round(x / scale) clipped to +-127, plus ``zero_point``, as ``dtype``.
+        def _quantize(self, x, st: Storage):
+            """round(x / scale) + zero_point, clipped to the stored range, as ``st.dtype``.
 
             Rounding without a round op (LLVM expands a vector round-half-away-from-zero
-            element by element): shifted by 128.5 into [1, 255.5] every value is positive, so
-            the truncating float-to-integer conversion rounds half up.
+            element by element): shifted by -qmin + 0.5, every value is positive, so the
+            truncating float-to-integer conversion rounds half up.
             """
             b = self.builder_
-            v = b.emit(relax.op.add(relax.op.multiply(x, f32(1.0 / scale)), f32(128.5)))
-            v = b.emit(relax.op.minimum(relax.op.maximum(v, f32(1.0)), f32(255.5)))
-            if dtype == "uint8" and zero_point == 128:
-                return b.emit(relax.op.astype(v, "uint8"))
+            shift = st.zero_point - st.qmin + 0.5
+            v = b.emit(relax.op.add(relax.op.multiply(x, f32(1.0 / st.scale)), f32(shift)))
+            v = b.emit(relax.op.minimum(relax.op.maximum(v, f32(0.5)),
+                                        f32(st.qmax - st.qmin + 0.5)))
+            if st.qmin == 0:
+                return b.emit(relax.op.astype(v, st.dtype))
             v = b.emit(relax.op.astype(v, "int32"))
-            v = b.emit(relax.op.subtract(v, relax.const(np.int32(128 - zero_point), "int32")))
-            return b.emit(relax.op.astype(v, dtype))
+            v = b.emit(relax.op.add(v, relax.const(np.int32(st.qmin), "int32")))
+            return b.emit(relax.op.astype(v, st.dtype))
 
         def _start(self):
             """Caches stored as int8: dequantize each one where the step begins."""
             self.started = True
             for k, (name, conv) in enumerate(caches):
-                scale = self.integer_scale(conv)
+                st = self.cache_storage(conv)
                 param = next(p for p in params if p.name == name)
-                if scale is None:
+                if st is None:
                     report["caches"].append({"name": name, "dtype": "float32",
                                              "why": "feeds no integer convolution"})
                     continue
                 shape = [int(d) for d in param.ty.shape]
-                new = relax.Var(name, relax.TensorType(shape, "int8"))
+                new = relax.Var(name, relax.TensorType(shape, st.dtype))
                 self.cache_params[k] = new
                 deq = self.builder_.emit(relax.op.multiply(relax.op.astype(new, "float32"),
-                                                           f32(scale)), name_hint=name + "_deq")
+                                                           f32(st.scale)), name_hint=name + "_deq")
                 self.set_var_remap(param, deq)
-                report["caches"].append({"name": name, "dtype": "int8", "scale": scale,
-                                         "conv": conv})
+                report["caches"].append({"name": name, "dtype": st.dtype, "scale": st.scale,
+                                         "zero_point": st.zero_point, "conv": conv,
+                                         "storage": st})
 
-        def integer_scale(self, conv: int | None) -> float | None:
+        def cache_storage(self, conv: int | None) -> Storage | None:
             if conv is None or conv >= len(convs):
                 return None
-            return convs[conv].scale if _eligible_shape(convs[conv].weight_shape, isa) else None
+            plan = convs[conv]
+            if not _eligible_shape(plan.weight_shape, isa):
+                return None
+            return cache_storage(input_storage(plan, isa))
 
         def visit_var_binding_(self, binding):  # noqa: ANN001 - TVM visitor signature
             if not self.started:
@@ -400,21 +438,24 @@ def quantize_step(mod, isa: Isa, convs: list[ConvPlan], caches: list[tuple[str, 
             x = self.visit_expr(call.args[0])
             q, wscale = quantize_weights(w, isa)
             packed = pack_weights(q, isa.lanes)
-            correction = (isa.zero_point * q.astype(np.int64).reshape(-1, o).sum(axis=0)
+            st = input_storage(plan, isa)
+            correction = (st.zero_point * q.astype(np.int64).reshape(-1, o).sum(axis=0)
                           ).astype(np.int32)
-            xq = self._quantize(x, plan.scale, isa.data_dtype, isa.zero_point)
+            xq = self._quantize(x, st)
             shape = [int(d) for d in x.ty.shape]
-            prim = conv_prim_func(isa, shape, (kh, kw), o, attrs.strides, attrs.padding)
+            prim = conv_prim_func(isa, shape, (kh, kw), o, attrs.strides, attrs.padding,
+                                  st.zero_point)
             gv = self.builder_.add_func(prim, f"conv2d_int8_{index}")
             out_shape = [int(d) for d in call.ty.shape]
             acc = self.builder_.emit(relax.call_tir(
                 gv, [xq, relax.const(packed, "int8")], relax.TensorType(out_shape, "int32")))
-            if isa.zero_point:
+            if st.zero_point:
                 acc = self.builder_.emit(relax.op.subtract(acc, relax.const(correction, "int32")))
             y = self.builder_.emit(relax.op.astype(acc, "float32"))
-            scale = (np.float32(plan.scale) * wscale).astype(np.float32)
-            self.integer[index] = plan.scale
-            entry.update(compute="int8", input_scale=plan.scale,
+            scale = (np.float32(st.scale) * wscale).astype(np.float32)
+            self.integer[index] = st
+            entry.update(compute="int8", input_scale=st.scale, input_dtype=st.dtype,
+                         input_zero_point=st.zero_point,
                          macs=int(np.prod(out_shape)) * kh * kw * i)
             return self.builder_.emit(relax.op.multiply(y, relax.const(scale, "float32")))
 
@@ -425,8 +466,7 @@ def quantize_step(mod, isa: Isa, convs: list[ConvPlan], caches: list[tuple[str, 
                 new = self.visit_expr(f)
                 c = k - n_model
                 if c >= 0 and c in self.cache_params:
-                    scale = report["caches"][c]["scale"]
-                    new = self._quantize(new, scale, "int8", 0)
+                    new = self._quantize(new, report["caches"][c]["storage"])
                 fields.append(new)
             self.set_var_remap(var, self.builder_.emit_output(relax.Tuple(fields),
                                                               name_hint=var.name))
@@ -440,7 +480,9 @@ def quantize_step(mod, isa: Isa, convs: list[ConvPlan], caches: list[tuple[str, 
     if mutator_.index != len(convs):
         raise UserError(f"the calibration describes {len(convs)} convolutions; the step has "
                         f"{mutator_.index}: it was made for another model; calibrate again")
-    cached = [r for r in report["caches"] if r["dtype"] == "int8"]
+    for r in report["caches"]:
+        r.pop("storage", None)
+    cached = [r for r in report["caches"] if r["dtype"] != "float32"]
     report["integer_convolutions"] = len(mutator_.integer)
     report["float_convolutions"] = mutator_.index - len(mutator_.integer)
     report["int8_caches"] = len(cached)

@@ -22,12 +22,28 @@ DEFAULT_TOLERANCE = 1e-4
 # move the logits by 0.5% of their scale, PyTorch's own float16 run by 0.8%, the fp16 artifact
 # by 0.8% and its deepest cache by 2.2%. 5e-2 leaves twice the worst of these, and still fails a
 # cache that is not carried (that moves the logits by 35% of their scale).
+# int8: 8-bit activations with one scale per tensor, over 52 convolutions. Measured on
+# MobileNetV2-TSM 224 (seeded-random weights, calibrated on 100 video frames, 16 frames of the
+# same video): logits within 7.8-9.5% of their scale, the deepest caches within 28-31% of their
+# largest magnitude (an element near the top of a cache's range has the coarsest steps and
+# carries every upstream rounding); on random frames outside the calibration's range, logits
+# 10%. A cache that is not carried moves the logits by 35%: 0.15 still fails it.
 TOLERANCES = {"fp32": DEFAULT_TOLERANCE, "fp16": 5e-2, "int8": 0.15}
+CACHE_TOLERANCES = {"int8": 0.5}  # where caches need another bound than the logits'
+
 
 
 def default_tolerance(manifest: dict) -> float:
     """The tolerance ``verify`` applies to an artifact unless told otherwise."""
     return TOLERANCES.get(manifest.get("precision", "fp32"), DEFAULT_TOLERANCE)
+
+
+def cache_range(spec: dict) -> tuple[float, float]:
+    """The smallest and largest value an 8-bit cache can hold: int8 is symmetric (+-127),
+    uint8 spans 0..255 around its zero point."""
+    scale, zp = float(spec["scale"]), int(spec.get("zero_point", 0))
+    lo, hi = (-127, 127) if spec["dtype"] == "int8" else (0, 255)
+    return (lo - zp) * scale, (hi - zp) * scale
 
 
 def make_frames(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -59,8 +75,10 @@ def verify(artifact: str | Path, *, frames: int = 16, frames_array: np.ndarray |
 
     session = session if session is not None else StreamSession(artifact, threads=threads)
     manifest = session.manifest
+    cache_tolerance = tolerance
     if tolerance is None:
         tolerance = default_tolerance(manifest)
+        cache_tolerance = CACHE_TOLERANCES.get(manifest.get("precision", "fp32"), tolerance)
     size = manifest["model"]["input_size"]
     if frames_array is None:
         if frames < 2:
@@ -103,19 +121,20 @@ def verify(artifact: str | Path, *, frames: int = 16, frames_array: np.ndarray |
     for name in session.cache_names:
         ref = np.stack([c[name] for c in eager_caches])
         got = np.stack([c[name] for c in compiled_caches])
-        if specs[name].get("scale"):  # an int8 cache holds values within +-127 scales
-            limit = 127 * float(specs[name]["scale"])
-            ref = np.clip(ref, -limit, limit)
+        if specs[name].get("scale"):  # an 8-bit cache holds the values its range can
+            ref = np.clip(ref, *cache_range(specs[name]))
         caches[name] = {"max_abs_diff": float(np.abs(got - ref).max()),
                         "relative": float(np.abs(got - ref).max() / _scale(ref))}
     worst_cache = max((c["relative"] for c in caches.values()), default=0.0)
     rel_eager, rel_offline = diff_eager / scale, diff_offline / scale
-    passed = rel_eager <= tolerance and rel_offline <= tolerance and worst_cache <= tolerance
+    passed = (rel_eager <= tolerance and rel_offline <= tolerance
+              and worst_cache <= cache_tolerance)
     return {
         "artifact": str(artifact), "model": manifest["model"]["name"], "frames": n,
         "ran_on": "remote device over RPC" if type(session).__name__ == "RemoteStream" else
                   "this machine",
-        "tolerance": tolerance, "precision": manifest.get("precision", "fp32"),
+        "tolerance": tolerance, "cache_tolerance": cache_tolerance,
+        "precision": manifest.get("precision", "fp32"),
         "logit_scale": scale,
         "max_logit_diff_vs_eager": diff_eager, "relative_vs_eager": rel_eager,
         "max_logit_diff_vs_offline": diff_offline, "relative_vs_offline": rel_offline,
