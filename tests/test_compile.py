@@ -157,6 +157,7 @@ def test_recompile_replaces_an_artifact_atomically(tiny_mnv2, tmp_path):
     ({"target": "hots"}, "did you mean 'host'"),
     ({"input_size": 8}, "input-size 8 .*valid"),
     ({"num_classes": 0}, "num-classes"),
+    ({"num_classes": 10 ** 30}, "num-classes 1000000000000000000000000000000 .*1 to 1,000,000"),
     ({"tuning": "/no/db"}, "valid: auto, none"),
 ])
 def test_bad_compile_options(tmp_path, kwargs, match):

@@ -67,6 +67,9 @@ TRAINED_SHIFTS = ("unidirectional", "bidirectional")
 CACHE_CHANNELS = {"first": "uni", "second": "bi"}
 
 
+MAX_CLASSES = 1_000_000  # a classifier beyond this is a typo, not a model (and no memory holds it)
+
+
 def resolve_model(model: str, *, num_classes: int | None = None, input_size: int | None = None,
                   checkpoint: str | None = None, seed: int = 0, trained_shift: str | None = None,
                   cache_channels: str | None = None, quiet: bool = False) -> ModelSource:
@@ -89,6 +92,10 @@ def resolve_model(model: str, *, num_classes: int | None = None, input_size: int
     if cache_channels is not None and cache_channels not in CACHE_CHANNELS:
         raise UserError(f"--cache-channels {cache_channels} is not valid; valid: "
                         f"{', '.join(CACHE_CHANNELS)}")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or not 1 <= num_classes <= MAX_CLASSES):
+        raise UserError(f"--num-classes {num_classes} is not valid; give an integer from 1 to "
+                        f"{MAX_CLASSES:,}")
     state, digest, layout = None, None, None
     if checkpoint:
         state = ckpt.read_state_dict(checkpoint)
