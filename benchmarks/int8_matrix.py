@@ -39,8 +39,9 @@ if str(ROOT) not in sys.path:  # this checkout's tsm_edge, also in the children
 CALIB_SEED, EVAL_SEED = 1001, 2002
 # How `tsm-edge calibrate` is called; placeholders filled in by str.format. Override with
 # --calibrate-args when the command's options differ.
+# One PyTorch thread: on a shared 2-core machine two threads made calibration 5-50x slower.
 CALIBRATE_ARGS = ("calibrate --model {model} --seed {seed} --video {video} --frames {frames} "
-                  "--caches {caches} -o {out}")
+                  "--caches {caches} --threads 1 -o {out}")
 CALIBRATIONS = ("evolving", "zeros")
 
 
