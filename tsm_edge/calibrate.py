@@ -584,11 +584,9 @@ def _problem(doc) -> str | None:
         return "convs must be a non-empty list"
     for i, c in enumerate(doc["convs"]):
         where = f"convs[{i}]"
-        if not isinstance(c, dict):
-            return f"{where} is not an object"
-        miss = [k for k in CONV_KEYS if k not in c]
-        if miss:
-            return f"{where} is missing {', '.join(miss)}"
+        problem = _entry_problem(c, where, CONV_KEYS)
+        if problem:
+            return problem
         if c["index"] != i or not _is_int(c["index"]):
             return f"{where}.index is {c['index']!r}, not {i}"
         if not isinstance(c["node"], str) or not (c["module"] is None
@@ -607,11 +605,9 @@ def _problem(doc) -> str | None:
         return "caches must be a list"
     for i, c in enumerate(doc["caches"]):
         where = f"caches[{i}]"
-        if not isinstance(c, dict):
-            return f"{where} is not an object"
-        miss = [k for k in CACHE_KEYS if k not in c]
-        if miss:
-            return f"{where} is missing {', '.join(miss)}"
+        problem = _entry_problem(c, where, CACHE_KEYS)
+        if problem:
+            return problem
         if not all(isinstance(c[k], str) for k in ("name", "input_name", "output_name")):
             return f"{where}: name, input_name and output_name must be strings"
         if not _ints(c["shape"]):
@@ -625,6 +621,14 @@ def _problem(doc) -> str | None:
     if not isinstance(doc["tool_versions"], dict) or not isinstance(doc["created"], str):
         return "tool_versions must be an object and created a string"
     return None
+
+
+def _entry_problem(entry, where: str, keys) -> str | None:
+    """An entry of ``convs`` or ``caches`` that is not an object with all of ``keys``."""
+    if not isinstance(entry, dict):
+        return f"{where} is not an object"
+    miss = [k for k in keys if k not in entry]
+    return f"{where} is missing {', '.join(miss)}" if miss else None
 
 
 def _stats_problem(entry: dict, where: str, bins: int) -> str | None:
@@ -683,13 +687,11 @@ def check_model(calib: dict, model_entry: dict) -> None:
         problems.append(f"online_layout {c['online_layout']!r} vs "
                         f"{model_entry['online_layout']!r}")
     if not problems:
-        cs = (c.get("checkpoint") or {}).get("sha256")
-        ms = (model_entry.get("checkpoint") or {}).get("sha256")
-        if cs != ms:
-            problems.append(f"checkpoint sha256 {str(cs)[:12]} vs {str(ms)[:12]}")
-        elif cs is None and c.get("seed") != model_entry.get("seed"):
-            problems.append(f"seeded-random weights with seed {c.get('seed')!r} vs "
-                            f"{model_entry.get('seed')!r}")
+        from .drift import weights_difference
+
+        differ = weights_difference(c, model_entry)
+        if differ:
+            problems.append(differ)
     if problems:
         raise UserError(f"the calibration was made for another model ({'; '.join(problems)}; "
                         "calibration vs model); run 'tsm-edge calibrate' with the same --model, "

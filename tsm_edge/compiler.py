@@ -276,14 +276,11 @@ def compile(model: str, output: str | Path, *, target: str | dict = "host",
     if precision in CALIBRATED_PRECISIONS:
         from .calibrate import load_calibration
 
-        from . import int8, tvm_api
+        from . import tvm_api
 
         check_method(calibration_method)
-        target_ = tvm_api.make_target(preset.resolved_tvm_target())
-        if target_.kind.name != "llvm":
-            raise UserError(f"--precision int8 is built for CPU (llvm) targets; {preset.name} "
-                            f"is a {target_.kind.name} target (valid: fp32, fp16)")
-        int8.check_target(target_, preset.name)  # before any work: says why not, plainly
+        # before any work: says why not, plainly
+        int8_isa(tvm_api.make_target(preset.resolved_tvm_target()), preset.name)
         calib = load_calibration(calibration)
     if schedules not in SCHEDULES:
         raise UserError(f"--schedules {schedules}: valid: {', '.join(SCHEDULES)}")
@@ -367,6 +364,17 @@ def precision_detail(precision: str, census: dict, int8: dict | None = None) -> 
                 "input": "float32, cast to float16 inside the step", "logits": "float32",
                 "caches": "float16", "operators": census}
     return {"compute": "float32", "accumulation": "float32", "operators": census}
+
+
+def int8_isa(target, preset_name: str):
+    """The integer dot-product family int8 compiles to on ``target``; else UserError saying
+    why not (a GPU target, or a CPU without one)."""
+    from . import int8
+
+    if target.kind.name != "llvm":
+        raise UserError(f"--precision int8 is built for CPU (llvm) targets; {preset_name} "
+                        f"is a {target.kind.name} target (valid: fp32, fp16)")
+    return int8.check_target(target, preset_name)
 
 
 def int8_plan(calib: dict, step):
@@ -488,19 +496,14 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
     elif tuning not in ("auto", "none"):
         raise UserError(f"--tuning {tuning}: tuning records apply to CPU (llvm) targets; "
                         f"{preset.name} is a {target.kind.name} target (valid: auto, none)")
-    isa = None
-    if precision == "int8":
-        from . import int8
-
-        if not cpu:
-            raise UserError(f"--precision int8 is built for CPU (llvm) targets; {preset.name} "
-                            f"is a {target.kind.name} target (valid: fp32, fp16)")
-        isa = int8.check_target(target, preset.name)
+    isa = int8_isa(target, preset.name) if precision == "int8" else None
     if use_schedules or databases or isa is not None:
         mod = timed("layout", tvm_api.prepare_cpu, mod)
     int8_report = None
     if isa is not None:
         plans, cache_plan = int8_plan(calibration, step)
+        from . import int8
+
         mod, int8_report = timed("quantize", int8.quantize_step, mod, isa, plans, cache_plan,
                                  len(step.outputs))
         frame_spec, output_specs, cache_specs = compiled_specs(step, *tvm_api.signature(mod))

@@ -24,6 +24,18 @@ from .errors import UserError
 TREND_PER = 1000  # the slope is reported per this many frames
 
 
+def weights_difference(a: dict, b: dict) -> str | None:
+    """How two manifest ``model`` entries' weights differ (checkpoint sha256, or the seed of
+    seeded-random weights), or None when they are the same."""
+    ca = (a.get("checkpoint") or {}).get("sha256")
+    cb = (b.get("checkpoint") or {}).get("sha256")
+    if ca != cb:
+        return f"weights: checkpoint sha256 {str(ca)[:12]} vs {str(cb)[:12]}"
+    if ca is None and a.get("seed") != b.get("seed"):
+        return f"weights: seeded-random with seed {a.get('seed')} vs {b.get('seed')}"
+    return None
+
+
 def check_reference(manifest: dict, reference: dict, *, same_weights: bool = True,
                     names: tuple[str, str] = ("artifact", "reference")) -> None:
     """Refuse a reference that is not the same model, input, outputs and caches.
@@ -37,13 +49,9 @@ def check_reference(manifest: dict, reference: dict, *, same_weights: bool = Tru
         if a.get(key) != r.get(key):
             problems.append(f"model {key} {a.get(key)!r} vs {r.get(key)!r}")
     if same_weights and not problems:
-        ca = (a.get("checkpoint") or {}).get("sha256")
-        cr = (r.get("checkpoint") or {}).get("sha256")
-        if ca != cr:
-            problems.append(f"weights: checkpoint sha256 {str(ca)[:12]} vs {str(cr)[:12]}")
-        elif ca is None and a.get("seed") != r.get("seed"):
-            problems.append(f"weights: seeded-random with seed {a.get('seed')} vs "
-                            f"{r.get('seed')}")
+        differ = weights_difference(a, r)
+        if differ:
+            problems.append(differ)
     ia, ir = manifest["input"], reference["input"]
     if ia["shape"] != ir["shape"]:
         problems.append(f"input shape {ia['shape']} vs {ir['shape']}")

@@ -110,12 +110,7 @@ def register_intrinsic(isa: Isa) -> str:
         return isa.intrin
     from tvm.s_tir import TensorIntrin
 
-    try:
-        TensorIntrin.get(isa.intrin, allow_missing=True)
-        known = TensorIntrin.get(isa.intrin, allow_missing=True) is not None
-    except TypeError:  # older signature without allow_missing
-        known = False
-    if not known:
+    if TensorIntrin.get(isa.intrin, allow_missing=True) is None:
         TensorIntrin.register(isa.intrin, *_intrinsic(isa))
     _REGISTERED.add(isa.intrin)
     return isa.intrin
