@@ -2,7 +2,7 @@
 
 import sys
 
-from tsm_edge.cli import main
+from tsm_edge.cli.app import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,7 @@ b. per tsm-edge int8 artifact: ``drift INT8 --reference FP32 --video EVAL`` (top
    drift slope, logit differences) and ``bench`` of fp32 and int8 in alternating rounds;
 c. ONNX Runtime: ``export FP32 --onnx`` and ``tsm_edge.ort_quant.quantize_step_onnx`` on the same
    calibration frames, caches evolving and zeros; each of fp32 / int8 timed in its own process
-   the way ``tsm_edge.bench`` times ONNX Runtime, and compared with ORT fp32 on the evaluation
+   the way ``tsm_edge.measure.bench`` times ONNX Runtime, and compared with ORT fp32 on the evaluation
    video (``drift.drift_stats``, caches carried in every stream);
 d. one table on stdout and one JSON (``--json``).
 
@@ -107,7 +107,7 @@ def sha256(path: Path) -> str:
 
 def frames_of(video: Path, preprocessing: dict, limit: int):
     """Preprocessed frames of ``video`` as tsm-edge makes them, at most ``limit``, (3, S, S)."""
-    from tsm_edge.drift import video_source
+    from tsm_edge.measure.drift import video_source
 
     for i, f in enumerate(video_source(video, preprocessing)):
         if i >= limit:
@@ -119,9 +119,9 @@ def frames_of(video: Path, preprocessing: dict, limit: int):
 
 
 def child_env(threads: int | None = None) -> dict:
-    from tsm_edge.bench import _child_env
+    from tsm_edge.measure.bench import child_env
 
-    env = _child_env(threads)
+    env = child_env(threads)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
 
@@ -165,7 +165,7 @@ def tsm_edge_cli(args: list[str], log: dict, name: str, timeout: float,
 
 
 def ort_child(argv: list[str]) -> int:
-    """Time one ONNX model as ``tsm_edge.bench`` times ONNX Runtime (its own process)."""
+    """Time one ONNX model as ``tsm_edge.measure.bench`` times ONNX Runtime (its own process)."""
     ap = argparse.ArgumentParser(prog="int8_matrix.py --child-ort")
     ap.add_argument("--child-ort", required=True)
     ap.add_argument("--frames", type=int, default=200)
@@ -174,10 +174,10 @@ def ort_child(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     import numpy as np
 
-    from tsm_edge.bench import time_stream
-    from tsm_edge.onnx_export import ort_session
-    from tsm_edge.ort_quant import StepIO
-    from tsm_edge.runtime import percentiles
+    from tsm_edge.frontend.onnx_export import ort_session
+    from tsm_edge.measure.bench import time_stream
+    from tsm_edge.measure.ort_quant import StepIO
+    from tsm_edge.runtime.frames import percentiles
 
     sess = ort_session(args.child_ort, args.threads)
     io = StepIO(sess, args.child_ort)
@@ -205,7 +205,7 @@ def time_alternating(jobs: dict, rounds: int) -> dict:
     ``jobs``: name -> callable returning a list of per-frame latencies (ms). A job that raises
     is recorded as an error and not run again.
     """
-    from tsm_edge.runtime import percentiles
+    from tsm_edge.runtime.frames import percentiles
 
     lat = {k: [] for k in jobs}
     per_round: dict[str, list[float]] = {k: [] for k in jobs}
@@ -249,10 +249,10 @@ def fail_soft(log: dict, name: str, fn, *args, **kwargs):
 
 def export_in_process(model: str, seed: int, path: Path) -> Path:
     """The step's ONNX without an fp32 artifact (when ``tsm-edge compile`` fails)."""
-    from tsm_edge.compiler import resolve_model
-    from tsm_edge.export import trace_step
-    from tsm_edge.onnx_export import export_step_onnx
-    from tsm_edge.rewrite import rewrite_shifts
+    from tsm_edge.frontend.onnx_export import export_step_onnx
+    from tsm_edge.frontend.rewrite import rewrite_shifts
+    from tsm_edge.frontend.trace import trace_step
+    from tsm_edge.models.resolve import resolve_model
 
     src = resolve_model(model, seed=seed, quiet=True)
     return export_step_onnx(rewrite_shifts(trace_step(src.module, src.input_size)), path)
@@ -303,7 +303,7 @@ def table(result: dict) -> str:
 
 def tsm_edge_rows(steps: dict, fp32_ok: bool, fp32_manifest: dict | None, int8_dirs: dict,
                   drift_reports: dict, timing: dict) -> list[dict]:
-    from tsm_edge.artifact import read_manifest
+    from tsm_edge.artifact.store import read_manifest
 
     rows = []
     te_w = te_c = None
@@ -338,8 +338,8 @@ def tsm_edge_rows(steps: dict, fp32_ok: bool, fp32_manifest: dict | None, int8_d
 def onnxruntime_rows(args, work: Path, steps: dict, fp32_dir: Path | None,
                      fp32_manifest: dict | None, calib_video: Path, eval_video: Path, reuse):
     """Export, quantize (evolving, zeros), compare and time the ONNX Runtime models."""
-    from tsm_edge import ort_quant
-    from tsm_edge.bench import _run_child
+    from tsm_edge.measure import ort_quant
+    from tsm_edge.measure.bench import run_child
 
     T = args.threads
     fp32_onnx = work / "ort_fp32.onnx"
@@ -357,7 +357,7 @@ def onnxruntime_rows(args, work: Path, steps: dict, fp32_dir: Path | None,
     if fp32_manifest is not None:
         prep = fp32_manifest["input"]["preprocessing"]
     else:
-        from tsm_edge.compiler import preprocessing
+        from tsm_edge.models.resolve import preprocessing
 
         size = ort_quant.StepIO(ort_quant._session(fp32_onnx, T), fp32_onnx).frame_shape[-1]
         prep = preprocessing(size)
@@ -378,7 +378,7 @@ def onnxruntime_rows(args, work: Path, steps: dict, fp32_dir: Path | None,
         def run():
             common = ["--frames", str(args.bench_frames), "--warmup", str(args.warmup),
                       "--threads", str(T)]
-            r = _run_child([str(Path(__file__).resolve()), "--child-ort", str(path), *common],
+            r = run_child([str(Path(__file__).resolve()), "--child-ort", str(path), *common],
                            T, args.timeout)
             return r["latencies_ms"]
         return run
@@ -449,8 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     if not backends or backends - {"tsm-edge", "onnxruntime"}:
         ap.error(f"--backends {args.backends} is not valid; valid: tsm-edge, onnxruntime")
 
-    from tsm_edge.artifact import atomic_write_json, read_manifest
-    from tsm_edge.bench import METHOD, _BACKEND_NOTES, machine
+    from tsm_edge.artifact.store import read_manifest
+    from tsm_edge.measure.bench import BACKEND_NOTES, METHOD
+    from tsm_edge.support.files import atomic_write_json
+    from tsm_edge.support.system import machine
 
     t_start = time.monotonic()
     work = Path(args.work or f"out/int8_matrix/{args.model}").resolve()
@@ -571,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
                                 f"pooled; bench's method: {method}",
             "onnxruntime latency": f"a child process per model and round ({__file__} "
                                    "--child-ort), alternated the same way; " + method +
-                                   _BACKEND_NOTES["onnxruntime"],
+                                   BACKEND_NOTES["onnxruntime"],
             "tsm-edge accuracy": "'tsm-edge drift INT8 --reference FP32 --video EVAL': both "
                                  "artifacts stream the evaluation video, caches carried",
             "onnxruntime accuracy": "ORT fp32 and each ORT int8 stream the evaluation video in "
@@ -586,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     try:
-        from tsm_edge.compiler import tool_versions
+        from tsm_edge.support.versions import tool_versions
 
         result["tool_versions"] = tool_versions()
         import onnxruntime

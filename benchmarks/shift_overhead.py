@@ -20,13 +20,15 @@ from pathlib import Path
 
 
 def compile_all(model: str, out: Path) -> dict[str, Path]:
-    from tsm_edge import compiler, targets
-    from tsm_edge.models import build_model
+    from tsm_edge.compiler import api as compiler
+    from tsm_edge.compiler import targets
+    from tsm_edge.models import resolve as model_resolve
+    from tsm_edge.models.registry import build_model
 
     paths = {}
     preset = targets.resolve_target("host")
     for name, shift in (("tsm", True), ("tsn_a", False), ("tsn_b", False)):
-        source = compiler.resolve_model(model)
+        source = model_resolve.resolve_model(model)
         if not shift:
             source.module = build_model(model, num_classes=source.num_classes, seed=source.seed,
                                         shift=False)
@@ -41,7 +43,8 @@ def time_blocks(paths: dict[str, str], block: int, rounds: int, threads: int) ->
     sys.modules["torch"] = None  # a board has no torch; tvm_ffi would import it
     import numpy as np
 
-    from tsm_edge.runtime import StreamSession, percentiles
+    from tsm_edge.runtime.frames import percentiles
+    from tsm_edge.runtime.session import StreamSession
 
     sessions = {k: StreamSession(v, threads=threads) for k, v in paths.items()}
     size = next(iter(sessions.values())).input_shape[-1]
@@ -84,7 +87,7 @@ def main() -> int:
                            "--threads", str(args.threads)], capture_output=True, text=True,
                           check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    from tsm_edge.bench import machine
+    from tsm_edge.support.system import machine
 
     result.update({"model": args.model, "threads": args.threads, "block": args.block,
                    "rounds": args.rounds, "machine": machine(),
@@ -94,7 +97,7 @@ def main() -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
-        from tsm_edge.artifact import atomic_write_json
+        from tsm_edge.support.files import atomic_write_json
 
         atomic_write_json(args.json, result)
     return 0

@@ -2,7 +2,7 @@
 
 For each model the artifact is compiled once (``--tuning auto``: tuning records for this exact
 CPU if there are any, tsm-edge's default schedules for every other operator), then
-``tsm_edge.bench`` times tsm-edge, ONNX Runtime and PyTorch the same way, each backend in its own
+``tsm_edge.measure.bench`` times tsm-edge, ONNX Runtime and PyTorch the same way, each backend in its own
 process. The README's table of measured figures is made from this JSON (``--markdown``).
 
     python benchmarks/standard_matrix.py --out out/matrix --json benchmarks/results/matrix.json
@@ -30,8 +30,9 @@ def main() -> int:
     args = ap.parse_args()
 
     import tsm_edge
-    from tsm_edge.artifact import atomic_write_json
-    from tsm_edge.bench import bench, machine
+    from tsm_edge.measure.bench import bench
+    from tsm_edge.support.files import atomic_write_json
+    from tsm_edge.support.system import machine
 
     rows = []
     for model in args.models.split(","):
@@ -58,7 +59,7 @@ def main() -> int:
             })
             print(json.dumps({k: rows[-1][k] for k in ("model", "threads", "p50_ms",
                                                         "tsm_edge_vs_onnxruntime")}), flush=True)
-    from tsm_edge.compiler import tool_versions
+    from tsm_edge.support.versions import tool_versions
 
     out = {"machine": machine(), "rows": rows, "tool_versions": tool_versions(),
            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -33,11 +33,13 @@ def main() -> int:
 
     from tvm.s_tir import meta_schedule as ms
 
-    from tsm_edge import targets, tvm_api, tuning
-    from tsm_edge.bench import machine
+    from tsm_edge.compiler import targets, tuning
+    from tsm_edge.compiler.tvm import metaschedule
+    from tsm_edge.compiler.tvm import target as tvm_target
+    from tsm_edge.support.system import machine
 
     preset = targets.resolve_target("host")
-    target = tvm_api.make_target(preset.resolved_tvm_target())
+    target = tvm_target.make_target(preset.resolved_tvm_target())
     tasks = tuning._tasks(args.model, None, target)
     workers = len(os.sched_getaffinity(0))
     out = {"model": args.model, "tasks": len(tasks), "trials": args.trials,
@@ -47,15 +49,15 @@ def main() -> int:
 
     for name in args.variants.split(","):
         work = tempfile.mkdtemp(prefix=f"tune-{name}-")
-        db = tvm_api.open_database(work)
+        db = metaschedule.open_database(work)
         t0 = time.monotonic()
         count = {"tried": 0, "build_errors": 0, "run_errors": 0, "first_error": None,
                  "stopped_by_limit": False}
 
-        def over() -> bool:
+        def over(t0=t0) -> bool:
             return time.monotonic() - t0 > 60 * args.limit_minutes
 
-        def on_results(builds, runs, tasks_n, scheduler):
+        def on_results(builds, runs, tasks_n, scheduler, count=count, over=over):
             count["tried"] += len(builds)
             for b, r in zip(builds, runs):
                 err = b.error_msg or r.error_msg
@@ -93,12 +95,12 @@ def main() -> int:
         else:
             # the run's first batches measure the default schedules (the baseline records);
             # counted separately from MetaSchedule's own trials
-            base = tvm_api.tune(tasks, target, db, trials=args.trials, per_iter=args.per_iter,
+            base = metaschedule.tune(tasks, target, db, trials=args.trials, per_iter=args.per_iter,
                                 on_batch=lambda n, i: over(), runner={"kind": "local"},
                                 workers=workers)
             count["baseline_records"] = len(base)
         seconds = time.monotonic() - t0
-        n = tvm_api.database_size(tvm_api.open_database(work))
+        n = metaschedule.database_size(metaschedule.open_database(work))
         out["runs"][name] = {"records": n, "seconds": round(seconds, 1),
                              "records_per_minute": round(n / seconds * 60, 2), **count}
         print(name, out["runs"][name], flush=True)

@@ -1,49 +1,24 @@
-"""Shared fixtures: tiny models compiled once per test session."""
+"""Shared fixtures (tiny models compiled once per test session) and the ``needs`` marker."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-TINY_SIZE = 64
+from helpers import TINY_SIZE, TOOL_PACKAGES, missing_tools, write_synthetic_video
 
 
-def eager_stream(model, frames, layout: str | None = None, caches: bool = False):
-    """The PyTorch reference: one frame per call, each TemporalShift keeping its own past.
-
-    Returns the logits (T, K), and with ``caches=True`` also each frame's caches by name.
-    """
-    import torch
-
-    from tsm_edge.shift import set_online_layout, set_shift_mode, shift_modules
-
-    if layout is not None:
-        set_online_layout(model, layout)
-    set_shift_mode(model, "stream")
-    shifts = shift_modules(model)
-    logits, seen = [], []
-    try:
-        with torch.no_grad():
-            for f in frames:
-                logits.append(model(torch.from_numpy(f[None])).numpy().reshape(-1))
-                seen.append({n: m._past.numpy().copy() for n, m in shifts})
-    finally:
-        set_shift_mode(model, "online")
-    return (np.stack(logits), seen) if caches else np.stack(logits)
-
-
-def run_cli(*args: str, timeout: float = 600, env: dict | None = None):
-    """Run the real ``tsm-edge`` command in a subprocess."""
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "tsm_edge.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env=full_env)
+def pytest_runtest_setup(item):
+    """``@pytest.mark.needs(tool, ..., why=...)``: skip, naming the tool, its package and why."""
+    for mark in item.iter_markers("needs"):
+        missing = missing_tools(mark.args)
+        if missing:
+            packages = ", ".join(sorted({TOOL_PACKAGES.get(t, t) for t in missing}))
+            pytest.skip(f"needs {', '.join(missing)} ({mark.kwargs.get('why', 'see the test')}); "
+                        f"install Debian {packages} (.ci/run does)")
 
 
 @pytest.fixture(scope="session")
@@ -75,29 +50,6 @@ def frames_npy(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("frames") / "frames.npy"
     rng = np.random.default_rng(1)
     np.save(path, rng.standard_normal((6, 3, TINY_SIZE, TINY_SIZE)).astype(np.float32))
-    return path
-
-
-def write_synthetic_video(path: Path, frames: int = 50, size=(160, 120), fps: int = 25) -> Path:
-    """A few seconds of moving shapes, encoded with PyAV (mpeg4)."""
-    import av
-
-    w, h = size
-    with av.open(str(path), mode="w") as c:
-        s = c.add_stream("mpeg4", rate=fps)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        yy, xx = np.mgrid[0:h, 0:w]
-        for t in range(frames):
-            img = np.zeros((h, w, 3), np.uint8)
-            img[..., 2] = (xx * 255 // w).astype(np.uint8)               # static gradient
-            cx, cy = 10 + 3 * t % (w - 20), h // 2 + int(20 * np.sin(t / 5))
-            img[(abs(xx - cx) < 12) & (abs(yy - cy) < 12)] = (255, 40, 40)  # moving square
-            r = 8 + t % 10
-            img[(xx - (w - 30)) ** 2 + (yy - 30) ** 2 < r * r] = (40, 255, 40)  # pulsing disc
-            for packet in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                c.mux(packet)
-        for packet in s.encode():
-            c.mux(packet)
     return path
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_SIZE, run_cli, write_synthetic_video
+from helpers import TINY_SIZE, run_cli, write_synthetic_video
 
 MODEL = "tsm_mobilenetv2_tiny"
 BINS = 256
@@ -28,9 +28,9 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def mnv2():
     """The tiny MobileNetV2's resolved source and its online step, built once."""
-    from tsm_edge.compiler import resolve_model
-    from tsm_edge.export import trace_step
-    from tsm_edge.rewrite import rewrite_shifts
+    from tsm_edge.frontend.rewrite import rewrite_shifts
+    from tsm_edge.frontend.trace import trace_step
+    from tsm_edge.models.resolve import resolve_model
 
     src = resolve_model(MODEL)
     return src, rewrite_shifts(trace_step(src.module, src.input_size, src.require_shift))
@@ -45,7 +45,7 @@ def frames() -> np.ndarray:
 @pytest.fixture(scope="module")
 def stats(mnv2, frames):
     """Both cache modes over the same single stream."""
-    from tsm_edge.calibrate import array_stream, run_passes
+    from tsm_edge.compiler.quantize.calibrate import array_stream, run_passes
 
     _, step = mnv2
     return {mode: run_passes(step, [array_stream(frames)], caches=mode, bins=BINS)
@@ -63,7 +63,7 @@ def eager_conv_inputs(model, frames: np.ndarray, reset_every_frame: bool) -> dic
     """Each nn.Conv2d's inputs, in call order, from the eager model in stream mode (hooks)."""
     import torch
 
-    from tsm_edge.shift import reset_stream, set_shift_mode
+    from tsm_edge.models.shift import reset_stream, set_shift_mode
 
     seen: dict[str, list] = {}
     hooks = [m.register_forward_pre_hook(
@@ -162,7 +162,7 @@ def test_evolving_differs_from_zeros_on_cache_fed_convs(stats):
 
 def test_cache_stats_are_the_carried_outputs(mnv2, frames, stats):
     """Evolving cache statistics equal the eager model's per-frame caches (its ``_past``)."""
-    from conftest import eager_stream
+    from helpers import eager_stream
 
     src, _ = mnv2
     _, caches = eager_stream(src.module, frames, caches=True)
@@ -178,7 +178,7 @@ def test_cache_stats_are_the_carried_outputs(mnv2, frames, stats):
 
 
 def test_each_source_is_its_own_stream(mnv2, frames):
-    from tsm_edge.calibrate import array_stream, run_passes
+    from tsm_edge.compiler.quantize.calibrate import array_stream, run_passes
 
     _, step = mnv2
     part = frames[:3]
@@ -197,7 +197,7 @@ def test_each_source_is_its_own_stream(mnv2, frames):
 
 
 def test_videos_are_streams_and_merge(mnv2, videos):
-    from tsm_edge.calibrate import run_passes, video_stream
+    from tsm_edge.compiler.quantize.calibrate import run_passes, video_stream
 
     _, step = mnv2
     a, b = videos
@@ -220,7 +220,7 @@ def test_videos_are_streams_and_merge(mnv2, videos):
 
 
 def test_activation_scale_max_percentile_and_zero(stats):
-    from tsm_edge.calibrate import MIN_SCALE, activation_scale
+    from tsm_edge.compiler.quantize.calibration import MIN_SCALE, activation_scale
     from tsm_edge.errors import UserError
 
     entry = {"absmax": 10.0, "hist": [990] + [0] * 8 + [10]}
@@ -245,7 +245,7 @@ def test_activation_scale_max_percentile_and_zero(stats):
 
 @pytest.fixture(scope="module")
 def calib_file(mnv2, stats, tmp_path_factory) -> Path:
-    from tsm_edge.calibrate import assemble, write_calibration
+    from tsm_edge.compiler.quantize.calibration import assemble, write_calibration
 
     src, _ = mnv2
     doc = assemble(src.manifest_entry(), stats["evolving"], caches="evolving", bins=BINS)
@@ -253,7 +253,7 @@ def calib_file(mnv2, stats, tmp_path_factory) -> Path:
 
 
 def test_load_calibration_accepts_a_written_file(calib_file):
-    from tsm_edge.calibrate import load_calibration
+    from tsm_edge.compiler.quantize.calibration import load_calibration
 
     doc = load_calibration(calib_file)
     assert doc["format"] == "tsm-edge-calibration" and doc["schema_version"] == 1
@@ -282,7 +282,7 @@ def _damaged(calib_file: Path, tmp_path: Path, change) -> Path:
     (lambda d: d["streams"][0].update(frames=3), "streams"),
 ])
 def test_load_calibration_rejects_bad_files(calib_file, tmp_path, change, fragment):
-    from tsm_edge.calibrate import load_calibration
+    from tsm_edge.compiler.quantize.calibration import load_calibration
     from tsm_edge.errors import UserError
 
     bad = _damaged(calib_file, tmp_path, change)
@@ -292,7 +292,7 @@ def test_load_calibration_rejects_bad_files(calib_file, tmp_path, change, fragme
 
 
 def test_load_calibration_rejects_corrupt_and_missing(calib_file, tmp_path):
-    from tsm_edge.calibrate import load_calibration
+    from tsm_edge.compiler.quantize.calibration import load_calibration
     from tsm_edge.errors import UserError
 
     corrupt = tmp_path / "corrupt.json"
@@ -309,9 +309,9 @@ def test_load_calibration_rejects_corrupt_and_missing(calib_file, tmp_path):
 
 
 def test_check_model(calib_file, mnv2):
-    from tsm_edge.calibrate import check_model, load_calibration
-    from tsm_edge.compiler import resolve_model
+    from tsm_edge.compiler.quantize.calibration import check_model, load_calibration
     from tsm_edge.errors import UserError
+    from tsm_edge.models.resolve import resolve_model
 
     src, _ = mnv2
     doc = load_calibration(calib_file)
@@ -331,7 +331,7 @@ def test_check_model(calib_file, mnv2):
 
 
 def test_cli_writes_a_valid_calibration(frames_npy, tmp_path):
-    from tsm_edge.calibrate import load_calibration
+    from tsm_edge.compiler.quantize.calibration import load_calibration
 
     out = tmp_path / "calib.json"
     proc = run_cli("calibrate", "--model", MODEL, "--frames-npy", str(frames_npy), "--bins",
@@ -348,8 +348,8 @@ def test_cli_writes_a_valid_calibration(frames_npy, tmp_path):
 
 
 def test_cli_videos_zeros_stride_and_frame_cap(videos, tmp_path, capsys):
-    from tsm_edge.calibrate import load_calibration
-    from tsm_edge.cli import main
+    from tsm_edge.cli.app import main
+    from tsm_edge.compiler.quantize.calibration import load_calibration
 
     a, b = videos
     out = tmp_path / "z.json"
@@ -385,7 +385,7 @@ def one_frame_npy(tmp_path_factory) -> Path:
 ])
 def test_cli_user_errors_write_nothing(args, fragment, frames_npy, one_frame_npy, videos,
                                        tmp_path, capsys):
-    from tsm_edge.cli import main
+    from tsm_edge.cli.app import main
 
     out = tmp_path / "calib.json"
     names = {"video": str(videos[0]), "npy": str(frames_npy), "one": str(one_frame_npy),

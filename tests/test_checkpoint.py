@@ -13,12 +13,13 @@ import pytest
 import torch
 
 import tsm_edge
-from conftest import eager_stream, run_cli
-from tsm_edge.compiler import resolve_model
-from tsm_edge.models import build_model
-from tsm_edge.runtime import StreamSession
-from tsm_edge.shift import shift_modules
-from tsm_edge.verify import make_frames
+from tsm_edge.measure.verify import make_frames
+from tsm_edge.models.registry import build_model
+from tsm_edge.models.resolve import resolve_model
+from tsm_edge.models.shift import shift_modules
+from tsm_edge.runtime.session import StreamSession
+
+from helpers import eager_stream, run_cli
 
 
 def shifted_prefixes(model):
@@ -116,7 +117,7 @@ def test_layout_compiles_and_streams_like_the_original(tmp_path, name, layout, w
 def test_mmaction2_mobilenetv2_mapping_loads_every_weight():
     original = build_model("tsm_mobilenetv2", seed=3)
     ckpt = to_mmaction2_mobilenetv2(original)
-    from tsm_edge.checkpoint import convert
+    from tsm_edge.models.checkpoint import convert
 
     state, layout = convert(ckpt["state_dict"], "mobilenetv2", "x")
     assert layout == "mmaction2"

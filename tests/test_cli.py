@@ -5,16 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_cli
-
-
-def assert_user_error(proc, *fragments):
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
+from helpers import assert_user_error, run_cli
 
 
 def test_models_and_targets():
@@ -36,7 +27,7 @@ def test_inspect_json_is_the_manifest(tiny_mnv2):
 
 
 def test_run_saves_logits_equal_to_the_session(tiny_mnv2, frames_npy, tmp_path):
-    from tsm_edge.runtime import StreamSession
+    from tsm_edge.runtime.session import StreamSession
 
     out, jl = tmp_path / "logits.npy", tmp_path / "frames.jsonl"
     proc = run_cli("run", str(tiny_mnv2), "--frames-npy", str(frames_npy), "--save-logits",
@@ -89,7 +80,7 @@ def test_bench_child_never_loads_torch(tiny_mnv2):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "tsm_edge.probe", str(tiny_mnv2), "--frames",
+    proc = subprocess.run([sys.executable, "-m", "tsm_edge.measure.probe", str(tiny_mnv2), "--frames",
                            "3", "--warmup", "1"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["torch_loaded"] is False

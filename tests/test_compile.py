@@ -7,25 +7,27 @@ import numpy as np
 import pytest
 
 import tsm_edge
-from tsm_edge import tvm_api
-from tsm_edge.artifact import read_manifest
+from tsm_edge.artifact.store import read_manifest
+from tsm_edge.compiler.tvm import analysis as tvm_analysis
+from tsm_edge.compiler.tvm import device_code as tvm_device
+from tsm_edge.compiler.tvm import importer as tvm_import
 from tsm_edge.errors import UserError
-from tsm_edge.export import trace_step
-from tsm_edge.models import build_model
-from tsm_edge.rewrite import rewrite_shifts
-from tsm_edge.runtime import StreamSession
-from tsm_edge.shift import shift_modules
-from tsm_edge.verify import make_frames, verify
+from tsm_edge.frontend.rewrite import rewrite_shifts
+from tsm_edge.frontend.trace import trace_step
+from tsm_edge.measure.verify import make_frames, verify
+from tsm_edge.models.registry import build_model
+from tsm_edge.models.shift import shift_modules
+from tsm_edge.runtime.session import StreamSession
 
-from conftest import eager_stream
+from helpers import eager_stream
 
 
 def test_batch_norm_folded_away_at_compile_time():
     step = rewrite_shifts(trace_step(build_model("tsm_mobilenetv2_tiny"), 64))
-    mod = tvm_api.import_exported(step.exported)
-    assert tvm_api.count_calls(mod, "relax.nn.batch_norm") > 0
-    folded = tvm_api.fold_constants(mod)
-    names = tvm_api.op_names(folded)
+    mod = tvm_import.import_exported(step.exported)
+    assert tvm_analysis.count_calls(mod, "relax.nn.batch_norm") > 0
+    folded = tvm_import.fold_constants(mod)
+    names = tvm_analysis.op_names(folded)
     assert "relax.nn.batch_norm" not in names
     assert "relax.nn.conv2d" in names
 
@@ -118,7 +120,7 @@ def test_tampered_truncated_and_missing_files_are_refused(artifact_copy):
 
 
 def test_artifact_for_another_arch_is_refused(tiny_mnv2):
-    from tsm_edge.platform_check import check_runnable
+    from tsm_edge.support.platform import check_runnable
 
     m = read_manifest(tiny_mnv2)
     with pytest.raises(UserError, match="built for x86_64.*this machine is aarch64"):
@@ -138,7 +140,7 @@ def test_compile_refuses_foreign_folder_and_leaves_nothing_on_failure(tmp_path, 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(tvm_api, "export_library", boom)
+    monkeypatch.setattr(tvm_device, "export_library", boom)
     with pytest.raises(OSError, match="disk full"):
         tsm_edge.compile("tsm_mobilenetv2_tiny", tmp_path / "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no partial or temp folder

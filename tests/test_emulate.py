@@ -6,13 +6,13 @@ emulated server takes about 35 s to start): run with ``pytest -m slow tests/test
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import numpy as np
 import pytest
 
-from tsm_edge import emulate
+from tsm_edge.device import emulator, rpc
+from tsm_edge.device.remote import RemoteStream
 from tsm_edge.errors import UserError
 
 MODEL = "tsm_mobilenetv2_tiny"
@@ -23,9 +23,7 @@ KEY = "rpi4-emulated"
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which(emulate.QEMU) is None,
-                       reason=f"{emulate.QEMU} is not installed (Debian package "
-                              f"{emulate.QEMU_PACKAGE}); the emulated aarch64 device needs it"),
+    pytest.mark.needs(emulator.QEMU, why="the emulated aarch64 device runs under it"),
 ]
 
 
@@ -33,15 +31,13 @@ pytestmark = [
 def device_dir():
     """The provisioned device (the user's cache: built once, reused by later runs)."""
     t0 = time.perf_counter()
-    path = emulate.provision()
+    path = emulator.provision()
     print(f"\nprovision: {time.perf_counter() - t0:.1f} s ({path})")
     return path
 
 
 @pytest.fixture(scope="module")
 def aarch64_artifact(tmp_path_factory):
-    if shutil.which("aarch64-linux-gnu-g++") is None:
-        pytest.skip("aarch64-linux-gnu-g++ is not installed (Debian package g++-aarch64-linux-gnu)")
     import tsm_edge
 
     out = tmp_path_factory.mktemp("emu") / "tiny_aarch64"
@@ -50,15 +46,16 @@ def aarch64_artifact(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(device_dir):
-    port = emulate.free_port()
-    with emulate.running_server(port, cache_dir=device_dir, timeout=300) as proc:
+    port = rpc.free_port()
+    with emulator.running_server(port, cache_dir=device_dir, timeout=300) as proc:
         print(f"\nemulated server ready in {proc.ready_seconds:.1f} s on port {port}")
         yield proc
 
 
 def _eager_reference(frames):
-    from conftest import eager_stream
-    from tsm_edge.models import build_model
+    from tsm_edge.models.registry import build_model
+
+    from helpers import eager_stream
 
     return eager_stream(build_model(MODEL), frames, caches=True)
 
@@ -68,39 +65,39 @@ def _eager_reference(frames):
 
 def test_provision_is_cached_and_matches_the_host(device_dir):
     t0 = time.perf_counter()
-    assert emulate.provision(device_dir, log=lambda _: None) == device_dir
+    assert emulator.provision(device_dir, log=lambda _: None) == device_dir
     assert time.perf_counter() - t0 < 5.0  # every step skipped
-    info = emulate.device_info(device_dir)
+    info = emulator.device_info(device_dir)
     assert info["provisioned"]
     v = info["versions"]
     assert v["machine"] == "aarch64"
-    host = emulate.host_versions()
+    host = rpc.host_versions()
     assert v["apache-tvm"] == host["apache-tvm"]
     assert v["apache-tvm-ffi"] == host["apache-tvm-ffi"]
-    lay = emulate.layout(device_dir)
+    lay = emulator.layout(device_dir)
     assert v["executable"] == str(lay.launcher)  # the sitecustomize worked
     assert lay.launcher.read_text().startswith("#!/bin/sh")
     print(f"\ncache size: {info['bytes'] / 2**20:.0f} MiB")
 
 
 def test_missing_qemu_is_a_user_error(monkeypatch):
-    monkeypatch.setattr(emulate.shutil, "which", lambda name: None)
-    with pytest.raises(UserError, match=emulate.QEMU_PACKAGE):
-        emulate.provision()
+    monkeypatch.setattr(emulator.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match=emulator.QEMU_PACKAGE):
+        emulator.provision()
 
 
 # --------------------------------------------------------------------------- bounded waits
 
 
 def test_waits_on_a_dead_port_fail_fast():
-    port = emulate.free_port()
+    port = rpc.free_port()
     t0 = time.perf_counter()
     with pytest.raises(UserError, match=f"no TVM RPC server .*{port}"):
-        emulate.wait_ready("127.0.0.1", port, timeout=2)
+        rpc.wait_ready("127.0.0.1", port, timeout=2)
     with pytest.raises(UserError, match="no TVM RPC server answers"):
-        emulate.connect("127.0.0.1", port, timeout=2)
+        rpc.connect("127.0.0.1", port, timeout=2)
     with pytest.raises(UserError, match="no TVM RPC tracker answers"):
-        emulate.tracker_keys("127.0.0.1", port, timeout=2)
+        rpc.tracker_keys("127.0.0.1", port, timeout=2)
     assert time.perf_counter() - t0 < 15
 
 
@@ -108,21 +105,21 @@ def test_waits_on_a_dead_port_fail_fast():
 
 
 def test_stream_over_rpc_matches_pytorch(server, aarch64_artifact):
-    from tsm_edge.artifact import read_manifest
-    from tsm_edge.verify import make_frames
+    from tsm_edge.artifact.store import read_manifest
+    from tsm_edge.measure.verify import make_frames
 
     manifest = read_manifest(aarch64_artifact)
     assert manifest["elf_machine"] == "aarch64"
     host, port = server.rpc_address
-    remote = emulate.connect(host, port, session_timeout=SESSION_TIMEOUT, timeout=60)
-    versions = emulate.check_versions(remote)
+    remote = rpc.connect(host, port, session_timeout=SESSION_TIMEOUT, timeout=60)
+    versions = rpc.check_versions(remote)
     assert versions["checked"] and not versions["mismatched"], versions
 
     size = manifest["model"]["input_size"]
     frames = make_frames(FRAMES, size, seed=11)
     ref_logits, ref_caches = _eager_reference(frames)
 
-    stream = emulate.RemoteStream(remote, aarch64_artifact)
+    stream = RemoteStream(remote, aarch64_artifact)
     assert set(stream.cache_names) == set(ref_caches[0])
     for t, frame in enumerate(frames):
         got = stream.step(frame)
@@ -146,47 +143,47 @@ def test_stream_over_rpc_matches_pytorch(server, aarch64_artifact):
 def test_tracker_two_emulated_servers_under_one_key(device_dir):
     import tvm
 
-    with emulate.running_tracker() as (thost, tport):
+    with rpc.running_tracker() as (thost, tport):
         tracker = f"{thost}:{tport}"
         procs = []
         try:
             for _ in range(2):
-                procs.append(emulate.start_server(emulate.free_port(), tracker=tracker,
+                procs.append(emulator.start_server(rpc.free_port(), tracker=tracker,
                                                   key=KEY, cache_dir=device_dir))
             for p in procs:
-                emulate.wait_ready(*p.rpc_address, timeout=300, proc=p)
-            keys = emulate.wait_for_key(thost, tport, KEY, count=2, timeout=60)
+                rpc.wait_ready(*p.rpc_address, timeout=300, proc=p)
+            keys = rpc.wait_for_key(thost, tport, KEY, count=2, timeout=60)
             assert keys[KEY]["servers"] == 2 and keys[KEY]["free"] == 2
 
             # TVM's own client sees the key in the summary, then its request works
             summary = tvm.rpc.connect_tracker(thost, tport).summary()
             assert summary["queue_info"][KEY]["free"] == 2
             assert {s["key"] for s in summary["server_info"]} == {f"server:{KEY}"}
-            first = emulate._call_with_timeout(
+            first = rpc.call_with_timeout(
                 lambda: tvm.rpc.connect_tracker(thost, tport).request(
                     KEY, session_timeout=SESSION_TIMEOUT),
                 120, "tracker request")
             # the helper gets the other server while the first session is held
-            second = emulate.request_with_timeout(thost, tport, KEY,
+            second = rpc.request_with_timeout(thost, tport, KEY,
                                                   session_timeout=SESSION_TIMEOUT, timeout=60)
             for sess in (first, second):
                 a = tvm.runtime.tensor(np.arange(6, dtype=np.float32), sess.cpu())
                 np.testing.assert_array_equal(a.numpy(), np.arange(6, dtype=np.float32))
-                assert emulate.check_versions(sess)["checked"]
+                assert rpc.check_versions(sess)["checked"]
 
             # both servers busy: the helper's request gives up after its timeout
             with pytest.raises(UserError, match="became free within 3 s"):
-                emulate.request_with_timeout(thost, tport, KEY, timeout=3)
+                rpc.request_with_timeout(thost, tport, KEY, timeout=3)
 
             # a key nobody serves: TVM would wait forever; the helper fails fast, naming the keys
             t0 = time.perf_counter()
             with pytest.raises(UserError, match=f"key 'no-such-board'.*{KEY} \\(2 servers"):
-                emulate.request_with_timeout(thost, tport, "no-such-board", timeout=30)
+                rpc.request_with_timeout(thost, tport, "no-such-board", timeout=30)
             assert time.perf_counter() - t0 < 5
             del first, second
         finally:
             for p in procs:
-                emulate.stop_server(p)
+                rpc.stop_server(p)
         for p in procs:
             assert p.poll() is not None
 
@@ -196,8 +193,7 @@ def test_cli_run_and_bench_over_rpc(aarch64_artifact, server, tmp_path):
     device-side figures; an unreachable address and an absent tracker key fail fast."""
     import json
 
-    from conftest import run_cli
-    from test_cli import assert_user_error
+    from helpers import assert_user_error, run_cli
 
     port = server.port
     frames = np.random.default_rng(3).standard_normal((FRAMES, 3, 64, 64)).astype(np.float32)
@@ -212,10 +208,10 @@ def test_cli_run_and_bench_over_rpc(aarch64_artifact, server, tmp_path):
     assert proc.returncode == 0, proc.stderr
     r = json.loads((tmp_path / "b.json").read_text())
     assert r["backends"]["tsm-edge"]["p50_ms"] > 0 and "time_evaluator" in r["method"]["tsm-edge"]
-    free = emulate.free_port()
+    free = rpc.free_port()
     assert_user_error(run_cli("run", str(aarch64_artifact), "--rpc", f"127.0.0.1:{free}",
                               "--frames-npy", str(tmp_path / "f.npy")), f"127.0.0.1:{free}")
-    with emulate.running_tracker() as (host, tport):
+    with rpc.running_tracker() as (host, tport):
         assert_user_error(run_cli("bench", str(aarch64_artifact), "--tracker",
                                   f"{host}:{tport}", "--key", "no-such-board"), "no-such-board")
 
@@ -226,11 +222,10 @@ def test_cli_run_and_bench_over_rpc(aarch64_artifact, server, tmp_path):
 def test_fp16_rpi4_build_streams_on_the_device(server, tmp_path_factory):
     """The fp16 rpi4-aarch64 build keeps float16 caches on the device, carries them, and stays
     within the fp16 tolerance of PyTorch (fp32) for every frame; `tsm-edge verify --rpc` passes."""
-    if shutil.which("aarch64-linux-gnu-g++") is None:
-        pytest.skip("aarch64-linux-gnu-g++ is not installed (Debian package g++-aarch64-linux-gnu)")
     import tsm_edge
-    from conftest import run_cli
-    from tsm_edge.verify import TOLERANCES, make_frames
+    from tsm_edge.measure.verify import TOLERANCES, make_frames
+
+    from helpers import run_cli
 
     art = tsm_edge.compile(MODEL, tmp_path_factory.mktemp("emu16") / "tiny_aarch64_fp16",
                            target="rpi4-aarch64", precision="fp16")
@@ -238,12 +233,12 @@ def test_fp16_rpi4_build_streams_on_the_device(server, tmp_path_factory):
     assert manifest["elf_machine"] == "aarch64" and manifest["precision"] == "fp16"
     assert manifest["tuning"]["default_schedules"]["unscheduled"] == 0
     host, port = server.rpc_address
-    remote = emulate.connect(host, port, session_timeout=SESSION_TIMEOUT, timeout=60)
-    emulate.check_versions(remote)
+    remote = rpc.connect(host, port, session_timeout=SESSION_TIMEOUT, timeout=60)
+    rpc.check_versions(remote)
     frames = make_frames(FRAMES, manifest["model"]["input_size"], seed=13)
     ref_logits, ref_caches = _eager_reference(frames)
     tol = TOLERANCES["fp16"]
-    stream = emulate.RemoteStream(remote, art)
+    stream = RemoteStream(remote, art)
     scale = np.abs(ref_logits).max()
     for t, frame in enumerate(frames):
         got = stream.step(frame)
@@ -273,19 +268,18 @@ def test_int8_dotprod_build_runs_on_the_device(server, tmp_path_factory, synthet
     """The int8 jetson-orin-nano-cpu build (Armv8.2 sdot) runs under the emulated aarch64 CPU,
     keeps int8 caches, and follows the host's fp32 artifact within the int8 tolerance on video
     frames; it differs from the host's AVX2 int8 build only by the 7-bit weights AVX2 needs."""
-    if shutil.which("aarch64-linux-gnu-g++") is None:
-        pytest.skip("aarch64-linux-gnu-g++ is not installed (Debian package g++-aarch64-linux-gnu)")
     import tsm_edge
-    from tsm_edge import calibrate
-    from tsm_edge.compiler import preprocessing
-    from tsm_edge.drift import video_source
-    from tsm_edge.runtime import StreamSession
-    from tsm_edge.verify import TOLERANCES
+    from tsm_edge.compiler.quantize import calibrate
+    from tsm_edge.compiler.quantize import calibration as calibration_file
+    from tsm_edge.measure.drift import video_source
+    from tsm_edge.measure.verify import TOLERANCES
+    from tsm_edge.models.resolve import preprocessing
+    from tsm_edge.runtime.session import StreamSession
 
     work = tmp_path_factory.mktemp("emu8")
     calib = calibrate.calibrate(MODEL, sources=[calibrate.video_stream(synthetic_video)],
                                 max_frames=30, threads=1)
-    calibrate.write_calibration(calib, work / "calib.json")
+    calibration_file.write_calibration(calib, work / "calib.json")
     art = tsm_edge.compile(MODEL, work / "orin_int8", target="jetson-orin-nano-cpu",
                            precision="int8", calibration=str(work / "calib.json"))
     manifest = tsm_edge.read_manifest(art)
@@ -299,8 +293,8 @@ def test_int8_dotprod_build_runs_on_the_device(server, tmp_path_factory, synthet
             break
     want = StreamSession(fp32)
     host, port = server.rpc_address
-    remote = emulate.connect(host, port, session_timeout=SESSION_TIMEOUT, timeout=60)
-    stream = emulate.RemoteStream(remote, art)
+    remote = rpc.connect(host, port, session_timeout=SESSION_TIMEOUT, timeout=60)
+    stream = RemoteStream(remote, art)
     got, ref = [], []
     for frame in frames:
         got.append(stream.step(frame))

@@ -26,15 +26,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from conftest import TINY_SIZE, run_cli
-from test_cli import assert_user_error
-from tsm_edge import package as pkgmod
-from tsm_edge.artifact import read_manifest
+from tsm_edge.artifact import package as pkgmod
+from tsm_edge.artifact.store import read_manifest
 from tsm_edge.errors import UserError
-from tsm_edge.runtime import StreamSession, load_frames_npy
+from tsm_edge.runtime.frames import load_frames_npy
+from tsm_edge.runtime.session import StreamSession
+
+from helpers import TINY_SIZE, assert_user_error, run_cli
 
 COMMON = dict(deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -272,7 +274,7 @@ def evil_library(scratch):
     """A shared library that creates $TSM_EDGE_FUZZ_MARKER the moment it is loaded."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        pytest.skip("no C compiler (cc) to build the library that reveals being loaded")
+        pytest.skip("needs cc (builds the library that reveals being loaded); install Debian gcc")
     src = scratch / "evil.c"
     src.write_text(EVIL_C)
     lib = scratch / "evil.so"
@@ -346,7 +348,7 @@ class Payload:
 def good_checkpoint(scratch):
     import torch
 
-    from tsm_edge.models import build_model
+    from tsm_edge.models.registry import build_model
 
     path = scratch / "good.pth"
     torch.save(build_model("tsm_mobilenetv2_tiny").state_dict(), path)
@@ -354,7 +356,7 @@ def good_checkpoint(scratch):
 
 
 def _checkpoint_bytes(scratch, good_checkpoint, data, cut, flips):
-    from tsm_edge.checkpoint import read_state_dict
+    from tsm_edge.models.checkpoint import read_state_dict
 
     blob = bytearray(data if cut is None else good_checkpoint[:cut] + data)
     if cut is not None:
@@ -383,7 +385,7 @@ test_checkpoint_bytes, test_checkpoint_bytes_long = fuzz(
 def _malicious_pickle(scratch, protocol, wrap, container):
     import torch
 
-    from tsm_edge.checkpoint import read_state_dict
+    from tsm_edge.models.checkpoint import read_state_dict
 
     d = Path(tempfile.mkdtemp(dir=scratch))
     marker = d / "ran.marker"
@@ -553,7 +555,7 @@ def _cli_argv(data, paths):
 
 
 def _cli(cli_paths, data):
-    from tsm_edge.cli import main
+    from tsm_edge.cli.app import main
 
     argv = _cli_argv(data, cli_paths)
     out, err = io.StringIO(), io.StringIO()
@@ -589,7 +591,7 @@ def test_unpack_onto_a_file_is_a_user_error(real_members, scratch):
                                      "a..b:9190", "x" * 70 + ":1", "host name:9190"])
 def test_bad_addresses_are_one_line_errors(tiny_mnv2, address):
     """Found by the long CLI fuzz: '--rpc ../x' reached the resolver and raised UnicodeError."""
-    from tsm_edge.cli import main
+    from tsm_edge.cli.app import main
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 
 X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
 TARGETS = {  # ISA -> a TVM target whose CPU has it
@@ -23,7 +23,8 @@ INSTRUCTIONS = {"avx2": ("vpmaddubsw", "ymm"), "avx512bw": ("vpmaddubsw", "zmm")
 def _conv_module(isa, shape, kernel, out_channels, strides, padding):
     import tvm
 
-    from tsm_edge import int8, schedules
+    from tsm_edge.compiler import schedules
+    from tsm_edge.compiler.quantize import int8
 
     func = int8.conv_prim_func(isa, shape, kernel, out_channels, strides, padding)
     target = tvm.target.Target(TARGETS[isa.name])
@@ -60,9 +61,10 @@ def test_integer_convolution_is_exact_on_this_cpu(case):
     the extremes of the value ranges too (no int16 saturation with 7-bit weights)."""
     import tvm
 
-    from tsm_edge import int8
+    from tsm_edge.compiler.quantize import int8
+    from tsm_edge.compiler.quantize import isa as isas
 
-    isa = int8.isa_for(tvm.target.Target(TARGETS["avx2"]))
+    isa = isas.isa_for(tvm.target.Target(TARGETS["avx2"]))
     assert isa.name == "avx2"
     shape, kernel, o, strides, padding = case
     mod, target, what = _conv_module(isa, shape, kernel, o, strides, padding)
@@ -88,9 +90,9 @@ def test_each_isa_lowers_to_its_instruction(name):
     boards' own are only compiled here, the AVX2 one also runs (above)."""
     import tvm
 
-    from tsm_edge import int8
+    from tsm_edge.compiler.quantize import isa as isas
 
-    isa = int8.isa_for(tvm.target.Target(TARGETS[name]))
+    isa = isas.isa_for(tvm.target.Target(TARGETS[name]))
     assert isa is not None and isa.name == name
     mod, target, _ = _conv_module(isa, (1, 8, 8, 32), (3, 3), 32, (1, 1), (1, 1, 1, 1))
     exe = tvm.compile(mod, target=target)
@@ -105,23 +107,24 @@ def test_no_dot_product_means_no_int8():
     """A CPU without an integer dot product (Cortex-A72: Armv8.0) gets no int8 build."""
     import tvm
 
-    from tsm_edge import int8
+    from tsm_edge.compiler.quantize import isa as isas
     from tsm_edge.errors import UserError
 
     a72 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu",
                              "mcpu": "cortex-a72"})
-    assert int8.isa_for(a72) is None
+    assert isas.isa_for(a72) is None
     with pytest.raises(UserError, match="no integer dot-product instruction"):
-        int8.check_target(a72, "rpi4-aarch64")
+        isas.check_target(a72, "rpi4-aarch64")
 
 
 def test_weight_quantization_and_packing():
-    from tsm_edge import int8
+    from tsm_edge.compiler.quantize import int8
+    from tsm_edge.compiler.quantize import isa as isas
 
     rng = np.random.default_rng(3)
     w = rng.standard_normal((3, 3, 8, 16)).astype(np.float32)
     w[..., 5] = 0.0  # an all-zero output channel keeps a usable scale
-    for isa in (int8.ISAS["avx2"], int8.ISAS["avx512-vnni"]):
+    for isa in (isas.ISAS["avx2"], isas.ISAS["avx512-vnni"]):
         q, scale = int8.quantize_weights(w, isa)
         assert q.dtype == np.int8 and np.abs(q).max() == isa.weight_max
         assert np.all(scale > 0) and np.all(q[..., 5] == 0)
@@ -138,13 +141,14 @@ def test_weight_quantization_and_packing():
 
 @pytest.fixture(scope="module")
 def calibration(tmp_path_factory, synthetic_video):
-    from tsm_edge import calibrate
+    from tsm_edge.compiler.quantize import calibrate
+    from tsm_edge.compiler.quantize import calibration as calibration_file
 
     path = tmp_path_factory.mktemp("calib") / "tiny.json"
     calib = calibrate.calibrate("tsm_mobilenetv2_tiny",
                                 sources=[calibrate.video_stream(synthetic_video)],
                                 max_frames=40)
-    calibrate.write_calibration(calib, path)
+    calibration_file.write_calibration(calib, path)
     return path
 
 
@@ -158,7 +162,7 @@ def tiny_int8(tmp_path_factory, calibration):
 
 
 def _stream(artifact, frames, carry=True):
-    from tsm_edge.runtime import StreamSession
+    from tsm_edge.runtime.session import StreamSession
 
     s = StreamSession(artifact)
     out = []
@@ -170,8 +174,8 @@ def _stream(artifact, frames, carry=True):
 
 
 def _video_frames(path, size, n):
-    from tsm_edge.compiler import preprocessing
-    from tsm_edge.drift import video_source
+    from tsm_edge.measure.drift import video_source
+    from tsm_edge.models.resolve import preprocessing
 
     frames = []
     for f in video_source(path, preprocessing(size)):
@@ -220,8 +224,8 @@ def test_int8_streams_close_to_fp32(tiny_int8, tiny_mnv2, synthetic_video):
 def test_int8_caches_hold_the_quantized_block_input(tiny_int8, tiny_mnv2, synthetic_video):
     """After each frame every int8 cache, dequantized, is the fp32 artifact's cache to within
     what one quantization step and the int8 arithmetic upstream allow."""
-    from tsm_edge.runtime import StreamSession
-    from tsm_edge.verify import cache_range
+    from tsm_edge.measure.verify import cache_range
+    from tsm_edge.runtime.session import StreamSession
 
     frames = _video_frames(synthetic_video, 64, 12)
     a, b = StreamSession(tiny_int8), StreamSession(tiny_mnv2)
@@ -247,6 +251,7 @@ def test_int8_caches_hold_the_quantized_block_input(tiny_int8, tiny_mnv2, synthe
             assert err < 0.1 * limit, (name, err, limit)
 
 
+@pytest.mark.needs("aarch64-linux-gnu-g++", why="rpi4-aarch64 is refused after its preset resolves")
 def test_int8_cli_errors(tmp_path, calibration):
     out = tmp_path / "a"
     r = run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "--precision", "int8", "-o",

@@ -1,15 +1,15 @@
 """ONNX export of the rewritten step: checker clean, caches as named I/O, equal to PyTorch."""
 
 import numpy as np
-import pytest
 import onnx
+import pytest
 
-from tsm_edge.export import trace_step
-from tsm_edge.models import build_model
-from tsm_edge.onnx_export import export_step_onnx, ort_session
-from tsm_edge.verify import make_frames
+from tsm_edge.frontend.onnx_export import export_step_onnx, ort_session
+from tsm_edge.frontend.trace import trace_step
+from tsm_edge.measure.verify import make_frames
+from tsm_edge.models.registry import build_model
 
-from conftest import eager_stream
+from helpers import eager_stream
 
 
 def ort_stream(sess, step, frames) -> np.ndarray:
@@ -25,7 +25,7 @@ def ort_stream(sess, step, frames) -> np.ndarray:
 
 
 def test_onnx_step_streams_like_pytorch(tmp_path):
-    from tsm_edge.rewrite import rewrite_shifts
+    from tsm_edge.frontend.rewrite import rewrite_shifts
 
     model = build_model("tsm_mobilenetv2_tiny")
     step = rewrite_shifts(trace_step(model, 64))
@@ -46,7 +46,7 @@ def test_onnx_step_streams_like_pytorch(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["tsm_mobilenetv2", "tsm_resnet50"])
 def test_full_model_onnx_export_streams_like_pytorch(tmp_path, name):
-    from tsm_edge.rewrite import rewrite_shifts
+    from tsm_edge.frontend.rewrite import rewrite_shifts
 
     model = build_model(name)
     step = rewrite_shifts(trace_step(model, 224))

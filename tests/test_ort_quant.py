@@ -15,10 +15,10 @@ CALIB = 20  # frames 0..19 of the synthetic video calibrate; 20..49 evaluate
 
 @pytest.fixture(scope="module")
 def step_onnx(tmp_path_factory):
-    from tsm_edge.compiler import resolve_model
-    from tsm_edge.export import trace_step
-    from tsm_edge.onnx_export import export_step_onnx
-    from tsm_edge.rewrite import rewrite_shifts
+    from tsm_edge.frontend.onnx_export import export_step_onnx
+    from tsm_edge.frontend.rewrite import rewrite_shifts
+    from tsm_edge.frontend.trace import trace_step
+    from tsm_edge.models.resolve import resolve_model
 
     src = resolve_model(MODEL, quiet=True)
     path = tmp_path_factory.mktemp("ortq") / "step.onnx"
@@ -28,8 +28,8 @@ def step_onnx(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def video_frames(synthetic_video, step_onnx):
-    from tsm_edge.compiler import preprocessing
-    from tsm_edge.drift import video_source
+    from tsm_edge.measure.drift import video_source
+    from tsm_edge.models.resolve import preprocessing
 
     frames = np.stack(list(video_source(synthetic_video, preprocessing(step_onnx[1].input_size))))
     assert len(frames) == 50
@@ -38,7 +38,7 @@ def video_frames(synthetic_video, step_onnx):
 
 @pytest.fixture(scope="module")
 def quantized(step_onnx, video_frames, tmp_path_factory):
-    from tsm_edge.ort_quant import quantize_step_onnx
+    from tsm_edge.measure.ort_quant import quantize_step_onnx
 
     out = tmp_path_factory.mktemp("ortq_out")
     good = quantize_step_onnx(step_onnx[0], out / "int8.onnx", video_frames[0], threads=1)
@@ -57,7 +57,7 @@ def _relative_max_diff(a, b) -> float:
 
 def test_quantized_step_has_integer_ops_and_tracks_fp32(step_onnx, video_frames, quantized,
                                                         tmp_path):
-    from tsm_edge.ort_quant import quantize_step_onnx, stream_logits
+    from tsm_edge.measure.ort_quant import quantize_step_onnx, stream_logits
 
     fp32, _ = step_onnx
     out, info = quantized
@@ -106,9 +106,9 @@ def test_quantized_step_has_integer_ops_and_tracks_fp32(step_onnx, video_frames,
 
 def test_stream_logits_carries_caches(step_onnx, video_frames):
     """fp32 ORT streaming == PyTorch's own stream (each TemporalShift keeping its past)."""
-    from conftest import eager_stream
+    from tsm_edge.measure.ort_quant import stream_logits
 
-    from tsm_edge.ort_quant import stream_logits
+    from helpers import eager_stream
 
     fp32, src = step_onnx
     frames = video_frames[1][:8]
@@ -124,8 +124,8 @@ def test_evolving_and_zeros_readers_feed_different_caches(step_onnx, video_frame
     import onnx
     from onnx import numpy_helper
 
-    from tsm_edge.onnx_export import ort_session
-    from tsm_edge.ort_quant import calibration_reader, quantize_step_onnx
+    from tsm_edge.frontend.onnx_export import ort_session
+    from tsm_edge.measure.ort_quant import calibration_reader, quantize_step_onnx
 
     fp32, _ = step_onnx
     frames = video_frames[0][:6]
@@ -167,7 +167,7 @@ def test_evolving_and_zeros_readers_feed_different_caches(step_onnx, video_frame
 def test_failure_leaves_no_file(step_onnx, video_frames, tmp_path, monkeypatch):
     import onnxruntime.quantization as oq
 
-    from tsm_edge import ort_quant
+    from tsm_edge.measure import ort_quant
 
     fp32, _ = step_onnx
     out = tmp_path / "out"
@@ -209,7 +209,7 @@ def test_failure_leaves_no_file(step_onnx, video_frames, tmp_path, monkeypatch):
     ({"threads": 0}, ("0", "positive integer")),
 ])
 def test_bad_options_are_user_errors(step_onnx, video_frames, tmp_path, kwargs, words):
-    from tsm_edge.ort_quant import quantize_step_onnx
+    from tsm_edge.measure.ort_quant import quantize_step_onnx
 
     with pytest.raises(UserError) as exc:
         quantize_step_onnx(step_onnx[0], tmp_path / "q.onnx", video_frames[0][:2], **kwargs)
@@ -219,7 +219,7 @@ def test_bad_options_are_user_errors(step_onnx, video_frames, tmp_path, kwargs, 
 
 
 def test_bad_inputs_are_user_errors(step_onnx, tmp_path):
-    from tsm_edge.ort_quant import quantize_step_onnx, stream_logits
+    from tsm_edge.measure.ort_quant import quantize_step_onnx, stream_logits
 
     fp32, _ = step_onnx
     with pytest.raises(UserError, match="does not exist"):

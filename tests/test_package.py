@@ -9,8 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from conftest import run_cli
-from test_cli import assert_user_error
+from helpers import assert_user_error, run_cli
 
 BLOCK_TORCH = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['run.py'] + "
                "sys.argv[1:]; runpy.run_path('run.py', run_name='__main__')")
@@ -28,7 +27,11 @@ def test_package_layout(package):
     with tarfile.open(package) as tar:
         names = set(tar.getnames())
     assert {"manifest.json", "model.so", "labels.txt", "run.py",
-            "_tsm_edge/runtime.py"} <= names
+            "_tsm_edge/runtime/session.py", "_tsm_edge/runtime/package_runner.py",
+            "_tsm_edge/artifact/store.py", "_tsm_edge/errors.py"} <= names
+    # the runtime stage and what it imports, nothing compile-side
+    assert not any(n.startswith(("_tsm_edge/compiler", "_tsm_edge/frontend", "_tsm_edge/models",
+                                 "_tsm_edge/measure", "_tsm_edge/cli")) for n in names), names
 
 
 def test_unpacked_run_py_streams_like_tsm_edge_run_without_torch(package, frames_npy, tiny_mnv2,

@@ -10,19 +10,20 @@ import numpy as np
 import pytest
 
 import tsm_edge
-from tsm_edge import tvm_api
-from tsm_edge.artifact import read_manifest
-from tsm_edge.drift import drift, drift_stats, trend
+from tsm_edge.artifact.store import read_manifest
+from tsm_edge.compiler.schedules import CpuShape
+from tsm_edge.compiler.tvm import analysis as tvm_analysis
+from tsm_edge.compiler.tvm import fp16 as tvm_fp16
+from tsm_edge.compiler.tvm import importer as tvm_import
 from tsm_edge.errors import UserError
-from tsm_edge.export import trace_step
-from tsm_edge.models import build_model
-from tsm_edge.rewrite import rewrite_shifts
-from tsm_edge.runtime import StreamSession
-from tsm_edge.schedules import CpuShape
-from tsm_edge.verify import TOLERANCES, make_frames, verify
+from tsm_edge.frontend.rewrite import rewrite_shifts
+from tsm_edge.frontend.trace import trace_step
+from tsm_edge.measure.drift import drift, drift_stats, trend
+from tsm_edge.measure.verify import TOLERANCES, make_frames, verify
+from tsm_edge.models.registry import build_model
+from tsm_edge.runtime.session import StreamSession
 
-from conftest import TINY_SIZE, run_cli
-from test_cli import assert_user_error
+from helpers import TINY_SIZE, assert_user_error, run_cli
 
 MODEL = "tsm_mobilenetv2_tiny"
 FRAMES = 16
@@ -47,23 +48,23 @@ def stream_npy(tmp_path_factory):
 
 def test_to_fp16_converts_the_step_and_keeps_the_head_float32():
     step = rewrite_shifts(trace_step(build_model(MODEL), TINY_SIZE))
-    mod = tvm_api.fold_constants(tvm_api.import_exported(step.exported))
+    mod = tvm_import.fold_constants(tvm_import.import_exported(step.exported))
     names = [c.input_name for c in step.caches]
-    half = tvm_api.to_fp16(mod, names, len(step.outputs))
-    params, outs = tvm_api.signature(half)
+    half = tvm_fp16.to_fp16(mod, names, len(step.outputs))
+    params, outs = tvm_analysis.signature(half)
     assert params[step.input.name] == "float32"  # the frame: cast inside the step
     assert all(params[n] == "float16" for n in names)
     assert outs == ["float32"] + ["float16"] * len(names)
     # the input module is not changed
-    assert tvm_api.signature(mod) == ({p: "float32" for p in params},
+    assert tvm_analysis.signature(mod) == ({p: "float32" for p in params},
                                       ["float32"] * (1 + len(names)))
-    census = tvm_api.precision_census(half)
+    census = tvm_analysis.precision_census(half)
     assert census["fp16_ops"] > 0.9 * (census["fp16_ops"] + census["fp32_ops"])
     # float32: the global pooling (two means) and the classifier it feeds, nothing else
     assert census["not_fp16"] == {"relax.mean": 2, "relax.matmul": 1, "relax.add": 1}
-    assert tvm_api.count_calls(half, "relax.nn.conv2d") == tvm_api.count_calls(mod,
+    assert tvm_analysis.count_calls(half, "relax.nn.conv2d") == tvm_analysis.count_calls(mod,
                                                                                 "relax.nn.conv2d")
-    assert tvm_api.precision_census(mod)["fp16_ops"] == 0
+    assert tvm_analysis.precision_census(mod)["fp16_ops"] == 0
 
 
 def test_cpu_lanes_follow_the_dtype():
@@ -158,7 +159,7 @@ def test_precision_errors(tmp_path, precision, fragments):
 
 
 def test_gpu_presets_default_to_fp16():
-    from tsm_edge.targets import resolve_target
+    from tsm_edge.compiler.targets import resolve_target
 
     assert resolve_target("jetson-orin-nano").default_precision == "fp16"
     assert resolve_target("adreno-opencl").default_precision == "fp16"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 def test_profile_groups_both_backends_by_operator_kind(tiny_mnv2, tmp_path):

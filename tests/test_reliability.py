@@ -20,12 +20,13 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import TINY_SIZE, run_cli, write_synthetic_video
-from test_cli import assert_user_error
-from tsm_edge import emulate, tvm_api
-from tsm_edge.artifact import read_manifest
+from tsm_edge.artifact.store import read_manifest
+from tsm_edge.device import emulator, rpc
 from tsm_edge.errors import UserError
-from tsm_edge.runtime import CutPolicy, Model, StreamSession
+from tsm_edge.runtime import tvm as tvm_rt
+from tsm_edge.runtime.session import CutPolicy, Model, StreamSession
+
+from helpers import TINY_SIZE, assert_user_error, run_cli, write_synthetic_video
 
 SOAK_KEYS = {"frames", "streams", "rss_growth_bytes", "p50_first_ms", "p50_last_ms",
              "interleaved_equal"}
@@ -46,7 +47,7 @@ def alone(artifact, frames) -> np.ndarray:
 
 
 def test_soak_is_flat_and_the_hot_path_leaves_nothing(tiny_mnv2):
-    from tsm_edge.soak import soak
+    from tsm_edge.measure.soak import soak
 
     r = soak(tiny_mnv2, frames=20_000, streams=1, threads=1)
     assert r["frames"] == 20_000 and r["streams"] == 1 and r["interleaved_equal"] is None
@@ -116,13 +117,13 @@ def test_step_into_a_buffer_gives_the_same_logits(tiny_mnv2):
 
 def test_streams_share_one_loaded_model_and_own_their_caches(tiny_mnv2, monkeypatch):
     loads = []
-    real = tvm_api.load_vm
+    real = tvm_rt.load_vm
 
     def counting(path, dev):
         loads.append(path)
         return real(path, dev)
 
-    monkeypatch.setattr(tvm_api, "load_vm", counting)
+    monkeypatch.setattr(tvm_rt, "load_vm", counting)
     model = Model(tiny_mnv2)
     streams = [model.new_stream() for _ in range(3)] + [StreamSession(model)]
     streams.append(streams[0].new_stream())
@@ -134,7 +135,7 @@ def test_streams_share_one_loaded_model_and_own_their_caches(tiny_mnv2, monkeypa
     for t in range(12):  # interleaved: frame t of every stream, then frame t + 1
         for k, s in enumerate(streams):
             got[k].append(s.step(inputs[k][t]))
-    monkeypatch.setattr(tvm_api, "load_vm", real)
+    monkeypatch.setattr(tvm_rt, "load_vm", real)
     for k in range(len(streams)):
         np.testing.assert_array_equal(np.stack(got[k]), alone(tiny_mnv2, inputs[k]))
     # the streams differ from each other, so equality above is not vacuous
@@ -201,8 +202,8 @@ def two_videos(tmp_path_factory):
 
 
 def _video_logits(session, paths, cuts):
-    from tsm_edge.pipeline import run_stream
-    from tsm_edge.video import video_frames
+    from tsm_edge.runtime.pipeline import run_stream
+    from tsm_edge.runtime.video import video_frames
 
     short = session.manifest["input"]["preprocessing"]["resize_short_side"]
     import itertools
@@ -298,7 +299,7 @@ def _wait_connected(proc: subprocess.Popen, port: int, timeout: float = 120) -> 
 
 def test_rpc_server_killed_mid_benchmark(tiny_mnv2, tmp_path):
     out = tmp_path / "bench.json"
-    server = emulate.start_host_server()
+    server = rpc.start_host_server()
     try:
         host, port = server.rpc_address
         bench = _bench(tiny_mnv2, "--rpc", f"{host}:{port}", frames=1_000_000, json_out=out)
@@ -309,12 +310,12 @@ def test_rpc_server_killed_mid_benchmark(tiny_mnv2, tmp_path):
         stdout, stderr = bench.communicate(timeout=120)
         assert time.monotonic() - t0 < 60
     finally:
-        emulate.stop_server(server)
+        rpc.stop_server(server)
     assert_user_error(subprocess.CompletedProcess([], bench.returncode, stdout, stderr),
                       "RPC")
     assert list(tmp_path.iterdir()) == []  # no JSON, no temporary
 
-    with emulate.running_host_server() as server:  # the next run works
+    with rpc.running_host_server() as server:  # the next run works
         host, port = server.rpc_address
         bench = _bench(tiny_mnv2, "--rpc", f"{host}:{port}", json_out=out)
         stdout, stderr = bench.communicate(timeout=300)
@@ -323,16 +324,16 @@ def test_rpc_server_killed_mid_benchmark(tiny_mnv2, tmp_path):
 
 
 def test_tracker_gone_before_during_and_after_a_run(tiny_mnv2, tmp_path):
-    tracker = emulate.start_tracker()
+    tracker = rpc.start_tracker()
     th, tp = tracker.rpc_address
-    server = emulate.start_host_server(tracker=f"{th}:{tp}", key="fault")
+    server = rpc.start_host_server(tracker=f"{th}:{tp}", key="fault")
     try:
         # gone during a run: the session is with the server, the run finishes
         out = tmp_path / "during.json"
         bench = _bench(tiny_mnv2, "--tracker", f"{th}:{tp}", "--key", "fault", frames=400,
                        json_out=out)
         _wait_connected(bench, server.rpc_address[1])
-        emulate.stop_server(tracker)
+        rpc.stop_server(tracker)
         stdout, stderr = bench.communicate(timeout=300)
         assert bench.returncode == 0, stderr
         assert json.loads(out.read_text())["frames"] == 400
@@ -346,15 +347,15 @@ def test_tracker_gone_before_during_and_after_a_run(tiny_mnv2, tmp_path):
         assert not out.exists()
 
         # back on the same port: the server registers again and the next run works
-        tracker = emulate.start_tracker(tp)
-        emulate.wait_for_key(th, tp, "fault", timeout=120)
+        tracker = rpc.start_tracker(tp)
+        rpc.wait_for_key(th, tp, "fault", timeout=120)
         bench = _bench(tiny_mnv2, "--tracker", f"{th}:{tp}", "--key", "fault", json_out=out)
         stdout, stderr = bench.communicate(timeout=300)
         assert bench.returncode == 0, stderr
         assert json.loads(out.read_text())["frames"] == 5
     finally:
-        emulate.stop_server(server)
-        emulate.stop_server(tracker)
+        rpc.stop_server(server)
+        rpc.stop_server(tracker)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["before.json", "during.json"]
 
 
@@ -370,38 +371,36 @@ def _listening(proc: subprocess.Popen) -> set[str]:
 
 
 def test_servers_started_by_tsm_edge_bind_loopback_unless_told_otherwise():
-    tracker = emulate.start_tracker()
+    tracker = rpc.start_tracker()
     try:
         assert _listening(tracker) == {"127.0.0.1"}
-        server = emulate.start_host_server(tracker="%s:%d" % tracker.rpc_address, key="bind")
+        server = rpc.start_host_server(tracker="{}:{}".format(*tracker.rpc_address), key="bind")
         try:
             assert _listening(server) == {"127.0.0.1"}
         finally:
-            emulate.stop_server(server)
+            rpc.stop_server(server)
     finally:
-        emulate.stop_server(tracker)
-    wide = emulate.start_tracker(host="0.0.0.0")  # told otherwise
+        rpc.stop_server(tracker)
+    wide = rpc.start_tracker(host="0.0.0.0")  # told otherwise
     try:
         assert _listening(wide) == {"0.0.0.0"}
     finally:
-        emulate.stop_server(wide)
+        rpc.stop_server(wide)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which(emulate.QEMU) is None,
-                    reason=f"{emulate.QEMU} is not installed (Debian package "
-                           f"{emulate.QEMU_PACKAGE}); the emulated device needs it")
+@pytest.mark.needs(emulator.QEMU, why="the emulated aarch64 device runs under it")
 def test_device_emulate_binds_loopback_by_default():
-    emulate.provision(log=lambda _: None)
-    port = emulate.free_port()
+    emulator.provision(log=lambda _: None)
+    port = rpc.free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tsm_edge.cli", "device", "emulate", "--port",
                              str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
-        emulate.wait_ready("127.0.0.1", port, timeout=300)
+        rpc.wait_ready("127.0.0.1", port, timeout=300)
         assert _listening(proc) == {"127.0.0.1"}
     finally:
-        emulate.stop_server(proc)
+        rpc.stop_server(proc)
 
 
 # --------------------------------------------------------------------------- faults: disk full

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from tsm_edge.export import trace_step
-from tsm_edge.models import build_model
-from tsm_edge.rewrite import find_shift_nodes, rewrite_shifts
-from tsm_edge.shift import TemporalShift, set_shift_mode, shift_modules
+from tsm_edge.frontend.rewrite import find_shift_nodes, rewrite_shifts
+from tsm_edge.frontend.trace import trace_step
+from tsm_edge.models.registry import build_model
+from tsm_edge.models.shift import TemporalShift, set_shift_mode, shift_modules
 
 ATEN = torch.ops.aten
 
@@ -66,7 +66,7 @@ def test_rewritten_graph_structure():
 
 
 def test_bi_layout_rewrite_zeroes_future_slice_and_streams_like_eager():
-    from tsm_edge.shift import set_online_layout
+    from tsm_edge.models.shift import set_online_layout
 
     model = OneBlock().eval()
     set_online_layout(model, "bi")

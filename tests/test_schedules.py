@@ -8,8 +8,9 @@ import re
 import numpy as np
 import pytest
 
-from conftest import run_cli
-from tsm_edge import schedules
+from tsm_edge.compiler import schedules
+
+from helpers import run_cli
 
 ZNVER3 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3", "num-cores": 2}
 AVX512 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"}

@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from tsm_edge.shift import TemporalShift, offline_shift, online_shift, set_shift_mode, shift_op
+from tsm_edge.models.shift import (
+    TemporalShift,
+    offline_shift,
+    online_shift,
+    set_shift_mode,
+    shift_op,
+)
 
 
 def clip(t=5, c=16, s=4, seed=0):

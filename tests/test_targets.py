@@ -8,16 +8,14 @@ import subprocess
 import pytest
 
 import tsm_edge
-from conftest import run_cli
+from tsm_edge.compiler.targets import list_presets, resolve_target
 from tsm_edge.errors import UserError
-from tsm_edge.platform_check import elf_machine
-from tsm_edge.targets import list_presets, resolve_target
+from tsm_edge.support.platform import elf_machine
 
-HAS_CROSS = shutil.which("aarch64-linux-gnu-g++") is not None
-HAS_NVCC = shutil.which("nvcc") is not None
-HAS_CLANG = shutil.which("clang") is not None
-needs_cross = pytest.mark.skipif(not HAS_CROSS, reason="aarch64-linux-gnu-g++ not installed "
-                                 "(Debian g++-aarch64-linux-gnu; .ci/run installs it)")
+from helpers import run_cli
+
+needs_cross = pytest.mark.needs("aarch64-linux-gnu-g++", why="cross-compiles for the board")
+needs_clang = pytest.mark.needs("clang", why="syntax-checks the OpenCL kernels")
 
 
 def readelf_machine(path):
@@ -51,9 +49,9 @@ def test_rpi4_artifact_is_aarch64_and_refuses_to_load_here(tmp_path):
 
 
 @needs_cross
-@pytest.mark.skipif(not HAS_NVCC, reason="nvcc not installed: the CUDA build would embed source")
+@pytest.mark.needs("nvcc", why="without it the CUDA build would embed source, not a fatbin")
 def test_orin_artifact_holds_sm87_fatbin(tmp_path):
-    from tsm_edge.tvm_api import fatbin_arches
+    from tsm_edge.compiler.tvm.device_code import fatbin_arches
 
     art = tsm_edge.compile("tsm_mobilenetv2_tiny", tmp_path / "orin", target="jetson-orin-nano")
     m = tsm_edge.read_manifest(art)
@@ -66,7 +64,7 @@ def test_orin_artifact_holds_sm87_fatbin(tmp_path):
 
 
 @needs_cross
-@pytest.mark.skipif(not HAS_CLANG, reason="clang not installed (Debian clang; .ci/run installs it)")
+@needs_clang
 def test_opencl_artifact_source_is_syntax_checked(tmp_path):
     art = tsm_edge.compile("tsm_mobilenetv2_tiny", tmp_path / "adreno", target="adreno-opencl")
     m = tsm_edge.read_manifest(art)
@@ -77,12 +75,11 @@ def test_opencl_artifact_source_is_syntax_checked(tmp_path):
     assert {c["dtype"] for c in m["caches"]} == {"float16"}
 
 
+@needs_clang
 def test_clang_syntax_check_catches_bad_opencl():
-    from tsm_edge.compiler import opencl_syntax_check
+    from tsm_edge.compiler.api import opencl_syntax_check
     from tsm_edge.errors import InternalError
 
-    if not HAS_CLANG:
-        pytest.skip("clang not installed (Debian clang; .ci/run installs it)")
     ok = "__kernel void k(__global float* a) { a[get_global_id(0)] = 1.0f; }"
     assert opencl_syntax_check(ok).startswith("passed")
     with pytest.raises(InternalError, match="does not compile"):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 
 TRIALS = 8
 
@@ -151,10 +151,10 @@ def test_bad_tuning_arguments(tmp_path):
 
 
 def test_absent_tracker_key_fails_at_once(tmp_path):
-    from tsm_edge import emulate
+    from tsm_edge.device import rpc
 
-    port = emulate.free_port()
-    tracker = emulate.start_tracker(port)
+    port = rpc.free_port()
+    tracker = rpc.start_tracker(port)
     try:
         t0 = time.monotonic()
         proc = run_cli("tune", "--model", "tsm_mobilenetv2_tiny", "--trials", "4",
@@ -164,7 +164,7 @@ def test_absent_tracker_key_fails_at_once(tmp_path):
         assert "keys there: none" in proc.stderr
         assert time.monotonic() - t0 < 120
     finally:
-        emulate.stop_server(tracker)
+        rpc.stop_server(tracker)
 
 
 @pytest.mark.slow
@@ -196,15 +196,15 @@ def test_interrupted_tune_keeps_records_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_tune_measures_over_rpc(tmp_path):
     """MetaSchedule's RPC runner against a real TVM RPC server on this machine."""
-    from tsm_edge import emulate
+    from tsm_edge.device import rpc
 
-    port = emulate.free_port()
+    port = rpc.free_port()
     server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host",
                                "127.0.0.1", "--port", str(port), "--port-end",
                                str(port + 1)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        emulate.wait_ready("127.0.0.1", port, timeout=120)
+        rpc.wait_ready("127.0.0.1", port, timeout=120)
         out = tmp_path / "r.json"
         _ok(run_cli("tune", "--model", "tsm_mobilenetv2_tiny", "--trials", "4", "--per-iter",
                     "4", "--rpc", f"127.0.0.1:{port}", "-o", str(tmp_path / "db"),

@@ -4,8 +4,9 @@ import json
 
 import numpy as np
 
-from conftest import run_cli, write_synthetic_video
-from tsm_edge.smoothing import Smoother, SmoothingConfig
+from tsm_edge.runtime.smoothing import Smoother, SmoothingConfig
+
+from helpers import run_cli, write_synthetic_video
 
 
 def decode_independently(path, short, crop, stride=1):
@@ -29,7 +30,7 @@ def decode_independently(path, short, crop, stride=1):
 
 
 def test_video_run_equals_frames_npy_run(tiny_mnv2, synthetic_video, tmp_path):
-    from tsm_edge.artifact import read_manifest
+    from tsm_edge.artifact.store import read_manifest
 
     prep = read_manifest(tiny_mnv2)["input"]["preprocessing"]
     frames = decode_independently(synthetic_video, prep["resize_short_side"], prep["center_crop"],
@@ -91,7 +92,7 @@ def test_smoothing_needs_agreement_and_threshold():
 
 
 def test_bad_video_inputs(tiny_mnv2, synthetic_video, tmp_path):
-    from test_cli import assert_user_error
+    from helpers import assert_user_error
 
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 200)

@@ -9,19 +9,19 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "compile": ("tsm_edge.compiler", "compile"),
-    "compile_module": ("tsm_edge.compiler", "compile_module"),
-    "StreamSession": ("tsm_edge.runtime", "StreamSession"),
-    "Model": ("tsm_edge.runtime", "Model"),
-    "CutPolicy": ("tsm_edge.runtime", "CutPolicy"),
-    "read_manifest": ("tsm_edge.artifact", "read_manifest"),
-    "TemporalShift": ("tsm_edge.shift", "TemporalShift"),
-    "build_model": ("tsm_edge.models", "build_model"),
-    "register_model": ("tsm_edge.models", "register_model"),
-    "ModelInfo": ("tsm_edge.models", "ModelInfo"),
-    "trace_step": ("tsm_edge.export", "trace_step"),
-    "rewrite_shifts": ("tsm_edge.rewrite", "rewrite_shifts"),
-    "verify": ("tsm_edge.verify", "verify"),
+    "compile": ("tsm_edge.compiler.api", "compile"),
+    "compile_module": ("tsm_edge.compiler.api", "compile_module"),
+    "StreamSession": ("tsm_edge.runtime.session", "StreamSession"),
+    "Model": ("tsm_edge.runtime.session", "Model"),
+    "CutPolicy": ("tsm_edge.runtime.session", "CutPolicy"),
+    "read_manifest": ("tsm_edge.artifact.store", "read_manifest"),
+    "TemporalShift": ("tsm_edge.models.shift", "TemporalShift"),
+    "build_model": ("tsm_edge.models.registry", "build_model"),
+    "register_model": ("tsm_edge.models.registry", "register_model"),
+    "ModelInfo": ("tsm_edge.models.registry", "ModelInfo"),
+    "trace_step": ("tsm_edge.frontend.trace", "trace_step"),
+    "rewrite_shifts": ("tsm_edge.frontend.rewrite", "rewrite_shifts"),
+    "verify": ("tsm_edge.measure.verify", "verify"),
     "UserError": ("tsm_edge.errors", "UserError"),
 }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..shift import TemporalShift
+from .shift import TemporalShift
 
 
 def _make_divisible(x: float, divisible_by: int = 8) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..shift import TemporalShift
+from .shift import TemporalShift
 
 
 class Bottleneck(nn.Module):

@@ -1,0 +1,93 @@
+"""Helpers the tests share (fixtures live in ``conftest.py``): import them from here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+TINY_SIZE = 64
+
+# Tools some tests need, with the Debian package that provides each (.ci/run installs them all).
+TOOL_PACKAGES = {
+    "aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu",
+    "qemu-aarch64-static": "qemu-user-static",
+    "clang": "clang",
+    "nvcc": "nvidia-cuda-toolkit",
+    "cc": "gcc",
+    "readelf": "binutils",
+}
+
+
+def missing_tools(tools) -> list[str]:
+    """The tools of ``tools`` not on PATH (a probe: never raises)."""
+    import shutil
+
+    return [t for t in tools if shutil.which(t) is None]
+
+
+def eager_stream(model, frames, layout: str | None = None, caches: bool = False):
+    """The PyTorch reference: one frame per call, each TemporalShift keeping its own past.
+
+    Returns the logits (T, K), and with ``caches=True`` also each frame's caches by name.
+    """
+    import torch
+
+    from tsm_edge.models.shift import set_online_layout, set_shift_mode, shift_modules
+
+    if layout is not None:
+        set_online_layout(model, layout)
+    set_shift_mode(model, "stream")
+    shifts = shift_modules(model)
+    logits, seen = [], []
+    try:
+        with torch.no_grad():
+            for f in frames:
+                logits.append(model(torch.from_numpy(f[None])).numpy().reshape(-1))
+                seen.append({n: m._past.numpy().copy() for n, m in shifts})
+    finally:
+        set_shift_mode(model, "online")
+    return (np.stack(logits), seen) if caches else np.stack(logits)
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None):
+    """Run the real ``tsm-edge`` command in a subprocess."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "tsm_edge.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=full_env)
+
+
+def assert_user_error(proc, *fragments):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+def write_synthetic_video(path: Path, frames: int = 50, size=(160, 120), fps: int = 25) -> Path:
+    """A few seconds of moving shapes, encoded with PyAV (mpeg4)."""
+    import av
+
+    w, h = size
+    with av.open(str(path), mode="w") as c:
+        s = c.add_stream("mpeg4", rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        yy, xx = np.mgrid[0:h, 0:w]
+        for t in range(frames):
+            img = np.zeros((h, w, 3), np.uint8)
+            img[..., 2] = (xx * 255 // w).astype(np.uint8)               # static gradient
+            cx, cy = 10 + 3 * t % (w - 20), h // 2 + int(20 * np.sin(t / 5))
+            img[(abs(xx - cx) < 12) & (abs(yy - cy) < 12)] = (255, 40, 40)  # moving square
+            r = 8 + t % 10
+            img[(xx - (w - 30)) ** 2 + (yy - 30) ** 2 < r * r] = (40, 255, 40)  # pulsing disc
+            for packet in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    return path

@@ -1,0 +1,3 @@
+"""Stage 4, artifact: the manifest and the files it lists (``store``), and the standalone
+package (``package``). Imports nothing compile-side: a board reads it with the runtime alone.
+"""

@@ -1,0 +1,298 @@
+"""Verbs that list, build and ship: models, targets, compile, inspect, export, tune, calibrate,
+package, unpack.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import UserError
+from .app import (
+    apply_threads,
+    artifact_path,
+    cli,
+    remote_options,
+    threads_option,
+    write_json,
+)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models(as_json: bool) -> None:
+    """List registered models."""
+    from ..models.registry import list_models
+
+    rows = [{"name": m.name, "description": m.description, "input_size": m.default_input_size,
+             "classes": m.default_num_classes} for m in list_models()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'name':<24}{'input':>6}{'classes':>9}  description")
+    for r in rows:
+        click.echo(f"{r['name']:<24}{r['input_size']:>6}{r['classes']:>9}  {r['description']}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--tvm-tags", is_flag=True, help="List TVM's own target tags instead.")
+def targets(as_json: bool, tvm_tags: bool) -> None:
+    """List target presets."""
+    if tvm_tags:
+        from ..compiler.tvm.target import list_tags
+
+        click.echo("\n".join(list_tags()))
+        return
+    from ..compiler.targets import list_presets
+
+    presets = list_presets()
+    rows = [{"name": p.name, "description": p.description, "device": p.device,
+             "host_triple": p.host_triple, "runnable": p.runnable,
+             "default_precision": p.default_precision} for p in presets.values()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'name':<22}{'device':<8}{'runs':<7}{'prec':<6}{'host':<24}description")
+    for r in rows:
+        runs = r["runnable"] if r["runnable"] in ("here", "board") else "no"
+        click.echo(f"{r['name']:<22}{r['device']:<8}{runs:<7}{r['default_precision']:<6}"
+                   f"{r['host_triple']:<24}{r['description']}")
+
+
+@cli.command("compile")
+@click.option("--model", required=True, help="Registered model name (see 'tsm-edge models').")
+@click.option("--checkpoint", type=click.Path(), default=None, help="Trained weights (state_dict).")
+@click.option("--num-classes", type=int, default=None)
+@click.option("--input-size", type=int, default=None)
+@click.option("--target", default="host", show_default=True,
+              help="Preset name, TVM tag or JSON TVM target.")
+@click.option("--precision", default=None,
+              help="fp32 | fp16 | int8 (default: the preset's). fp16: float16 weights, "
+                   "activations and caches, float32 accumulation, pooling and classifier. "
+                   "int8 (needs --calibration): integer convolutions on the CPU's dot-product "
+                   "instructions, int8 caches.")
+@click.option("--tuning", default="auto", show_default=True, help="auto | none.")
+@click.option("--schedules", default="default", show_default=True,
+              help="CPU schedules for operators without tuning records: default (tsm-edge's "
+                   "rules) | none (TVM's plain loops, for comparison).")
+@click.option("--labels", type=click.Path(), default=None, help="Class names, one per line.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the random weights when no checkpoint is given.")
+@click.option("--ndk", type=click.Path(), default=None,
+              help="Android NDK root (for the android-arm64 target).")
+@click.option("--trained-shift", default=None,
+              help="How the checkpoint was trained: unidirectional | bidirectional "
+                   "(default: what its layout implies).")
+@click.option("--cache-channels", default=None,
+              help="first: cache [0, C/8) (online demo); second: cache [C/8, 2C/8), [0, C/8) "
+                   "zero (for bi-directionally trained checkpoints).")
+@click.option("--calibration", default=None, type=click.Path(),
+              help="For --precision int8: the file written by 'tsm-edge calibrate'.")
+@click.option("--calibration-method", default="max", show_default=True,
+              help="int8 activation ranges: max (the largest magnitude seen) | percentile "
+                   "(the 99.99th percentile of magnitudes).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Artifact folder.")
+def compile_cmd(model, checkpoint, num_classes, input_size, target, precision, tuning, schedules,
+                labels, seed, ndk, trained_shift, cache_channels, calibration, calibration_method,
+                output) -> None:
+    """Compile a model into an artifact folder."""
+    from ..compiler.api import compile as compile_model
+
+    path = compile_model(model, output, target=target, input_size=input_size,
+                         num_classes=num_classes, checkpoint=checkpoint, precision=precision,
+                         tuning=tuning, labels=labels, seed=seed, ndk=ndk,
+                         trained_shift=trained_shift, cache_channels=cache_channels,
+                         schedules=schedules, calibration=calibration,
+                         calibration_method=calibration_method)
+    from ..artifact.store import read_manifest
+
+    m = read_manifest(path)
+    click.echo(f"compiled {m['model']['name']} ({m['model']['input_size']}px, "
+               f"{m.get('precision', 'fp32')}, {len(m['caches'])} caches, "
+               f"{m['cache_bytes_total']:,} cache bytes) for {m['target_preset']} -> {path}")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def inspect(artifact: str, as_json: bool) -> None:
+    """Print an artifact's (or a package's) manifest."""
+    from ..artifact.store import read_manifest
+
+    with artifact_path(artifact) as art:
+        m = read_manifest(art)
+    if as_json:
+        click.echo(json.dumps(m, indent=2))
+        return
+    mod = m["model"]
+    click.echo(f"model      {mod['name']}  ({mod['weights']}, {mod['num_classes']} classes)")
+    click.echo(f"input      {m['input']['name']} {m['input']['shape']} {m['input']['dtype']}")
+    click.echo(f"target     {m.get('target_preset')}  {json.dumps(m['target'])}")
+    click.echo(f"host       {m['host_triple']} (library: {m.get('elf_machine')}), "
+               f"device code: {m['device_code']}, runnable here: {m['runnable']}")
+    click.echo(f"precision  {_precision_line(m)}")
+    click.echo(f"weights    {m['weights_bytes']:,} bytes; workspace {m['workspace_bytes']:,} bytes")
+    click.echo(f"caches     {len(m['caches'])}, {m['cache_bytes_total']:,} bytes")
+    for c in m["caches"]:
+        click.echo(f"  {c['name']:<24}{str(tuple(c['shape'])):<20}{c['dtype']:<9}"
+                   f"channels [{c['channels'][0]}, {c['channels'][1]})  {c['bytes']:,} B")
+    click.echo(f"tools      {', '.join(f'{k} {v}' for k, v in m['tool_versions'].items())}")
+
+
+def _precision_line(m: dict) -> str:
+    detail = m.get("precision_detail") or {}
+    ops = detail.get("operators")
+    line = m.get("precision", "fp32")
+    if ops:
+        line += (f": {ops['fp16_share']:.1%} of operators compute in fp16 "
+                 f"({ops['fp16_ops']} of {ops['fp16_ops'] + ops['fp32_ops'] + ops['other_ops']}; "
+                 f"{ops['fp16_mac_share']:.2%} of multiply-adds), {ops['casts']} casts")
+    if detail.get("integer_convolutions") is not None:
+        line += (f": {detail['integer_convolutions']} integer convolutions on "
+                 f"{detail['instructions']}, {detail['float_convolutions']} float32; "
+                 f"{detail['caches']}")
+    if detail.get("compute") == "float16":
+        line += (f"; accumulation {detail['accumulation']}, float32: "
+                 f"{detail['float32_parts']}")
+    return line
+
+
+@cli.command()
+@click.option("--model", required=True, help="Registered model name (see 'tsm-edge models').")
+@click.option("--target", default="host", show_default=True, help="Preset name (CPU targets).")
+@click.option("--input-size", type=int, default=None)
+@click.option("--trials", type=int, default=None, help="Budget: measured schedules in all.")
+@click.option("--minutes", type=float, default=None, help="Budget: wall-clock minutes.")
+@click.option("--per-iter", type=int, default=16, show_default=True,
+              help="Candidates built and measured per batch.")
+@click.option("--workers", type=int, default=None, help="Build processes (default: cores).")
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="Database folder (default: ~/.cache/tsm-edge/tuning/<preset>/<target id>).")
+@click.option("--json", "json_out", type=click.Path(), default=None)
+@remote_options
+def tune(model, target, input_size, trials, minutes, per_iter, workers, output, json_out, rpc,
+         tracker, key) -> None:
+    """Measure schedules with MetaSchedule into a tuning database (resumable)."""
+    from ..compiler.tuning import tune as run_tune
+
+    result = run_tune(model, target=target, trials=trials, minutes=minutes,
+                      input_size=input_size, output=output, rpc=rpc, tracker=tracker, key=key,
+                      per_iter=per_iter, workers=workers)
+    if json_out:
+        write_json(json_out, result)
+    click.echo(f"{result['default_schedules_measured']} default schedules and "
+               f"{result['trials_measured']} trials in {result['seconds']:.0f} s "
+               f"({result['trials_per_minute']} trials/min, {result['tasks']} tasks, stopped by "
+               f"{result['stopped_by']}); database {result['database']} now holds "
+               f"{result['records_after']} records for {result['target']}")
+    if result["stopped_by"] == "interrupted":
+        click.echo("interrupted: the records measured so far are kept; run the same command "
+                   "to resume")
+        sys.exit(130)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--onnx", "onnx_out", required=True, type=click.Path(),
+              help="Write the online step as ONNX here.")
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="The checkpoint the artifact was compiled from (if moved).")
+def export(artifact, onnx_out, checkpoint) -> None:
+    """Export the artifact's online step as ONNX, caches as named inputs and outputs."""
+    from ..artifact.store import read_manifest
+    from ..frontend.onnx_export import export_step_onnx
+    from ..frontend.rewrite import rewrite_shifts
+    from ..frontend.trace import trace_step
+    from ..models.resolve import model_from_manifest
+
+    m = read_manifest(artifact)
+    step = rewrite_shifts(trace_step(model_from_manifest(m, checkpoint),
+                                     m["model"]["input_size"]))
+    names = [c["name"] for c in m["caches"]]
+    if [c.name for c in step.caches] != names:
+        raise UserError(f"the rebuilt model's caches {[c.name for c in step.caches]} differ from "
+                        f"the artifact's {names}: it was compiled from another model definition or "
+                        "checkpoint; compile it again")
+    path = export_step_onnx(step, onnx_out)
+    click.echo(f"wrote {path}: inputs {step.input.name} + {len(step.caches)} caches, outputs "
+               f"logits + {len(step.caches)} caches (manifest order)")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="FILE.tar.gz")
+def package(artifact, output) -> None:
+    """Pack an artifact with a standalone run.py (TVM runtime and numpy only)."""
+    from ..artifact.package import build_package
+
+    path = build_package(artifact, output)
+    click.echo(f"wrote {path} ({path.stat().st_size:,} bytes): unpack it on the board and run "
+               "'python run.py --frames-npy F.npy --save-logits L.npy'")
+
+
+@cli.command()
+@click.argument("package_file", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="A new or empty folder.")
+def unpack(package_file, output) -> None:
+    """Unpack a package safely (member names and hashes checked)."""
+    from ..artifact.package import unpack as do_unpack
+
+    click.echo(f"unpacked into {do_unpack(package_file, output)}")
+
+
+@cli.command("calibrate")
+@click.option("--model", required=True, help="Registered model name (see 'tsm-edge models').")
+@click.option("--checkpoint", type=click.Path(), default=None, help="Trained weights (state_dict).")
+@click.option("--num-classes", type=int, default=None)
+@click.option("--input-size", type=int, default=None)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the random weights when no checkpoint is given.")
+@click.option("--trained-shift", default=None,
+              help="As for compile: unidirectional | bidirectional.")
+@click.option("--cache-channels", default=None, help="As for compile: first | second.")
+@click.option("--video", type=click.Path(), multiple=True,
+              help="A video file (PyAV); repeat for several: each is its own stream.")
+@click.option("--frames-npy", type=click.Path(), default=None,
+              help="Preprocessed frames, float32 (T, 3, S, S): one stream.")
+@click.option("--frames", "max_frames", type=int, default=None,
+              help="Use at most this many frames in all (default: every frame).")
+@click.option("--stride", type=int, default=1, show_default=True,
+              help="Use every K-th frame of each source.")
+@click.option("--caches", default="evolving", show_default=True,
+              help="evolving: caches carried frame to frame, as deployed; zeros: every frame "
+                   "with zero caches (the naive calibration, for comparison).")
+@click.option("--bins", type=int, default=2048, show_default=True,
+              help="Bins of each |x| histogram.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="CALIB.json")
+@threads_option
+def calibrate_cmd(model, checkpoint, num_classes, input_size, seed, trained_shift,
+                  cache_channels, video, frames_npy, max_frames, stride, caches, bins,
+                  output, threads) -> None:
+    """Measure activation ranges for int8 on real frames, caches evolving as deployed."""
+    apply_threads(threads)
+    from ..compiler.quantize import calibrate
+    from ..compiler.quantize import calibration as calibration_file
+
+    calibrate.check_options(caches, max_frames, bins)
+    if not video and frames_npy is None:
+        raise UserError("no calibration frames; give --video FILE... (repeatable) or "
+                        "--frames-npy FILE")
+    if video and frames_npy is not None:
+        raise UserError("give --video FILE... or --frames-npy FILE, not both")
+    out = Path(output)
+    if out.is_dir() or not out.parent.is_dir():
+        raise UserError(f"-o {out} is not a file path in an existing folder")
+    sources = ([calibrate.video_stream(v, stride) for v in video] if video else
+               [calibrate.npy_stream(frames_npy, stride)])
+    result = calibrate.calibrate(model, sources=sources, checkpoint=checkpoint,
+                           num_classes=num_classes, input_size=input_size, seed=seed,
+                           caches=caches, max_frames=max_frames, bins=bins,
+                           trained_shift=trained_shift, cache_channels=cache_channels,
+                           threads=threads)
+    calibration_file.write_calibration(result, out)
+    for line in calibration_file.summary_lines(result, out):
+        click.echo(line)

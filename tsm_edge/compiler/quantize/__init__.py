@@ -1,0 +1,3 @@
+"""int8: calibration on real frames (``calibrate``), its file format (``calibration``), the
+integer dot-product instructions per ISA (``isa``) and the quantized step (``int8``).
+"""

@@ -1,0 +1,169 @@
+"""Integer dot-product instructions per ISA (AVX2, AVX-512BW, AVX-512 VNNI, Armv8.2 sdot)
+and their tensor intrinsics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...errors import InternalError, UserError
+
+PAD_BLOCK = "pad_int8"
+
+
+@dataclass(frozen=True)
+class Isa:
+    """One integer dot-product instruction family: L output channels x 4 input bytes."""
+
+    name: str
+    lanes: int          # int32 accumulators per vector = output channels per instruction
+    data_dtype: str     # the activation's storage dtype the instruction multiplies
+    zero_point: int     # added to the symmetric int8 value to get data_dtype
+    weight_max: int     # largest |quantized weight|
+    intrin: str         # TensorIntrin name
+    instructions: str   # for the manifest
+
+    @property
+    def weight_bits(self) -> int:
+        return int(np.ceil(np.log2(self.weight_max + 1))) + 1
+
+
+ISAS = {
+    "avx512-vnni": Isa("avx512-vnni", 16, "uint8", 128, 127, "tsm_edge_dot_16x4_vnni",
+                       "vpdpbusd (AVX-512 VNNI)"),
+    "avx512bw": Isa("avx512bw", 16, "uint8", 128, 63, "tsm_edge_dot_16x4_avx512",
+                    "vpmaddubsw + vpmaddwd (AVX-512BW)"),
+    "avx2": Isa("avx2", 8, "uint8", 128, 63, "tsm_edge_dot_8x4_avx2",
+                "vpmaddubsw + vpmaddwd (AVX2)"),
+    "neon-dotprod": Isa("neon-dotprod", 4, "int8", 0, 127, "tsm_edge_dot_4x4_sdot",
+                        "sdot (Armv8.2 dot product)"),
+}
+
+
+def isa_for(target) -> Isa | None:
+    """The best integer dot-product family the target's CPU has; None where it has none."""
+    from tvm.target import codegen
+
+    host = target.host if getattr(target, "host", None) is not None else target
+    if host.kind.name != "llvm":
+        return None
+    feats = {str(f) for f in codegen.llvm_get_cpu_features(host)}
+    triple = str(host.attrs.get("mtriple", "") or "")
+    if "avx512vnni" in feats and "avx512bw" in feats:
+        return ISAS["avx512-vnni"]
+    if "avx512bw" in feats:
+        return ISAS["avx512bw"]
+    if "avx2" in feats:
+        return ISAS["avx2"]
+    if (triple.startswith("aarch64") or "neon" in feats) and "dotprod" in feats:
+        return ISAS["neon-dotprod"]
+    return None
+
+
+def check_target(target, preset_name: str) -> Isa:
+    """The target's Isa, or a UserError saying plainly that it has no integer dot product."""
+    isa = isa_for(target)
+    if isa is None:
+        host = target.host if getattr(target, "host", None) is not None else target
+        cpu = host.attrs.get("mcpu", "") or host.attrs.get("mtriple", "") or host.kind.name
+        raise UserError(
+            f"--precision int8 for target {preset_name} ({cpu}): its CPU has no integer "
+            "dot-product instruction tsm-edge lowers to (x86 AVX2, AVX-512BW or AVX-512 VNNI; "
+            "Armv8.2 'dotprod', e.g. Cortex-A55/A76/A78). Int8 here would be float arithmetic "
+            "on int8 storage, not faster; valid precisions for this target: fp32, fp16")
+    return isa
+
+
+# --------------------------------------------------------------------------- intrinsics
+
+_REGISTERED: set[str] = set()
+
+
+def register_intrinsic(isa: Isa) -> str:
+    """Register ``isa``'s tensor intrinsic once per process; returns its name."""
+    if isa.intrin in _REGISTERED:
+        return isa.intrin
+    from tvm.s_tir import TensorIntrin
+
+    if TensorIntrin.get(isa.intrin, allow_missing=True) is None:
+        TensorIntrin.register(isa.intrin, *_intrinsic(isa))
+    _REGISTERED.add(isa.intrin)
+    return isa.intrin
+
+
+def _intrinsic(isa: Isa):
+    """(description, implementation) PrimFuncs: C[i] += A[k] * B[i, k], i < L, k < 4.
+
+    C is the register tile (scope "local") the convolution schedule accumulates in.
+    """
+    from tvm.script import tirx as T
+
+    L, dt = isa.lanes, isa.data_dtype
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), dt, offset_factor=1),
+             B: T.Buffer((L, 4), "int8", offset_factor=1),
+             C: T.Buffer((L,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:L], A[0:4], B[0:L, 0:4])
+            T.writes(C[0:L])
+            for i in T.serial(0, L):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    vec, n_bytes = f"int32x{L}", 4 * L
+    data4 = f"{dt}x4"
+    data_vec = "uint8x" + str(n_bytes) if dt == "uint8" else "int8x" + str(n_bytes)
+    weights_vec = f"int8x{n_bytes}"
+    # (A's 4 bytes broadcast to every lane, B's L x 4 bytes) -> the instruction's operands. One
+    # expression each: a named temporary would become a local buffer per call.
+    if isa.name in ("avx2", "avx512bw"):
+        # products summed in pairs into int16 (saturating), then pairs of those into int32
+        pair_op, widen_op = {
+            "avx2": ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"),
+            "avx512bw": ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"),
+        }[isa.name]
+        pairs = f"int16x{2 * L}"
+
+        @T.prim_func(s_tir=True)
+        def impl(A: T.Buffer((4,), dt, offset_factor=1),
+                 B: T.Buffer((L, 4), "int8", offset_factor=1),
+                 C: T.Buffer((L,), "int32", offset_factor=1, scope="local")) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:L], A[0:4], B[0:L, 0:4])
+                T.writes(C[0:L])
+                C[T.ramp(T.int32(0), 1, L)] += T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(widen_op),
+                    T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id(pair_op),
+                        T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], data4),
+                                                                dtype="int32"), L),
+                                      dtype=data_vec),
+                        B.vload([0, 0], dtype=weights_vec), dtype=pairs),
+                    T.broadcast(T.int16(1), 2 * L), dtype=vec)
+    elif isa.name in ("avx512-vnni", "neon-dotprod"):
+        # four products summed straight into the int32 accumulator (LLVM 17+ takes the bytes
+        # as byte vectors); sdot's operands are both signed, so their order does not matter
+        dot_op = {"avx512-vnni": "llvm.x86.avx512.vpdpbusd.512",
+                  "neon-dotprod": "llvm.aarch64.neon.sdot.v4i32.v16i8"}[isa.name]
+
+        @T.prim_func(s_tir=True)
+        def impl(A: T.Buffer((4,), dt, offset_factor=1),
+                 B: T.Buffer((L, 4), "int8", offset_factor=1),
+                 C: T.Buffer((L,), "int32", offset_factor=1, scope="local")) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:L], A[0:4], B[0:L, 0:4])
+                T.writes(C[0:L])
+                C[T.ramp(T.int32(0), 1, L)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(dot_op), C.vload([0], dtype=vec),
+                    T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], data4),
+                                                            dtype="int32"), L),
+                                  dtype=data_vec),
+                    B.vload([0, 0], dtype=weights_vec), dtype=vec)
+    else:
+        raise InternalError(f"no intrinsic for {isa.name}")
+    return desc, impl

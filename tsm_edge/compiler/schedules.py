@@ -1,0 +1,376 @@
+"""Default CPU schedules: what an untuned build runs.
+
+TVM's generic Relax CPU pipeline leaves every fused operator as plain scalar loops. The rules here
+are applied, without measurement, to every fused operator that no tuning record covers:
+
+- convolution (pointwise 1x1, depthwise 3x3, dense 3x3, the 7x7 stem), in NHWC with HWIO
+  weights (the layout is chosen in ``tvm_api.prepare``): an output tile of ``ty x tx`` pixels by
+  ``v`` vectors of output channels is accumulated in registers over the whole reduction, with
+  the bias, activation and residual add applied as the tile is written back; tiles run in parallel;
+- everything else that only moves or maps data (the shift's slice and concatenation, residual
+  adds, layout changes): fused into one loop nest, vectorized along the innermost axis, parallel;
+- other reductions (pooling, the classifier): reductions moved inside, the contiguous spatial
+  axis vectorized, the outer axes parallel.
+
+Vector width and register count come from the target (AVX-512, AVX2, NEON), so the same rules
+serve ``host`` and the ARM presets; lanes are counted in each operator's dtype (a vector holds
+twice as many fp16 values as fp32 ones; a convolution's tile follows its accumulator's dtype).
+This module and ``tvm_api`` are the only ones that call TVM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+CONV_INT8 = "conv_int8"  # int8.CONV_BLOCK: the reduction block of an integer convolution
+
+
+@dataclass(frozen=True)
+class CpuShape:
+    """What the rules need to know about a CPU target."""
+
+    lanes: int        # float32 lanes in one vector register
+    registers: int    # vector registers
+    threads: int      # parallel workers the schedule is shaped for
+
+    @property
+    def accumulators(self) -> int:
+        return self.registers - 4  # weights, a broadcast input, addresses
+
+    def for_dtype(self, dtype: str) -> CpuShape:
+        """The same CPU for values of ``dtype``: lanes = vector bits / dtype bits."""
+        digits = "".join(ch for ch in str(dtype) if ch.isdigit())
+        bits = int(digits) if digits else 32
+        return self if bits == 32 else replace(self, lanes=max(1, self.lanes * 32 // bits))
+
+
+def cpu_shape(target) -> CpuShape:
+    """Vector width and register count from the target's LLVM features."""
+    from tvm.target import codegen
+
+    host = target.host if getattr(target, "host", None) is not None else target
+    feats = {str(f) for f in codegen.llvm_get_cpu_features(host)}
+    triple = str(host.attrs.get("mtriple", "") or "")
+    threads = int(host.attrs.get("num-cores", 0) or 0) or 4
+    if "avx512f" in feats:
+        return CpuShape(16, 32, threads)
+    if "avx2" in feats or "avx" in feats:
+        return CpuShape(8, 16, threads)
+    if triple.startswith("aarch64") or "neon" in feats or "asimd" in feats:
+        return CpuShape(4, 32, threads)
+    if "sse2" in feats:
+        return CpuShape(4, 16, threads)
+    return CpuShape(4, 16, threads)
+
+
+# --------------------------------------------------------------------------- tiles
+
+
+def _divisors(n: int, limit: int) -> list[int]:
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
+
+
+def conv_tile(height: int, width: int, channels: int, cpu: CpuShape,
+              depthwise: bool) -> tuple[int, int, int]:
+    """(ty, tx, v): the register tile of an NHWC convolution's output.
+
+    ``v`` vectors of output channels by ``ty x tx`` pixels; the tile's accumulators must fit in
+    the vector registers beside the ``v`` weight vectors.
+    """
+    lanes = cpu.lanes
+    if channels % lanes:
+        vecs = [0]  # no whole vectors: channels stay a plain loop
+    else:
+        vecs = [v for v in (4, 3, 2, 1) if channels % (v * lanes) == 0]
+    best = (0.0, 1, 1, vecs[0])
+    for v in vecs:
+        budget = cpu.accumulators - v
+        for ty in _divisors(height, 4):
+            for tx in _divisors(width, 16):
+                acc = ty * tx * max(v, 1)
+                if acc > budget:
+                    continue
+                # depthwise reads one input vector per accumulator: only the count matters;
+                # dense convolutions also want few loads per FMA: (ty*tx + v) loads, acc FMAs.
+                score = acc if depthwise else acc / (ty * tx + max(v, 1))
+                score += 1e-3 * tx  # prefer rows: contiguous input
+                if score > best[0]:
+                    best = (score, ty, tx, v)
+    return best[1], best[2], best[3]
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def _iter_kinds(sch, block) -> str:
+    from tvm import tirx
+
+    return "".join({tirx.IterVar.DataPar: "S", tirx.IterVar.CommReduce: "R"}.get(
+        iv.iter_type, "O") for iv in sch.get(block).iter_vars)
+
+
+def _extents(sch, loops) -> list[int]:
+    out = []
+    for loop in loops:
+        ext = sch.get(loop).extent
+        out.append(int(ext) if hasattr(ext, "value") or isinstance(ext, int) else -1)
+    return out
+
+
+def _blocks(sch):
+    root = sch.get_sblock("root")
+    return list(sch.get_child_blocks(root))
+
+
+def _inline_all(sch, keep=()) -> None:
+    """Inline every block that can be inlined into its consumer or producer."""
+    changed = True
+    while changed:
+        changed = False
+        for block in _blocks(sch):
+            if any(sch.get(block).same_as(sch.get(k)) for k in keep):
+                continue
+            for fn in (sch.compute_inline, sch.reverse_compute_inline):
+                try:
+                    fn(block)
+                except Exception:  # noqa: BLE001 - TVM says "cannot inline" by raising
+                    continue
+                changed = True
+                break
+            if changed:
+                break
+
+
+def _written_dtype(sch, block) -> str:
+    writes = sch.get(block).writes
+    if not writes:
+        return "float32"
+    buffer = getattr(writes[0], "buffer", None) or writes[0].source  # 0.27: a TensorRegion
+    return str(buffer.dtype)
+
+
+def _schedule_spatial(sch, block, cpu: CpuShape) -> None:
+    """Fuse, vectorize the innermost axis where whole vectors fit, run the rest in parallel."""
+    cpu = cpu.for_dtype(_written_dtype(sch, block))  # fp16 data: twice the lanes
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    extents = _extents(sch, loops)
+    total = 1
+    for e in extents:
+        total *= max(e, 1)
+    inner = extents[-1]
+    vec = next((w for w in (cpu.lanes * 2, cpu.lanes) if inner > 0 and inner % w == 0), 0)
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    if vec:
+        outer, lane = sch.split(fused, [None, vec])
+        sch.vectorize(lane)
+    else:
+        outer = fused
+    if total >= 4096:
+        po, _pi = sch.split(outer, [cpu.threads * 8, None]) if total >= 65536 else (outer, None)
+        sch.parallel(po)
+
+
+def _register_tile(sch, conv):
+    """The convolution accumulates in a local buffer (registers); the elementwise chain after
+    it (bias, activation, residual add, quantization) is applied as that buffer is written
+    back. Returns the write-back block."""
+    wb = sch.cache_write(conv, 0, "local")
+    while True:
+        consumers = sch.get_consumers(wb)
+        if len(consumers) != 1:
+            break
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except Exception:  # noqa: BLE001 - not elementwise: stays a separate loop
+            break
+    return wb
+
+
+def _schedule_conv(sch, conv, cpu: CpuShape) -> dict:
+    """NHWC convolution (n, y, x, f | ry, rx, rc) with a register tile and fused epilogue."""
+    cpu = cpu.for_dtype(_written_dtype(sch, conv))  # lanes of the accumulator's dtype
+    # Producers that only copy (the "pad" of a 1x1 convolution) disappear; real padding is a
+    # separate, parallel loop over the (slightly larger) input.
+    for producer in sch.get_producers(conv):
+        try:
+            sch.compute_inline(producer)
+        except Exception:  # noqa: BLE001 - keep a padding block that cannot be inlined cheaply
+            _schedule_spatial(sch, producer, cpu)
+    wb = _register_tile(sch, conv)
+    n, y, x, f, ry, rx, rc = sch.get_loops(conv)
+    _, height, width, channels, kh, kw, reduce_c = _extents(sch, [n, y, x, f, ry, rx, rc])
+    depthwise = reduce_c == 1 and channels > 1
+    kind = "depthwise" if depthwise else ("pointwise" if kh == kw == 1 else f"conv{kh}x{kw}")
+    macs = height * width * channels * kh * kw * reduce_c
+    ty, tx, v = conv_tile(height, width, channels, cpu, depthwise)
+    yo, yi = sch.split(y, [None, ty])
+    xo, xi = sch.split(x, [None, tx])
+    if v:
+        fo, fv, fl = sch.split(f, [None, v, cpu.lanes])
+        sch.reorder(fo, n, yo, xo, ry, rx, rc, yi, xi, fv, fl)
+        outer = sch.fuse(fo, n, yo, xo)
+        sch.unroll(fv)
+        sch.vectorize(fl)
+    else:
+        sch.reorder(n, yo, xo, ry, rx, rc, yi, xi, f)
+        outer = sch.fuse(n, yo, xo)
+    sch.unroll(yi)
+    sch.unroll(xi)
+    sch.parallel(outer)
+    sch.reverse_compute_at(wb, outer)
+    wb_loops = sch.get_loops(wb)[1:]
+    if v:
+        last = wb_loops[-1]
+        _o, lane = sch.split(last, [None, cpu.lanes])
+        sch.vectorize(lane)
+    init = sch.decompose_reduction(conv, ry)
+    if v:
+        init_loops = sch.get_loops(init)
+        sch.vectorize(init_loops[-1])
+    return {"rule": "convolution", "kind": kind, "macs": macs, "tile": [ty, tx, v * cpu.lanes]}
+
+
+def _upstream_inline(sch, block) -> None:
+    """Inline every producer chain of ``block`` (elementwise ops) into it."""
+    changed = True
+    while changed:
+        changed = False
+        for producer in sch.get_producers(block):
+            try:
+                sch.compute_inline(producer)
+                changed = True
+                break
+            except Exception:  # noqa: BLE001 - not inlinable: stays its own loop
+                continue
+
+
+def _schedule_conv_int8(sch, conv, cpu: CpuShape, isa) -> dict:
+    """Integer convolution (n, y, x, f | ry, rx, rco, rci): the register tile of the float rule,
+    with the innermost L output channels x 4 input channels on the target's dot-product
+    instruction (``quantize.isa.ISAS``)."""
+    from .quantize.isa import register_intrinsic
+
+    intrin = register_intrinsic(isa)
+    # The quantized input must exist as a buffer (the instruction loads 4 bytes of it): the
+    # quantization (and padding) is one parallel loop before the tiles.
+    for producer in sch.get_producers(conv):
+        _upstream_inline(sch, producer)
+        _schedule_spatial(sch, producer, cpu)
+    wb = _register_tile(sch, conv)
+    n, y, x, f, ry, rx, rco, rci = sch.get_loops(conv)
+    _, height, width, channels, kh, kw, rc4, _ = _extents(sch, [n, y, x, f, ry, rx, rco, rci])
+    # int32 accumulators, L per vector; besides the tile: the weight vectors, the broadcast
+    # input, the 16-bit products and the constant ones
+    icpu = replace(cpu, lanes=isa.lanes, registers=cpu.registers - 2)
+    ty, tx, v = conv_tile(height, width, channels, icpu, depthwise=False)
+    yo, yi = sch.split(y, [None, ty])
+    xo, xi = sch.split(x, [None, tx])
+    fo, fv, fi = sch.split(f, [None, v, isa.lanes])
+    sch.reorder(fo, n, yo, xo, ry, rx, rco, yi, xi, fv, fi, rci)
+    outer = sch.fuse(fo, n, yo, xo)
+    sch.parallel(outer)
+    sch.reverse_compute_at(wb, outer)
+    wb_loops = sch.get_loops(wb)[1:]
+    _o, lane = sch.split(wb_loops[-1], [None, isa.lanes])
+    sch.vectorize(lane)
+    init = sch.decompose_reduction(conv, ry)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(fi, intrin)
+    sch.unroll(fv)
+    sch.unroll(xi)
+    sch.unroll(yi)
+    kind = "pointwise" if kh == kw == 1 else f"conv{kh}x{kw}"
+    return {"rule": "convolution-int8", "kind": kind, "instructions": isa.instructions,
+            "macs": height * width * channels * kh * kw * rc4 * 4,
+            "tile": [ty, tx, v * isa.lanes]}
+
+
+def _schedule_reduction(sch, block, cpu: CpuShape) -> None:
+    """Pooling, the classifier: reductions inside, contiguous spatial axis vectorized."""
+    kinds = _iter_kinds(sch, block)
+    loops = sch.get_loops(block)
+    if len(kinds) != len(loops):
+        return
+    spatial = [lp for lp, k in zip(loops, kinds) if k == "S"]
+    reduce = [lp for lp, k in zip(loops, kinds) if k == "R"]
+    if not spatial or not reduce:
+        return
+    last = spatial[-1]
+    sch.reorder(*spatial[:-1], *reduce, last)
+    outer_ext = 1
+    for e in _extents(sch, spatial[:-1]):
+        outer_ext *= max(e, 1)
+    if len(spatial) > 1 and outer_ext > 1:
+        sch.parallel(sch.fuse(*spatial[:-1]))
+    sch.decompose_reduction(block, reduce[0])
+
+
+def schedule_primfunc(func, target, cpu: CpuShape | None = None):
+    """(schedule, what was done) for one fused operator; (None, None) where no rule applies."""
+    from tvm import s_tir
+
+    cpu = cpu or cpu_shape(target)
+    sch = s_tir.Schedule(func)
+    blocks = _blocks(sch)
+    int8_convs = [b for b in blocks if _iter_kinds(sch, b) == "SSSSRRRR"
+                  and sch.get(b).name_hint.startswith(CONV_INT8)]
+    if len(int8_convs) == 1:
+        from .quantize.isa import isa_for
+
+        isa = isa_for(target)
+        if isa is None:
+            return None, None
+        return sch, _schedule_conv_int8(sch, int8_convs[0], cpu, isa)
+    convs = [b for b in blocks if _iter_kinds(sch, b) == "SSSSRRR"]
+    if len(convs) == 1:
+        return sch, _schedule_conv(sch, convs[0], cpu)
+    if convs:
+        return None, None
+    reductions = [b for b in blocks if "R" in _iter_kinds(sch, b)]
+    _inline_all(sch, keep=reductions)
+    rule = "data-movement"
+    for block in _blocks(sch):
+        if "R" in _iter_kinds(sch, block):
+            _schedule_reduction(sch, block, cpu)
+            rule = "reduction"
+        else:
+            _schedule_spatial(sch, block, cpu)
+    return sch, {"rule": rule}
+
+
+def apply_default_schedules(mod, target):
+    """Schedule every not-yet-scheduled PrimFunc of ``mod``; returns (mod, counts).
+
+    A rule that does not fit an operator leaves it as TVM's plain loops (correct, slow); the
+    counts name such operators so the manifest can say so.
+    """
+    from tvm import tirx
+    from tvm.s_tir.schedule import ScheduleError
+
+    cpu = cpu_shape(target)
+    counts: dict = {"scheduled": 0, "unscheduled": 0, "unscheduled_ops": [], "operators": {},
+                    "vector_lanes": cpu.lanes, "vector_registers": cpu.registers,
+                    "threads": cpu.threads}
+    updates = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        if func.attrs is not None and "tirx.is_scheduled" in func.attrs \
+                and int(func.attrs["tirx.is_scheduled"]):
+            continue
+        try:
+            sch, what = schedule_primfunc(func, target, cpu)
+        except ScheduleError:
+            sch, what = None, None
+        if sch is None:
+            counts["unscheduled"] += 1
+            counts["unscheduled_ops"].append(gv.name_hint)
+            continue
+        updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        counts["scheduled"] += 1
+        counts["operators"][gv.name_hint] = what
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod, counts

@@ -1,0 +1,3 @@
+"""Boards over TVM RPC: the RPC and tracker client and server processes (``rpc``), the remote
+stream (``remote``) and the emulated aarch64 board (``emulator``).
+"""

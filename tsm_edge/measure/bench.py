@@ -1,0 +1,243 @@
+"""Per-frame latency and memory of an artifact, optionally beside PyTorch and ONNX Runtime.
+
+Every backend is timed the same way, each in its own process so thread pools never compete:
+numpy frame in, numpy logits out, caches carried frame to frame, warm-up frames discarded.
+tsm-edge runs in ``tsm_edge.measure.probe`` (only numpy and the TVM runtime loaded); PyTorch runs the
+rewritten step (``rewrite.OnlineStep.module()``); ONNX Runtime runs its ONNX export.
+"""
+
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import InternalError, UserError
+from ..support.system import machine
+
+BACKENDS = ("torch", "onnxruntime")
+METHOD = ("wall clock (time.perf_counter) around one step per frame in a separate process per "
+          "backend: numpy frame in, numpy logits out, caches carried between frames; "
+          "{warmup} warm-up frames discarded, then {frames} timed frames")
+
+
+def child_env(threads: int | None) -> dict:
+    env = dict(os.environ)
+    if threads:
+        for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(threads)
+    return env
+
+
+def child_args(frames: int, warmup: int, threads: int | None, compare: tuple[str, ...],
+               valid: tuple[str, ...]) -> list[str]:
+    """Check the shared timing options; the argument list every measuring child takes."""
+    if frames < 1 or warmup < 0:
+        raise UserError(f"--frames must be >= 1 (got {frames}) and warm-up >= 0 (got {warmup})")
+    unknown = [b for b in compare if b not in valid]
+    if unknown:
+        raise UserError(f"--compare {','.join(unknown)} is not valid; valid: {', '.join(valid)}")
+    common = ["--frames", str(frames), "--warmup", str(warmup)]
+    if threads:
+        common += ["--threads", str(threads)]
+    return common
+
+
+def run_child(args: list[str], threads: int | None, timeout: float) -> dict:
+    try:
+        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                              env=child_env(threads), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"benchmark child {' '.join(args[:3])} ran past {timeout:.0f} s; "
+                        "use fewer --frames") from None
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        if "error: " in tail:
+            raise UserError(tail.split("error: ", 1)[1].splitlines()[0])
+        raise InternalError(f"benchmark child {' '.join(args[:3])} failed:\n{tail}")
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        raise InternalError(f"benchmark child printed no result: {proc.stdout[-500:]!r}") from None
+
+
+def bench(artifact: str | Path, *, frames: int = 100, warmup: int = 10,
+          threads: int | None = None, compare: tuple[str, ...] = (),
+          timeout: float = 3600) -> dict:
+    """Benchmark ``artifact`` (and the ``compare`` backends); returns the bench JSON."""
+    from ..artifact.store import read_manifest
+
+    art = Path(artifact)
+    manifest = read_manifest(art)
+    common = child_args(frames, warmup, threads, compare, BACKENDS)
+    results = {"tsm-edge": run_child(["-m", "tsm_edge.measure.probe", str(art), *common], threads,
+                                      timeout)}
+    for backend in compare:
+        results[backend] = run_child(["-m", "tsm_edge.measure.bench", backend, str(art), *common],
+                                      threads, timeout)
+    mem = results["tsm-edge"]
+    return {
+        "backends": {name: {k: r[k] for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms")}
+                     for name, r in results.items()},
+        "latencies_ms": {name: r["latencies_ms"] for name, r in results.items()},
+        "memory": {"weights_bytes": manifest["weights_bytes"],
+                   "cache_bytes_total": manifest["cache_bytes_total"],
+                   "workspace_bytes": manifest["workspace_bytes"],
+                   "rss_baseline_bytes": mem["rss_baseline_bytes"],
+                   "rss_loaded_bytes": mem["rss_loaded_bytes"],
+                   "rss_peak_bytes": mem["rss_peak_bytes"],
+                   "measured_in": "child process with numpy and the TVM runtime only (torch "
+                                  "blocked); RSS from /proc/self/status"},
+        "threads": threads, "frames": frames, "warmup": warmup, "machine": machine(),
+        "model": manifest["model"]["name"], "input_size": manifest["model"]["input_size"],
+        "target": manifest["target"], "device": manifest.get("device", "cpu"),
+        "method": {name: METHOD.format(warmup=warmup, frames=frames) +
+                   ("" if name == "tsm-edge" else BACKEND_NOTES[name])
+                   for name in results},
+    }
+
+
+def bench_remote(artifact: str | Path, session, *, frames: int = 20, warmup: int = 2,
+                 threads: int | None = None) -> dict:
+    """Device-side latency over TVM RPC, plus a carried-cache stream timed from the host."""
+    from ..device.remote import RemoteStream
+    from ..runtime.frames import percentiles
+
+    if frames < 1 or warmup < 0:
+        raise UserError(f"--frames must be >= 1 (got {frames}) and warm-up >= 0 (got {warmup})")
+    stream = RemoteStream(session, artifact)
+    m = stream.manifest
+    size = m["model"]["input_size"]
+    import numpy as np
+
+    data = np.random.default_rng(0).standard_normal((8, 3, size, size)).astype(np.float32)
+    for i in range(warmup):
+        stream.step(data[i % len(data)])
+    stream.reset()
+    for i in range(frames):
+        stream.step(data[i % len(data)])
+    streamed = stream.latencies_ms[warmup:]
+    device = stream.device_times_ms(frames)
+    return {
+        "backends": {"tsm-edge": percentiles(device),
+                     "tsm-edge-stream-over-rpc": percentiles(streamed)},
+        "latencies_ms": {"tsm-edge": device, "tsm-edge-stream-over-rpc": streamed},
+        "memory": {"weights_bytes": m["weights_bytes"],
+                   "cache_bytes_total": m["cache_bytes_total"],
+                   "workspace_bytes": m["workspace_bytes"],
+                   "rss_baseline_bytes": None, "rss_loaded_bytes": None, "rss_peak_bytes": None,
+                   "measured_in": "RSS is not readable over TVM RPC; the sizes come from the "
+                                  "manifest"},
+        "threads": threads, "frames": frames, "warmup": warmup, "machine": "remote device",
+        "model": m["model"]["name"], "input_size": size, "target": m["target"],
+        "device": m.get("device", "cpu"), "load_seconds": stream.load_seconds,
+        "method": {
+            "tsm-edge": f"on the device: TVM time_evaluator over invoke_stateful, number=1, "
+                        f"repeat={frames}; network excluded; repeats one call without carrying "
+                        "caches between the timed calls",
+            "tsm-edge-stream-over-rpc": f"host wall clock per frame over RPC ({frames} frames "
+                                        "after a reset, caches carried on the device): includes "
+                                        "the network and the upload of each frame"},
+    }
+
+
+BACKEND_NOTES = {
+    "torch": "; PyTorch eager running the rewritten step (fx.GraphModule), torch.no_grad, "
+             "torch.set_num_threads(threads)",
+    "onnxruntime": "; ONNX Runtime CPU provider on the exported step, ORT_ENABLE_ALL, "
+                   "intra_op_num_threads=threads, spinning off",
+}
+
+
+# ----------------------------------------------------------------------------- child side
+
+
+def time_stream(make, frames, warmup: int, count: int) -> list[float]:
+    """Per-frame latencies (ms) of one stream: ``make()`` returns a fresh ``run(frame)`` that
+    starts from zero caches and carries them; one stream warms up, a new one is timed."""
+    run = make()
+    for i in range(warmup):
+        run(frames[i % len(frames)])
+    run = make()
+    lat = []
+    for i in range(count):
+        t0 = time.perf_counter()
+        run(frames[i % len(frames)])
+        lat.append((time.perf_counter() - t0) * 1e3)
+    return lat
+
+
+def _child(argv: list[str]) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m tsm_edge.measure.bench")
+    ap.add_argument("backend", choices=BACKENDS)
+    ap.add_argument("artifact")
+    ap.add_argument("--frames", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+
+    import numpy as np
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from ..artifact.store import read_manifest
+    from ..frontend.rewrite import rewrite_shifts
+    from ..frontend.trace import trace_step
+    from ..models.resolve import model_from_manifest
+    from ..runtime.frames import percentiles
+
+    manifest = read_manifest(args.artifact)
+    size = manifest["model"]["input_size"]
+    step = rewrite_shifts(trace_step(model_from_manifest(manifest), size))
+    frames = np.random.default_rng(0).standard_normal((16, 3, size, size)).astype(np.float32)
+    frames = frames[:, None]
+
+    if args.backend == "torch":
+        module = step.module()
+        zeros = step.zero_caches()
+
+        def make():
+            caches = list(zeros)
+
+            def run(frame):
+                nonlocal caches
+                with torch.no_grad():
+                    out = module(torch.from_numpy(frame), *caches)
+                caches = list(out[1:])
+                return out[0].numpy()
+            return run
+    else:
+        from ..frontend.onnx_export import export_step_onnx, ort_session
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_step_onnx(step, Path(tmp) / "step.onnx")
+            sess = ort_session(path, args.threads)
+        names = [c.input_name for c in step.caches]
+        zeros = [np.zeros(c.shape, dtype=c.dtype) for c in step.caches]
+
+        def make():
+            caches = list(zeros)
+
+            def run(frame):
+                nonlocal caches
+                out = sess.run(None, {step.input.name: frame, **dict(zip(names, caches))})
+                caches = out[1:]
+                return out[0]
+            return run
+
+    lat = time_stream(make, frames, args.warmup, args.frames)
+    json.dump({"backend": args.backend, "latencies_ms": lat, **percentiles(lat)}, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))

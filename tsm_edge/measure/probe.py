@@ -1,0 +1,93 @@
+"""Child-process measurement: latency and memory of an artifact, with only TVM and numpy loaded.
+
+Run as ``python -m tsm_edge.measure.probe DIR --frames N``; prints one JSON object. RSS is read from
+/proc/self/status: ``rss_baseline_bytes`` after importing numpy and the TVM runtime,
+``rss_loaded_bytes`` after loading the artifact, ``rss_peak_bytes`` (VmHWM) after streaming.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _status_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _rss() -> int | None:
+    return _status_bytes("VmRSS")
+
+
+def _peak() -> int | None:
+    peak = _status_bytes("VmHWM")
+    if peak is None:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tsm_edge.measure.probe")
+    ap.add_argument("artifact")
+    ap.add_argument("--frames", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--frames-npy", default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    # tvm_ffi imports torch whenever it is installed; a board has no torch, so measure as if
+    # it were absent (a None entry in sys.modules makes ``import torch`` raise ImportError).
+    os.environ["TVM_FFI_DISABLE_TORCH_C_DLPACK"] = "1"
+    sys.modules["torch"] = None  # type: ignore[assignment]
+
+    import numpy as np
+    import tvm.runtime  # noqa: F401  (the TVM runtime, counted in the baseline)
+
+    from ..runtime.frames import percentiles
+    from ..runtime.session import StreamSession
+
+    baseline = _rss()
+    session = StreamSession(args.artifact, threads=args.threads,
+                            latency_window=max(1, args.warmup + args.frames))
+    loaded = _rss()
+    size = session.input_shape[-1]
+    if args.frames_npy:
+        frames = np.load(args.frames_npy, allow_pickle=False).astype(np.float32)
+    else:
+        frames = np.random.default_rng(0).standard_normal((16, 3, size, size)).astype(np.float32)
+    for i in range(args.warmup):
+        session.step(frames[i % len(frames)])
+    session.reset()
+    warm = len(session.latencies_ms)
+    for i in range(args.frames):
+        session.step(frames[i % len(frames)])
+    lat = session.latencies_ms[warm:]
+    out = {
+        "backend": "tsm-edge",
+        "latencies_ms": lat,
+        **percentiles(lat),
+        "rss_baseline_bytes": baseline,
+        "rss_loaded_bytes": loaded,
+        "rss_peak_bytes": _peak(),
+        "torch_loaded": sys.modules.get("torch") is not None,
+        "threads": args.threads,
+    }
+    json.dump(out, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
