@@ -119,9 +119,9 @@ def frames_of(video: Path, preprocessing: dict, limit: int):
 
 
 def child_env(threads: int | None = None) -> dict:
-    from tsm_edge.measure.bench import child_env
+    from tsm_edge.support.threads import thread_env
 
-    env = child_env(threads)
+    env = thread_env(threads)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
 
@@ -250,12 +250,11 @@ def fail_soft(log: dict, name: str, fn, *args, **kwargs):
 def export_in_process(model: str, seed: int, path: Path) -> Path:
     """The step's ONNX without an fp32 artifact (when ``tsm-edge compile`` fails)."""
     from tsm_edge.frontend.onnx_export import export_step_onnx
-    from tsm_edge.frontend.rewrite import rewrite_shifts
-    from tsm_edge.frontend.trace import trace_step
+    from tsm_edge.frontend.step import source_step
     from tsm_edge.models.resolve import resolve_model
 
     src = resolve_model(model, seed=seed, quiet=True)
-    return export_step_onnx(rewrite_shifts(trace_step(src.module, src.input_size)), path)
+    return export_step_onnx(source_step(src), path)
 
 
 def row(backend, precision, calibration, **kw) -> dict:

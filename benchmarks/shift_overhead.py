@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +38,9 @@ def compile_all(model: str, out: Path) -> dict[str, Path]:
 
 
 def time_blocks(paths: dict[str, str], block: int, rounds: int, threads: int) -> dict:
-    os.environ["TVM_NUM_THREADS"] = str(threads)
+    from tsm_edge.support.threads import apply_threads
+
+    apply_threads(threads)
     sys.modules["torch"] = None  # a board has no torch; tvm_ffi would import it
     import numpy as np
 

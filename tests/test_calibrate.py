@@ -28,12 +28,11 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def mnv2():
     """The tiny MobileNetV2's resolved source and its online step, built once."""
-    from tsm_edge.frontend.rewrite import rewrite_shifts
-    from tsm_edge.frontend.trace import trace_step
+    from tsm_edge.frontend.step import source_step
     from tsm_edge.models.resolve import resolve_model
 
     src = resolve_model(MODEL)
-    return src, rewrite_shifts(trace_step(src.module, src.input_size, src.require_shift))
+    return src, source_step(src)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,9 @@
 """The real ``tsm-edge`` command in subprocesses: outputs, JSON, and one-line user errors."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +13,11 @@ from helpers import assert_user_error, run_cli
 
 def test_models_and_targets():
     proc = run_cli("models", "--json")
+    assert proc.returncode == 0, proc.stderr
+    names = {m["name"] for m in json.loads(proc.stdout)}
+    assert {"tsm_mobilenetv2", "tsm_resnet50"} <= names
+    assert not any(n.endswith("_tiny") for n in names)  # test variants only when asked
+    proc = run_cli("models", "--all", "--json")
     assert proc.returncode == 0, proc.stderr
     names = {m["name"] for m in json.loads(proc.stdout)}
     assert {"tsm_mobilenetv2", "tsm_resnet50", "tsm_mobilenetv2_tiny",
@@ -74,6 +82,21 @@ def test_bench_json_has_every_contract_key(tiny_mnv2, tmp_path):
         assert key in r
     assert r["threads"] == 1 and r["frames"] == 20
     assert len(r["latencies_ms"]["tsm-edge"]) == 20
+
+
+def test_bench_reports_the_thread_count_used_without_threads(tiny_mnv2, tmp_path):
+    """The contract: ``threads`` is the count actually used, an integer, with or without
+    --threads (here TVM's own default, read from its pool in the measuring child)."""
+
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "tsm_edge.cli", "bench", str(tiny_mnv2),
+                           "--frames", "3", "--warmup", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    assert isinstance(r["threads"], int) and r["threads"] >= 1
+    assert f"threads {r['threads']} (TVM's default)" in proc.stdout
 
 
 def test_bench_child_never_loads_torch(tiny_mnv2):

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from tsm_edge.artifact import package as pkgmod
+from tsm_edge.artifact.manifest import Manifest
 from tsm_edge.artifact.store import read_manifest
 from tsm_edge.errors import UserError
 from tsm_edge.runtime.frames import load_frames_npy
@@ -81,7 +82,7 @@ def _manifest_bytes(scratch, data: bytes):
     (d / "manifest.json").write_bytes(data)
     try:
         manifest = _expect_user_error_or(lambda: read_manifest(d))
-        assert manifest is None or isinstance(manifest, dict)
+        assert manifest is None or isinstance(manifest, Manifest)
     finally:
         shutil.rmtree(d)
 

@@ -18,6 +18,16 @@ TARGETS = {  # ISA -> a TVM target whose CPU has it
 }
 INSTRUCTIONS = {"avx2": ("vpmaddubsw", "ymm"), "avx512bw": ("vpmaddubsw", "zmm"),
                 "avx512-vnni": ("vpdpbusd", "zmm"), "neon-dotprod": ("sdot", "v")}
+# What each family computes with, from the instructions themselves: int32 lanes per vector
+# (256- or 512-bit x86, 128-bit Neon) and the weight bits. vpmaddubsw sums two u8 x s8 products
+# in a saturating int16, so weights stay within +-63 (7 bits: 2 * 255 * 63 < 32767); vpdpbusd
+# and sdot accumulate straight into int32 and take all 8 bits (+-127).
+LANES = {"avx2": 8, "avx512bw": 16, "avx512-vnni": 16, "neon-dotprod": 4}
+WEIGHT_BITS = {"avx2": 7, "avx512bw": 7, "avx512-vnni": 8, "neon-dotprod": 8}
+# The kernel's CPU flags (/proc/cpuinfo) that each family needs, best first: a second source
+# beside LLVM's, so a wrong host CPU or feature table shows up as a disagreement.
+CPUINFO_FLAGS = [("avx512-vnni", {"avx512_vnni", "avx512bw"}), ("avx512bw", {"avx512bw"}),
+                 ("avx2", {"avx2"}), ("neon-dotprod", {"asimddp"})]
 
 
 def _conv_module(isa, shape, kernel, out_channels, strides, padding):
@@ -185,12 +195,74 @@ def _video_frames(path, size, n):
     return np.stack(frames)
 
 
+def _this_cpu_isa() -> str:
+    """The family an int8 build for this machine must use: LLVM's host CPU through the
+    compiler's own choice (``isa_for``), which must agree with the kernel's CPU flags."""
+    import platform
+    from pathlib import Path
+
+    import tvm
+    from tvm.target import codegen
+
+    from tsm_edge.compiler.quantize import isa as isas
+
+    cpu = str(codegen.llvm_get_system_cpu())
+    host = tvm.target.Target({"kind": "llvm", "mtriple": f"{platform.machine()}-linux-gnu",
+                              "mcpu": cpu})
+    isa = isas.isa_for(host)
+    assert isa is not None, f"{cpu}: no integer dot product; an int8 build is refused here"
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return isa.name
+    flags = set()
+    for line in info.splitlines():
+        if line.split(":")[0].strip() in ("flags", "Features"):
+            flags |= set(line.split(":", 1)[1].split())
+    from_kernel = next((name for name, need in CPUINFO_FLAGS if need <= flags), None)
+    assert from_kernel == isa.name, (cpu, isa.name, from_kernel)
+    return isa.name
+
+
 def test_int8_manifest_says_what_runs_in_integers(tiny_int8, tiny_mnv2):
+    """The manifest names the integer family of the CPU the build ran on (the host preset):
+    its instruction, its weight bits and its lanes, not those of the machine it was written on."""
+    import re
+
     m = json.loads((tiny_int8 / "manifest.json").read_text())
     ref = json.loads((tiny_mnv2 / "manifest.json").read_text())
     d = m["precision_detail"]
-    assert m["precision"] == "int8" and d["isa"] == "avx2"
-    assert d["integer_convolutions"] >= 10 and d["float_convolutions"] >= 1
+    name = _this_cpu_isa()
+    bits, lanes = WEIGHT_BITS[name], LANES[name]
+    assert m["precision"] == "int8" and d["isa"] == name, (d["isa"], name)
+    assert INSTRUCTIONS[name][0] in d["instructions"], d["instructions"]
+    weight_max = 2 ** (bits - 1) - 1
+    assert f"{bits} bits (+-{weight_max})" in d["weights"], d["weights"]
+    assert ("avx512vnni" in m["cpu_features"]) == (name == "avx512-vnni"), m["cpu_features"]
+    # channels that do not fill the instruction's lanes stay float, counted by this CPU's lanes
+    lane_notes = [re.search(r"not a multiple of (\d+) \(([\w-]+) lanes\)", why)
+                  for why in d["float_convolutions_why"]]
+    assert all(int(n[1]) == lanes and n[2] == name for n in lane_notes if n), lane_notes
+    # which convolutions run in integers follows from the model's shapes and this CPU's lanes:
+    # not grouped, input channels a multiple of the 4 bytes per lane, outputs of the lanes
+    import torch
+
+    from tsm_edge.models.resolve import resolve_model
+
+    convs = [c for c in resolve_model("tsm_mobilenetv2_tiny", quiet=True).module.modules()
+             if isinstance(c, torch.nn.Conv2d)]
+    assert len(convs) == len(d["convolutions"])
+    integer = [c.groups == 1 and c.in_channels % 4 == 0 and c.out_channels % lanes == 0
+               for c in convs]
+    for conv, entry, want in zip(convs, d["convolutions"], integer):
+        assert (entry["kind"] == "depthwise") == (conv.groups > 1), (entry, conv)
+        assert entry["compute"] == ("int8" if want else "float32"), (entry, conv, lanes)
+    assert d["integer_convolutions"] == sum(integer) >= 10 and d["float_convolutions"] >= 1
+    # each integer weight takes 1 byte instead of 4; its output channel adds a few 4-byte
+    # constants (scale, bias, zero-point correction): at least 2 of the 4 bytes are saved
+    int8_weights = sum(c.weight.numel() for c, want in zip(convs, integer) if want)
+    saved = ref["weights_bytes"] - m["weights_bytes"]
+    assert 2 * int8_weights <= saved <= 3 * int8_weights, (saved, int8_weights)
     assert all(c["compute"] == "int8" or c["why"] for c in d["convolutions"])
     depthwise = [c for c in d["convolutions"] if c["kind"] == "depthwise"]
     assert depthwise and all(c["compute"] == "float32" for c in depthwise)
@@ -204,7 +276,6 @@ def test_int8_manifest_says_what_runs_in_integers(tiny_int8, tiny_mnv2):
     fp32 = {c["name"]: c["bytes"] for c in ref["caches"]}
     assert all(c["bytes"] * 4 == fp32[c["name"]] for c in int8_caches)
     assert m["cache_bytes_total"] < ref["cache_bytes_total"]
-    assert m["weights_bytes"] < ref["weights_bytes"] / 2
     assert d["calibration"]["caches_mode"] == "evolving"
 
 
@@ -229,23 +300,22 @@ def test_int8_caches_hold_the_quantized_block_input(tiny_int8, tiny_mnv2, synthe
 
     frames = _video_frames(synthetic_video, 64, 12)
     a, b = StreamSession(tiny_int8), StreamSession(tiny_mnv2)
-    specs = {c["name"]: c for c in a.manifest["caches"]}
+    specs = {c.name: c for c in a.manifest.caches}
     for f in frames:
         a.step(f)
         b.step(f)
         got, want = a.caches(dequantize=True), b.caches()
         for name, spec in specs.items():
-            if spec["dtype"] == "float32":
+            if spec.dtype == "float32":
                 continue
             raw = a.caches()[name]
-            assert raw.dtype == np.dtype(spec["dtype"])
-            if spec["dtype"] == "int8":  # symmetric: -128 is never used
+            assert raw.dtype == np.dtype(spec.dtype)
+            if spec.dtype == "int8":  # symmetric: -128 is never used
                 assert np.abs(raw.astype(int)).max() <= 127
-                assert cache_range(spec) == pytest.approx((-127 * spec["scale"],
-                                                           127 * spec["scale"]))
+                assert cache_range(spec) == pytest.approx((-127 * spec.scale, 127 * spec.scale))
             else:  # uint8 for a block input that is never negative
-                assert spec["dtype"] == "uint8" and spec["zero_point"] == 0
-                assert cache_range(spec) == pytest.approx((0.0, 255 * spec["scale"]))
+                assert spec.dtype == "uint8" and spec.zero_point == 0
+                assert cache_range(spec) == pytest.approx((0.0, 255 * spec.scale))
             lo, limit = cache_range(spec)
             err = np.abs(got[name] - np.clip(want[name], lo, limit)).max()
             assert err < 0.1 * limit, (name, err, limit)

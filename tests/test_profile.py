@@ -6,6 +6,8 @@ import json
 
 from helpers import run_cli
 
+CONV_KINDS = ("pointwise", "depthwise", "conv3x3", "conv7x7", "conv (other)")
+
 
 def test_profile_groups_both_backends_by_operator_kind(tiny_mnv2, tmp_path):
     out = tmp_path / "profile.json"
@@ -20,10 +22,75 @@ def test_profile_groups_both_backends_by_operator_kind(tiny_mnv2, tmp_path):
         assert side["total_ms"] > 0
         assert abs(sum(c["ms"] for c in cats.values()) - side["total_ms"]) < 1e-2
         assert cats["pointwise"]["gmacs_per_s"] > 0
-        # the multiply-adds of the 1x1 convolutions are a property of the model, not the backend
-    macs = [result["backends"][n]["categories"]["pointwise"]["macs"] for n in result["backends"]]
-    assert macs[0] == macs[1] > 0
+    # the multiply-adds of each kind of convolution are a property of the model: not of the
+    # backend, nor of the layout ONNX Runtime picks for this CPU (NCHWc pads channels to 8 or 16)
+    macs = [{k: c["macs"] for k, c in side["categories"].items() if k in CONV_KINDS}
+            for side in result["backends"].values()]
+    assert macs[0] == macs[1] and macs[0]["pointwise"] > 0 and macs[0]["depthwise"] > 0, macs
+    ort_convs = [op for op in result["backends"]["onnxruntime"]["operators"].values()
+                 if op["category"] in CONV_KINDS]
+    assert ort_convs and all(op.get("macs_from") == "model" for op in ort_convs), ort_convs
     assert "pointwise" in proc.stdout and "onnxruntime" in proc.stdout
+
+
+def _conv_model():
+    """frame (1, 3, 16, 16) -> 3x3/2 Conv to 8 channels -> Clip -> two 1x1 Convs to 24 -> Add."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in
+             [("w0", (8, 3, 3, 3)), ("b0", (8,)), ("w1", (24, 8, 1, 1)), ("w2", (24, 8, 1, 1))]]
+    inits += [numpy_helper.from_array(np.float32(v), n) for n, v in (("lo", 0.0), ("hi", 6.0))]
+    nodes = [helper.make_node("Conv", ["frame", "w0", "b0"], ["/Conv_output_0"], name="/Conv",
+                              kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["/Conv_output_0", "lo", "hi"], ["/Clip_output_0"],
+                              name="/Clip"),
+             helper.make_node("Conv", ["/Clip_output_0", "w1"], ["/Conv_1_output_0"],
+                              name="/Conv_1", kernel_shape=[1, 1]),
+             helper.make_node("Conv", ["/Clip_output_0", "w2"], ["/Conv_2_output_0"],
+                              name="/Conv_2", kernel_shape=[1, 1]),
+             helper.make_node("Add", ["/Conv_1_output_0", "/Conv_2_output_0"], ["out"],
+                              name="/Add")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("frame", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 24, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _event(name, weight, out):
+    return {"cat": "Node", "name": f"{name}_kernel_time", "dur": 10,
+            "args": {"op_name": "Conv", "input_type_shape": [{"float": [1, 3, 16, 16]},
+                                                             {"float": weight}],
+                     "output_type_shape": [{"float": out}]}}
+
+
+def test_ort_conv_events_count_the_models_multiply_adds():
+    """ONNX Runtime's profiler on an AVX-512 machine reports an NCHWc convolution with its
+    channels padded to 16 and names it after the fused activation's output: the multiply-adds
+    are still those of the model's Conv (8 outputs, not 16), on any machine."""
+    from tsm_edge.measure.profile import onnx_conv_table, ort_category
+
+    convs = onnx_conv_table(_conv_model())
+    stem = 8 * 8 * 8 * 3 * 3 * 3  # output h, w, channels x input channels, kh, kw
+    pointwise = 24 * 8 * 8 * 8
+    # as on AVX-512: 8 -> 16 and 24 -> 32 channels, "_nchwc" (and a "_token_N") on the name
+    assert ort_category(_event("/Clip_output_0_nchwc", [16, 3, 3, 3], [1, 16, 8, 8]),
+                        convs) == ("conv3x3", stem, "model")
+    assert ort_category(_event("/Conv_1_output_0_nchwc_token_3", [32, 16, 1, 1], [1, 32, 8, 8]),
+                        convs) == ("pointwise", pointwise, "model")
+    # a plain or fused Conv under its node's name (no padding there)
+    assert ort_category(_event("/Conv_1", [24, 8, 1, 1], [1, 24, 8, 8]),
+                        convs) == ("pointwise", pointwise, "model")
+    # the Clip fused into the stem names it; the Add two Convs feed names neither
+    assert convs["/Clip_output_0"]["node"] == "/Conv" and "out" not in convs
+    assert convs["/Conv_2_output_0"]["node"] == "/Conv_2"
+    # unknown to the model, or a name whose shapes disagree: the profiler's shapes, said so
+    padded = 16 * 8 * 8 * 3 * 3 * 3
+    assert ort_category(_event("/Other_nchwc", [16, 3, 3, 3], [1, 16, 8, 8]),
+                        convs) == ("conv3x3", padded, "profiler shapes")
+    assert ort_category(_event("/Clip_output_0_nchwc", [16, 3, 3, 3], [1, 16, 16, 16]),
+                        convs)[2] == "profiler shapes"
 
 
 def test_profile_refuses_a_board_artifact(tmp_path, tiny_mnv2):

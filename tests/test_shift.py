@@ -73,3 +73,19 @@ def test_custom_op_survives_export_as_one_node():
 def test_too_few_channels_is_refused():
     with pytest.raises(ValueError, match="cannot be shifted"):
         TemporalShift()(torch.zeros(1, 4, 2, 2))
+
+
+def test_bi_layout_equals_offline_last_frame_only_through_one_shift():
+    """Two shifts deep, the online bi layout is not the offline model's last frame: the offline
+    model's earlier frames were computed with their next frame, which a stream never had."""
+    x = clip(t=4)
+    deep = torch.nn.Sequential(TemporalShift(), torch.nn.Conv2d(16, 16, 1), TemporalShift())
+    for _, m in deep.named_children():
+        if isinstance(m, TemporalShift):
+            m.layout = "bi"
+    with torch.no_grad():
+        set_shift_mode(deep, "stream")
+        online_last = [deep(f[None]) for f in x][-1]
+        set_shift_mode(deep, "offline", n_segment=4, direction="bi")
+        offline_last = deep(x)[-1:]
+    assert not torch.allclose(online_last, offline_last, atol=1e-4)

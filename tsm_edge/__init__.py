@@ -15,6 +15,8 @@ _LAZY = {
     "Model": ("tsm_edge.runtime.session", "Model"),
     "CutPolicy": ("tsm_edge.runtime.session", "CutPolicy"),
     "read_manifest": ("tsm_edge.artifact.store", "read_manifest"),
+    "Manifest": ("tsm_edge.artifact.manifest", "Manifest"),
+    "Stream": ("tsm_edge.runtime.stream", "Stream"),
     "TemporalShift": ("tsm_edge.models.shift", "TemporalShift"),
     "build_model": ("tsm_edge.models.registry", "build_model"),
     "register_model": ("tsm_edge.models.registry", "register_model"),

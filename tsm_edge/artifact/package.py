@@ -72,10 +72,10 @@ def build_package(artifact: str | Path, output: str | Path) -> Path:
     with atomic_path(out, "package", make_parent=True) as tmp:
         with tarfile.open(tmp, "w:gz") as tar:
             tar.add(art / MANIFEST, arcname=MANIFEST)
-            for name in manifest["files"]:
+            for name in manifest.files:
                 tar.add(art / name, arcname=name)
-            if manifest.get("labels"):
-                _add_bytes(tar, "labels.txt", ("\n".join(manifest["labels"]) + "\n").encode())
+            if manifest.labels:
+                _add_bytes(tar, "labels.txt", ("\n".join(manifest.labels) + "\n").encode())
             _add_bytes(tar, RUNNER_NAME, RUNNER.encode(), 0o755)
             _add_bytes(tar, "_tsm_edge/__init__.py",
                        b'"""tsm-edge runtime modules, packaged with an artifact."""\n')

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -18,17 +17,6 @@ import click
 from ..errors import UserError
 
 log = logging.getLogger("tsm_edge")
-
-
-def apply_threads(threads: int | None) -> None:
-    """Thread counts must be set before any pool (TVM, OpenMP, torch) starts."""
-    if threads is None:
-        return
-    from ..support.threads import check_threads
-
-    check_threads(threads)
-    for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(threads)
 
 
 def write_json(path: str, obj) -> None:
@@ -43,6 +31,29 @@ def mb_text(n) -> str:
 
 threads_option = click.option("--threads", type=int, default=None,
                               help="CPU threads (applied before any thread pool starts).")
+
+
+def model_options(f):
+    """The options that say which model to build: name, weights and the facts about them."""
+    options = [
+        click.option("--model", required=True,
+                     help="Registered model name (see 'tsm-edge models')."),
+        click.option("--checkpoint", type=click.Path(), default=None,
+                     help="Trained weights (state_dict)."),
+        click.option("--num-classes", type=int, default=None),
+        click.option("--input-size", type=int, default=None),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the random weights when no checkpoint is given."),
+        click.option("--trained-shift", default=None,
+                     help="How the checkpoint was trained: unidirectional | bidirectional "
+                          "(default: what its layout implies)."),
+        click.option("--cache-channels", default=None,
+                     help="first: cache [0, C/8) (online demo); second: cache [C/8, 2C/8), "
+                          "[0, C/8) zero (for bi-directionally trained checkpoints)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
 
 
 def remote_options(f):

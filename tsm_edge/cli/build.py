@@ -10,11 +10,13 @@ from pathlib import Path
 
 import click
 
+from ..artifact.manifest import Manifest
 from ..errors import UserError
+from ..support.threads import apply_threads
 from .app import (
-    apply_threads,
     artifact_path,
     cli,
+    model_options,
     remote_options,
     threads_option,
     write_json,
@@ -23,12 +25,14 @@ from .app import (
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def models(as_json: bool) -> None:
+@click.option("--all", "show_all", is_flag=True, help="Also the tiny test variants.")
+def models(as_json: bool, show_all: bool) -> None:
     """List registered models."""
     from ..models.registry import list_models
 
     rows = [{"name": m.name, "description": m.description, "input_size": m.default_input_size,
-             "classes": m.default_num_classes} for m in list_models()]
+             "classes": m.default_num_classes} for m in list_models()
+            if show_all or not m.test_variant]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -64,10 +68,7 @@ def targets(as_json: bool, tvm_tags: bool) -> None:
 
 
 @cli.command("compile")
-@click.option("--model", required=True, help="Registered model name (see 'tsm-edge models').")
-@click.option("--checkpoint", type=click.Path(), default=None, help="Trained weights (state_dict).")
-@click.option("--num-classes", type=int, default=None)
-@click.option("--input-size", type=int, default=None)
+@model_options
 @click.option("--target", default="host", show_default=True,
               help="Preset name, TVM tag or JSON TVM target.")
 @click.option("--precision", default=None,
@@ -80,16 +81,8 @@ def targets(as_json: bool, tvm_tags: bool) -> None:
               help="CPU schedules for operators without tuning records: default (tsm-edge's "
                    "rules) | none (TVM's plain loops, for comparison).")
 @click.option("--labels", type=click.Path(), default=None, help="Class names, one per line.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the random weights when no checkpoint is given.")
 @click.option("--ndk", type=click.Path(), default=None,
               help="Android NDK root (for the android-arm64 target).")
-@click.option("--trained-shift", default=None,
-              help="How the checkpoint was trained: unidirectional | bidirectional "
-                   "(default: what its layout implies).")
-@click.option("--cache-channels", default=None,
-              help="first: cache [0, C/8) (online demo); second: cache [C/8, 2C/8), [0, C/8) "
-                   "zero (for bi-directionally trained checkpoints).")
 @click.option("--calibration", default=None, type=click.Path(),
               help="For --precision int8: the file written by 'tsm-edge calibrate'.")
 @click.option("--calibration-method", default="max", show_default=True,
@@ -111,9 +104,9 @@ def compile_cmd(model, checkpoint, num_classes, input_size, target, precision, t
     from ..artifact.store import read_manifest
 
     m = read_manifest(path)
-    click.echo(f"compiled {m['model']['name']} ({m['model']['input_size']}px, "
-               f"{m.get('precision', 'fp32')}, {len(m['caches'])} caches, "
-               f"{m['cache_bytes_total']:,} cache bytes) for {m['target_preset']} -> {path}")
+    click.echo(f"compiled {m.model.name} ({m.model.input_size}px, {m.precision}, "
+               f"{len(m.caches)} caches, {m.cache_bytes_total:,} cache bytes) for "
+               f"{m.built_for.preset} -> {path}")
 
 
 @cli.command()
@@ -126,27 +119,28 @@ def inspect(artifact: str, as_json: bool) -> None:
     with artifact_path(artifact) as art:
         m = read_manifest(art)
     if as_json:
-        click.echo(json.dumps(m, indent=2))
+        click.echo(json.dumps(m.to_json(), indent=2))
         return
-    mod = m["model"]
+    mod, t = m.model.to_json(), m.built_for  # the model entry's weights: the models stage's JSON
+    runnable = m.runnable or m.runnable_reason or False
     click.echo(f"model      {mod['name']}  ({mod['weights']}, {mod['num_classes']} classes)")
-    click.echo(f"input      {m['input']['name']} {m['input']['shape']} {m['input']['dtype']}")
-    click.echo(f"target     {m.get('target_preset')}  {json.dumps(m['target'])}")
-    click.echo(f"host       {m['host_triple']} (library: {m.get('elf_machine')}), "
-               f"device code: {m['device_code']}, runnable here: {m['runnable']}")
+    click.echo(f"input      {m.input.name} {list(m.input.shape)} {m.input.dtype}")
+    click.echo(f"target     {t.preset}  {json.dumps(t.tvm_target)}")
+    click.echo(f"host       {t.host_triple} (library: {t.elf_machine}), "
+               f"device code: {t.device_code}, runnable here: {runnable}")
     click.echo(f"precision  {_precision_line(m)}")
-    click.echo(f"weights    {m['weights_bytes']:,} bytes; workspace {m['workspace_bytes']:,} bytes")
-    click.echo(f"caches     {len(m['caches'])}, {m['cache_bytes_total']:,} bytes")
-    for c in m["caches"]:
-        click.echo(f"  {c['name']:<24}{str(tuple(c['shape'])):<20}{c['dtype']:<9}"
-                   f"channels [{c['channels'][0]}, {c['channels'][1]})  {c['bytes']:,} B")
-    click.echo(f"tools      {', '.join(f'{k} {v}' for k, v in m['tool_versions'].items())}")
+    click.echo(f"weights    {m.weights_bytes:,} bytes; workspace {m.workspace_bytes:,} bytes")
+    click.echo(f"caches     {len(m.caches)}, {m.cache_bytes_total:,} bytes")
+    for c in m.caches:
+        click.echo(f"  {c.name:<24}{str(c.shape):<20}{c.dtype:<9}"
+                   f"channels [{c.channels[0]}, {c.channels[1]})  {c.nbytes:,} B")
+    click.echo(f"tools      {', '.join(f'{k} {v}' for k, v in m.tool_versions.items())}")
 
 
-def _precision_line(m: dict) -> str:
-    detail = m.get("precision_detail") or {}
+def _precision_line(m: Manifest) -> str:
+    detail = m.precision_detail or {}
     ops = detail.get("operators")
-    line = m.get("precision", "fp32")
+    line = m.precision
     if ops:
         line += (f": {ops['fp16_share']:.1%} of operators compute in fp16 "
                  f"({ops['fp16_ops']} of {ops['fp16_ops'] + ops['fp32_ops'] + ops['other_ops']}; "
@@ -205,14 +199,11 @@ def export(artifact, onnx_out, checkpoint) -> None:
     """Export the artifact's online step as ONNX, caches as named inputs and outputs."""
     from ..artifact.store import read_manifest
     from ..frontend.onnx_export import export_step_onnx
-    from ..frontend.rewrite import rewrite_shifts
-    from ..frontend.trace import trace_step
-    from ..models.resolve import model_from_manifest
+    from ..frontend.step import manifest_step
 
     m = read_manifest(artifact)
-    step = rewrite_shifts(trace_step(model_from_manifest(m, checkpoint),
-                                     m["model"]["input_size"]))
-    names = [c["name"] for c in m["caches"]]
+    step = manifest_step(m, checkpoint)
+    names = [c.name for c in m.caches]
     if [c.name for c in step.caches] != names:
         raise UserError(f"the rebuilt model's caches {[c.name for c in step.caches]} differ from "
                         f"the artifact's {names}: it was compiled from another model definition or "
@@ -245,15 +236,7 @@ def unpack(package_file, output) -> None:
 
 
 @cli.command("calibrate")
-@click.option("--model", required=True, help="Registered model name (see 'tsm-edge models').")
-@click.option("--checkpoint", type=click.Path(), default=None, help="Trained weights (state_dict).")
-@click.option("--num-classes", type=int, default=None)
-@click.option("--input-size", type=int, default=None)
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the random weights when no checkpoint is given.")
-@click.option("--trained-shift", default=None,
-              help="As for compile: unidirectional | bidirectional.")
-@click.option("--cache-channels", default=None, help="As for compile: first | second.")
+@model_options
 @click.option("--video", type=click.Path(), multiple=True,
               help="A video file (PyAV); repeat for several: each is its own stream.")
 @click.option("--frames-npy", type=click.Path(), default=None,
@@ -289,10 +272,10 @@ def calibrate_cmd(model, checkpoint, num_classes, input_size, seed, trained_shif
     sources = ([calibrate.video_stream(v, stride) for v in video] if video else
                [calibrate.npy_stream(frames_npy, stride)])
     result = calibrate.calibrate(model, sources=sources, checkpoint=checkpoint,
-                           num_classes=num_classes, input_size=input_size, seed=seed,
-                           caches=caches, max_frames=max_frames, bins=bins,
-                           trained_shift=trained_shift, cache_channels=cache_channels,
-                           threads=threads)
+                                 num_classes=num_classes, input_size=input_size, seed=seed,
+                                 caches=caches, max_frames=max_frames, bins=bins,
+                                 trained_shift=trained_shift, cache_channels=cache_channels,
+                                 threads=threads)
     calibration_file.write_calibration(result, out)
     for line in calibration_file.summary_lines(result, out):
         click.echo(line)

@@ -7,8 +7,8 @@ import sys
 import click
 
 from ..errors import UserError
+from ..support.threads import apply_threads
 from .app import (
-    apply_threads,
     artifact_path,
     cli,
     mb_text,
@@ -42,7 +42,7 @@ def verify(artifact, frames, frames_npy, checkpoint, tolerance, json_out, rpc, t
     if frames_npy:
         from ..artifact.store import read_manifest
 
-        size = read_manifest(artifact, check_files=False)["model"]["input_size"]
+        size = read_manifest(artifact, check_files=False).model.input_size
         arr = load_frames_npy(frames_npy, size)[:frames]
     remote = remote_session(rpc, tracker, key)
     stream = None
@@ -109,7 +109,7 @@ def bench(artifact, frames, warmup, compare, json_out, plot_out, rpc, tracker, k
     machine = result["machine"] if isinstance(result["machine"], str) else \
         result["machine"]["cpu"]
     click.echo(f"{result['model']} {result['input_size']}px, {frames} frames, threads "
-               f"{threads or 'default'}, {machine}")
+               f"{result['threads']}" + ("" if threads else " (TVM's default)") + f", {machine}")
     click.echo(f"{'backend':<14}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'mean ms':>9}"
                f"{'vs tsm-edge':>13}")
     for name, r in result["backends"].items():
@@ -175,7 +175,7 @@ def drift(artifact, reference, frames_npy, video, frames_opt, json_out, plot_out
         from ..artifact.store import read_manifest
         from ..runtime.frames import load_frames_npy
 
-        size = read_manifest(artifact, check_files=False)["model"]["input_size"]
+        size = read_manifest(artifact, check_files=False).model.input_size
         arr = load_frames_npy(frames_npy, size)
     r = run_drift(artifact, reference, frames_array=arr, video=video, frames=frames_opt,
                   threads=threads)

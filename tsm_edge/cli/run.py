@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from ..errors import UserError
+from ..support.threads import apply_threads
 from .app import (
-    apply_threads,
     artifact_path,
     cli,
     frames_count,
@@ -86,14 +86,14 @@ def run(artifact, frames_npy, video, camera, frames_opt, stride, max_gap, realti
             session = RemoteStream(remote, art)
         else:
             session = StreamSession(art, threads=threads, latency_window=1 << 20)
-        labels = session.manifest.get("labels")
+        labels = session.manifest.labels
         result = None
         annotator = None
         if video is not None or camera is not None:
             from ..runtime.video import Camera, paced, video_frames
 
             _, count = frames_count(None, frames_opt)
-            short = session.manifest["input"]["preprocessing"]["resize_short_side"]
+            short = session.manifest.input.preprocessing.resize_short_side
             clock: dict = {}
             cam = None
             if video is not None:

@@ -13,7 +13,17 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..artifact.store import LIBRARY, SCHEMA_VERSION, write_artifact_dir
+from ..artifact.manifest import (
+    LIBRARY,
+    CacheSpec,
+    InputSpec,
+    Manifest,
+    ModelEntry,
+    Preprocessing,
+    TargetFacts,
+    TensorSpec,
+)
+from ..artifact.store import write_artifact_dir
 from ..errors import InternalError, UserError
 from ..models.resolve import ModelSource, preprocessing, read_labels, resolve_model
 from ..support.files import sha256_file
@@ -352,7 +362,7 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
     features = relevant_features(arch, tvm_target.cpu_features(host_target)) \
         if host_target.kind.name == "llvm" else []
 
-    def populate(tmp: Path) -> dict:
+    def populate(tmp: Path) -> Manifest:
         lib = tmp / LIBRARY
         timed("link", tvm_device.export_library, exe, str(lib), cross_compiler)
         built_for = elf_machine(lib)
@@ -361,57 +371,57 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
                                 f"needs {arch} ({triple}); the target's host is wrong")
         device_code = tvm_device.device_code_kind(exe, target, lib.read_bytes())
         extra = device_checks(exe, target, lib, device_code, cuda)
-        caches = [{"name": c.name, "input_name": c.input_name, "output_name": c.output_name,
-                   "shape": list(c.shape), "dtype": c.dtype, "bytes": c.nbytes,
-                   "channels": list(c.channels), "init": c.init} for c in cache_specs]
-        if int8_report is not None:
-            stored = {r["name"]: r for r in int8_report["caches"] if "scale" in r}
-            for c in caches:
-                if c["input_name"] in stored:
-                    r = stored[c["input_name"]]
-                    c.update(scale=r["scale"], zero_point=r["zero_point"],
-                             quantization=f"{r['dtype']}, the scale of the integer "
-                                          "convolution the cache feeds")
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "model": source.manifest_entry(),
-            "input": {"name": frame_spec.name, "shape": list(frame_spec.shape),
-                      "dtype": frame_spec.dtype,
-                      "preprocessing": preprocessing(source.input_size)},
-            "outputs": [{"name": o.name, "shape": list(o.shape), "dtype": o.dtype}
-                        for o in output_specs],
-            "caches": caches,
-            "cache_bytes_total": sum(c["bytes"] for c in caches),
-            "cache_elements_total": sum(c.numel for c in step.caches),
-            "weights_bytes": weights_bytes,
-            "weights_location": f"constants inside {LIBRARY} (batch-norm folded)",
-            "workspace_bytes": workspace,
-            "precision": precision,
-            "precision_detail": precision_detail(
+        stored = {r["name"]: r for r in (int8_report or {}).get("caches", []) if "scale" in r}
+        caches = []
+        for c in cache_specs:
+            r = stored.get(c.input_name)
+            quant = {} if r is None else {
+                "scale": r["scale"], "zero_point": r["zero_point"],
+                "quantization": f"{r['dtype']}, the scale of the integer convolution the cache "
+                                "feeds"}
+            caches.append(CacheSpec(name=c.name, input_name=c.input_name,
+                                    output_name=c.output_name, shape=tuple(c.shape),
+                                    dtype=c.dtype, nbytes=c.nbytes, channels=tuple(c.channels),
+                                    init=c.init, **quant))
+        # the models stage writes these two entries as JSON; read back, they keep its key order
+        where = "the compiled manifest"
+        prep = Preprocessing.from_json(preprocessing(source.input_size), where)
+        runnable = preset.runnable == "here"
+        return Manifest(
+            model=ModelEntry.from_json(source.manifest_entry(), where),
+            input=InputSpec(name=frame_spec.name, shape=tuple(frame_spec.shape),
+                            dtype=frame_spec.dtype, preprocessing=prep),
+            outputs=tuple(TensorSpec(name=o.name, shape=tuple(o.shape), dtype=o.dtype)
+                          for o in output_specs),
+            caches=tuple(caches),
+            cache_bytes_total=sum(c.nbytes for c in caches),
+            cache_elements_total=sum(c.numel for c in step.caches),
+            weights_bytes=weights_bytes,
+            weights_location=f"constants inside {LIBRARY} (batch-norm folded)",
+            workspace_bytes=workspace,
+            precision=precision,
+            precision_detail=precision_detail(
                 precision, census,
                 int8_detail(int8_report, isa, calibration) if int8_report else None),
-            "target": tvm_target.target_json(target),
-            "target_preset": preset.name,
-            "host_triple": triple,
-            "elf_machine": built_for,
-            "device": preset.device,
-            "device_code": device_code,
-            "runnable": True if preset.runnable == "here" else
-                        f"built for {triple} ({preset.device}); this machine is "
-                        f"{native_triple()}: run it on the board or over RPC"
-                        + extra.get("board_needs", ""),
-            **{k: v for k, v in extra.items() if k != "board_needs"},
-            "cpu_features": features,
-            "tuning": {"mode": tuning, "databases": [str(d) for d in databases],
-                       "records_applied": len(build_info.get("tuned_ops", [])),
-                       "tuned_operators": build_info.get("tuned_ops", []),
-                       "default_schedules": schedule_summary(build_info, schedules, cpu)},
-            "library": LIBRARY,
-            "entry": "main",
-            "tool_versions": tool_versions(),
-            "compile_seconds": seconds,
-            "labels": labels,
-        }
+            built_for=TargetFacts(
+                tvm_target=tvm_target.target_json(target), preset=preset.name,
+                host_triple=triple, elf_machine=built_for, device=preset.device,
+                device_code=device_code, cpu_features=tuple(features),
+                evidence={k: v for k, v in extra.items() if k != "board_needs"}),
+            runnable=runnable,
+            runnable_reason=None if runnable else
+            f"built for {triple} ({preset.device}); this machine is {native_triple()}: run it "
+            "on the board or over RPC" + extra.get("board_needs", ""),
+            tuning={"mode": tuning, "databases": [str(d) for d in databases],
+                    "records_applied": len(build_info.get("tuned_ops", [])),
+                    "tuned_operators": build_info.get("tuned_ops", []),
+                    "default_schedules": schedule_summary(build_info, schedules, cpu)},
+            library=LIBRARY,
+            entry="main",
+            tool_versions=tool_versions(),
+            compile_seconds=seconds,
+            labels=None if labels is None else tuple(labels),
+        )
 
     log.info("writing artifact %s", output)
     return write_artifact_dir(output, populate)

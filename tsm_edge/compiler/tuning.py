@@ -355,14 +355,13 @@ def _cpu_name() -> str:
 
 def _tasks(model: str, input_size: int | None, target):
     """The fused operators of ``model`` as the CPU build sees them, deduplicated."""
-    from ..frontend.rewrite import rewrite_shifts
-    from ..frontend.trace import trace_step
+    from ..frontend.step import source_step
     from ..models.resolve import resolve_model
     from .tvm import build as tvm_build
     from .tvm import importer as tvm_import
     from .tvm import metaschedule
 
     source = resolve_model(model, input_size=input_size)
-    step = rewrite_shifts(trace_step(source.module, source.input_size))
+    step = source_step(source)
     mod = tvm_import.prepare_cpu(tvm_import.fold_constants(tvm_import.import_exported(step.exported)))
     return metaschedule.tuning_tasks(tvm_build.fuse(mod, target))

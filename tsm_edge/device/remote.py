@@ -7,34 +7,36 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
+from ..runtime.stream import StreamBase, zero_caches
 from .rpc import call_with_timeout
 
 # --------------------------------------------------------------------------- streaming over RPC
 
 
-class RemoteStream:
+class RemoteStream(StreamBase):
     """Stream frames through an artifact on a remote device; the caches never leave it.
 
     Uploads the artifact's library, loads it in a Relax VM on the remote device and runs each
     frame as ``set_input(entry, frame, *caches); invoke_stateful(entry); get_outputs(entry)``
     (a tuple returned by a plain VM call over RPC is opaque). The cache outputs stay remote
-    tensors and are the next frame's inputs.
+    tensors and are the next frame's inputs. A ``runtime.stream.Stream`` with ``remote`` True.
     """
 
+    remote = True
+
     def __init__(self, session, artifact: str | os.PathLike, *, timeout: float = 600.0):
-        import numpy as np
         import tvm
         from tvm.runtime.vm import VirtualMachine
 
         from ..artifact.store import read_manifest
 
-        self.path = Path(artifact)
-        self.manifest = read_manifest(self.path)
+        path = Path(artifact)
+        super().__init__(path, read_manifest(path))
         self.session = session
         self.timeout = timeout
-        library = self.path / self.manifest.get("library", "model.so")
-        self.entry = self.manifest.get("entry", "main")
-        kind = self.manifest.get("device", "cpu")
+        library = path / self.manifest.library
+        self.entry = self.manifest.entry
+        kind = self.manifest.built_for.device
         try:
             self.device = session.device(kind, 0)
         except Exception as exc:  # noqa: BLE001
@@ -48,22 +50,14 @@ class RemoteStream:
         self._lib = call_with_timeout(load, timeout, f"uploading and loading {library.name}")
         self._vm = VirtualMachine(self._lib, self.device)
         self.load_seconds = time.perf_counter() - t0
-        spec = self.manifest["input"]
-        self.input_shape = tuple(spec["shape"])
-        self.input_dtype = spec["dtype"]
         self._input = tvm.runtime.empty(self.input_shape, self.input_dtype, self.device)
-        self._zeros = [tvm.runtime.tensor(np.zeros(c["shape"], dtype=c["dtype"]), self.device)
-                       for c in self.manifest["caches"]]
-        self.cache_names = [c["name"] for c in self.manifest["caches"]]
+        self._zeros = zero_caches(self.manifest, lambda a: tvm.runtime.tensor(a, self.device))
         self._caches = list(self._zeros)
         self._latency_ms: list[float] = []
-        self.frames = 0
 
     def step(self, frame):
         """One frame (3, S, S) or (1, 3, S, S) float32 -> logits (1-D numpy array)."""
-        from ..runtime.frames import check_frame
-
-        frame = check_frame(frame, self.input_shape, self.input_dtype)
+        frame = self._check_frame(frame)
 
         def run():
             self._input.copyfrom(frame)
@@ -80,31 +74,17 @@ class RemoteStream:
         return logits.reshape(-1)
 
     def reset(self) -> None:
+        """Start a new stream: zero caches on the device."""
         self._caches = list(self._zeros)
-
-    def caches(self, dequantize: bool = False) -> dict:
-        """The caches the next frame will read, by name (copied back, for checking); with
-        ``dequantize`` int8 caches as the float32 values they stand for."""
-        from ..runtime.session import dequantize_cache
-
-        out = {n: c.numpy() for n, c in zip(self.cache_names, self._caches)}
-        if dequantize:
-            for spec in self.manifest["caches"]:
-                out[spec["name"]] = dequantize_cache(spec, out[spec["name"]])
-        return out
 
     @property
     def latencies_ms(self) -> list[float]:
+        """Host wall clock per frame over RPC (network included), every frame, oldest first."""
         return list(self._latency_ms)
 
     @property
     def last_latency_ms(self) -> float | None:
         return self._latency_ms[-1] if self._latency_ms else None
-
-    def stats(self) -> dict:
-        from ..runtime.frames import stream_stats
-
-        return stream_stats(self.manifest, self._latency_ms, self.frames)
 
     def device_times_ms(self, repeat: int) -> list[float]:
         """Per-call time measured on the device (network excluded) with TVM's time_evaluator.

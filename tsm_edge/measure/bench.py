@@ -10,7 +10,6 @@ rewritten step (``rewrite.OnlineStep.module()``); ONNX Runtime runs its ONNX exp
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -19,19 +18,12 @@ from pathlib import Path
 
 from ..errors import InternalError, UserError
 from ..support.system import machine
+from ..support.threads import thread_env
 
 BACKENDS = ("torch", "onnxruntime")
 METHOD = ("wall clock (time.perf_counter) around one step per frame in a separate process per "
           "backend: numpy frame in, numpy logits out, caches carried between frames; "
           "{warmup} warm-up frames discarded, then {frames} timed frames")
-
-
-def child_env(threads: int | None) -> dict:
-    env = dict(os.environ)
-    if threads:
-        for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            env[var] = str(threads)
-    return env
 
 
 def child_args(frames: int, warmup: int, threads: int | None, compare: tuple[str, ...],
@@ -51,7 +43,7 @@ def child_args(frames: int, warmup: int, threads: int | None, compare: tuple[str
 def run_child(args: list[str], threads: int | None, timeout: float) -> dict:
     try:
         proc = subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                              env=child_env(threads), timeout=timeout)
+                              env=thread_env(threads), timeout=timeout)
     except subprocess.TimeoutExpired:
         raise UserError(f"benchmark child {' '.join(args[:3])} ran past {timeout:.0f} s; "
                         "use fewer --frames") from None
@@ -85,17 +77,17 @@ def bench(artifact: str | Path, *, frames: int = 100, warmup: int = 10,
         "backends": {name: {k: r[k] for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms")}
                      for name, r in results.items()},
         "latencies_ms": {name: r["latencies_ms"] for name, r in results.items()},
-        "memory": {"weights_bytes": manifest["weights_bytes"],
-                   "cache_bytes_total": manifest["cache_bytes_total"],
-                   "workspace_bytes": manifest["workspace_bytes"],
+        "memory": {"weights_bytes": manifest.weights_bytes,
+                   "cache_bytes_total": manifest.cache_bytes_total,
+                   "workspace_bytes": manifest.workspace_bytes,
                    "rss_baseline_bytes": mem["rss_baseline_bytes"],
                    "rss_loaded_bytes": mem["rss_loaded_bytes"],
                    "rss_peak_bytes": mem["rss_peak_bytes"],
                    "measured_in": "child process with numpy and the TVM runtime only (torch "
                                   "blocked); RSS from /proc/self/status"},
-        "threads": threads, "frames": frames, "warmup": warmup, "machine": machine(),
-        "model": manifest["model"]["name"], "input_size": manifest["model"]["input_size"],
-        "target": manifest["target"], "device": manifest.get("device", "cpu"),
+        "threads": results["tsm-edge"]["threads"], "frames": frames, "warmup": warmup, "machine": machine(),
+        "model": manifest.model.name, "input_size": manifest.model.input_size,
+        "target": manifest.built_for.tvm_target, "device": manifest.built_for.device,
         "method": {name: METHOD.format(warmup=warmup, frames=frames) +
                    ("" if name == "tsm-edge" else BACKEND_NOTES[name])
                    for name in results},
@@ -112,7 +104,7 @@ def bench_remote(artifact: str | Path, session, *, frames: int = 20, warmup: int
         raise UserError(f"--frames must be >= 1 (got {frames}) and warm-up >= 0 (got {warmup})")
     stream = RemoteStream(session, artifact)
     m = stream.manifest
-    size = m["model"]["input_size"]
+    size = m.model.input_size
     import numpy as np
 
     data = np.random.default_rng(0).standard_normal((8, 3, size, size)).astype(np.float32)
@@ -127,15 +119,15 @@ def bench_remote(artifact: str | Path, session, *, frames: int = 20, warmup: int
         "backends": {"tsm-edge": percentiles(device),
                      "tsm-edge-stream-over-rpc": percentiles(streamed)},
         "latencies_ms": {"tsm-edge": device, "tsm-edge-stream-over-rpc": streamed},
-        "memory": {"weights_bytes": m["weights_bytes"],
-                   "cache_bytes_total": m["cache_bytes_total"],
-                   "workspace_bytes": m["workspace_bytes"],
+        "memory": {"weights_bytes": m.weights_bytes,
+                   "cache_bytes_total": m.cache_bytes_total,
+                   "workspace_bytes": m.workspace_bytes,
                    "rss_baseline_bytes": None, "rss_loaded_bytes": None, "rss_peak_bytes": None,
                    "measured_in": "RSS is not readable over TVM RPC; the sizes come from the "
                                   "manifest"},
         "threads": threads, "frames": frames, "warmup": warmup, "machine": "remote device",
-        "model": m["model"]["name"], "input_size": size, "target": m["target"],
-        "device": m.get("device", "cpu"), "load_seconds": stream.load_seconds,
+        "model": m.model.name, "input_size": size, "target": m.built_for.tvm_target,
+        "device": m.built_for.device, "load_seconds": stream.load_seconds,
         "method": {
             "tsm-edge": f"on the device: TVM time_evaluator over invoke_stateful, number=1, "
                         f"repeat={frames}; network excluded; repeats one call without carrying "
@@ -189,14 +181,12 @@ def _child(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from ..artifact.store import read_manifest
-    from ..frontend.rewrite import rewrite_shifts
-    from ..frontend.trace import trace_step
-    from ..models.resolve import model_from_manifest
+    from ..frontend.step import manifest_step
     from ..runtime.frames import percentiles
 
     manifest = read_manifest(args.artifact)
-    size = manifest["model"]["input_size"]
-    step = rewrite_shifts(trace_step(model_from_manifest(manifest), size))
+    size = manifest.model.input_size
+    step = manifest_step(manifest)
     frames = np.random.default_rng(0).standard_normal((16, 3, size, size)).astype(np.float32)
     frames = frames[:, None]
 

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifact.manifest import Manifest
 from ..errors import UserError
 from ..models.resolve import weights_difference
 
 TREND_PER = 1000  # the slope is reported per this many frames
 
 
-def check_reference(manifest: dict, reference: dict, *, same_weights: bool = True,
+def check_reference(manifest: Manifest, reference: Manifest, *, same_weights: bool = True,
                     names: tuple[str, str] = ("artifact", "reference")) -> None:
     """Refuse a reference that is not the same model, input, outputs and caches.
 
@@ -33,7 +34,8 @@ def check_reference(manifest: dict, reference: dict, *, same_weights: bool = Tru
     the weights must be the same too (the same checkpoint by sha256, or the same seed).
     """
     problems = []
-    a, r = manifest["model"], reference["model"]
+    # the model stage reads its entry as JSON (checkpoint, seed, shift layout)
+    a, r = manifest.model.to_json(), reference.model.to_json()
     for key in ("name", "num_classes", "input_size", "online_layout"):
         if a.get(key) != r.get(key):
             problems.append(f"model {key} {a.get(key)!r} vs {r.get(key)!r}")
@@ -41,17 +43,17 @@ def check_reference(manifest: dict, reference: dict, *, same_weights: bool = Tru
         differ = weights_difference(a, r)
         if differ:
             problems.append(differ)
-    ia, ir = manifest["input"], reference["input"]
-    if ia["shape"] != ir["shape"]:
-        problems.append(f"input shape {ia['shape']} vs {ir['shape']}")
-    if ia.get("preprocessing") != ir.get("preprocessing"):
+    ia, ir = manifest.input, reference.input
+    if ia.shape != ir.shape:
+        problems.append(f"input shape {list(ia.shape)} vs {list(ir.shape)}")
+    if ia.preprocessing != ir.preprocessing:
         problems.append("input preprocessing differs")
-    oa = [o["shape"] for o in manifest["outputs"]]
-    orr = [o["shape"] for o in reference["outputs"]]
+    oa = [list(o.shape) for o in manifest.outputs]
+    orr = [list(o.shape) for o in reference.outputs]
     if oa != orr:
         problems.append(f"output shapes {oa} vs {orr}")
-    ka = [(c["name"], c["shape"], c["channels"]) for c in manifest["caches"]]
-    kr = [(c["name"], c["shape"], c["channels"]) for c in reference["caches"]]
+    ka = [(c.name, list(c.shape), list(c.channels)) for c in manifest.caches]
+    kr = [(c.name, list(c.shape), list(c.channels)) for c in reference.caches]
     if ka != kr:
         diff = next(((x, y) for x, y in zip(ka, kr) if x != y), None)
         detail = (f"{diff[0][0]} {diff[0][1]} vs {diff[1][0]} {diff[1][1]}" if diff else
@@ -164,8 +166,8 @@ def drift(artifact: str | Path, reference: str | Path, *,
     session = StreamSession(artifact, threads=threads)
     ref = StreamSession(reference, threads=threads)
     if video is not None:
-        source: Iterable[np.ndarray] = video_source(video, session.manifest["input"]
-                                                    ["preprocessing"])
+        source: Iterable[np.ndarray] = video_source(
+            video, session.manifest.input.preprocessing.to_json())
     else:
         source = frames_array
     got, want, cache_diffs = [], [], []
@@ -184,10 +186,10 @@ def drift(artifact: str | Path, reference: str | Path, *,
     m, r = session.manifest, ref.manifest
     report.update({
         "artifact": str(artifact), "reference": str(reference),
-        "model": m["model"]["name"], "input_size": m["model"]["input_size"],
-        "precision": m.get("precision", "fp32"), "reference_precision": r.get("precision", "fp32"),
-        "cache_dtypes": sorted({c["dtype"] for c in m["caches"]}),
-        "reference_cache_dtypes": sorted({c["dtype"] for c in r["caches"]}),
+        "model": m.model.name, "input_size": m.model.input_size,
+        "precision": m.precision, "reference_precision": r.precision,
+        "cache_dtypes": sorted({c.dtype for c in m.caches}),
+        "reference_cache_dtypes": sorted({c.dtype for c in r.caches}),
         "source": str(video) if video is not None else "frames array",
         "same_weights_checked": same_weights,
         "method": "each frame through both artifacts in turn, caches carried in each stream from "

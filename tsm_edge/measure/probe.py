@@ -12,29 +12,8 @@ import json
 import os
 import sys
 
-
-def _status_bytes(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _rss() -> int | None:
-    return _status_bytes("VmRSS")
-
-
-def _peak() -> int | None:
-    peak = _status_bytes("VmHWM")
-    if peak is None:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return peak
+from ..support.system import peak_rss_bytes, rss_bytes
+from ..support.threads import apply_threads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,8 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--frames-npy", default=None)
     args = ap.parse_args(argv)
-    if args.threads:
-        os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    apply_threads(args.threads)
     # tvm_ffi imports torch whenever it is installed; a board has no torch, so measure as if
     # it were absent (a None entry in sys.modules makes ``import torch`` raise ImportError).
     os.environ["TVM_FFI_DISABLE_TORCH_C_DLPACK"] = "1"
@@ -55,13 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import tvm.runtime  # noqa: F401  (the TVM runtime, counted in the baseline)
 
+    from ..runtime import tvm as tvm_rt
     from ..runtime.frames import percentiles
     from ..runtime.session import StreamSession
 
-    baseline = _rss()
+    baseline = rss_bytes()
     session = StreamSession(args.artifact, threads=args.threads,
                             latency_window=max(1, args.warmup + args.frames))
-    loaded = _rss()
+    loaded = rss_bytes()
     size = session.input_shape[-1]
     if args.frames_npy:
         frames = np.load(args.frames_npy, allow_pickle=False).astype(np.float32)
@@ -80,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         **percentiles(lat),
         "rss_baseline_bytes": baseline,
         "rss_loaded_bytes": loaded,
-        "rss_peak_bytes": _peak(),
+        "rss_peak_bytes": peak_rss_bytes(),
         "torch_loaded": sys.modules.get("torch") is not None,
-        "threads": args.threads,
+        "threads": tvm_rt.num_threads(),  # the pool's size, also when --threads is not given
     }
     json.dump(out, sys.stdout)
     sys.stdout.write("\n")

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..support.system import rss_bytes
 
 MAX_FRAMES = 100_000_000
 MAX_STREAMS = 1024
@@ -36,18 +37,6 @@ WATCH_FRAMES = 1000   # frames in each allocation window
 METHOD = ("one process, one loaded model; frame i goes to stream i mod K; latency is the wall "
           "clock (time.perf_counter) around step(frame, out=buffer); RSS is VmRSS from "
           "/proc/self/status; warm-up frames are run first and the streams reset after them")
-
-
-def rss_bytes() -> int | None:
-    """This process's resident set size (VmRSS), or None where /proc is not readable."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _p50(a: np.ndarray) -> float:
@@ -157,7 +146,7 @@ def soak(artifact: str | Path, *, frames: int = 100_000, streams: int = 1,
         "rss_samples": n_samples,
         "gc_collections": collections,
         "allocations": allocations,
-        "model": model.manifest["model"]["name"],
+        "model": model.manifest.model.name,
         "input_size": int(shape[-1]),
         "threads": threads,
         "streams_created": model.streams_created,

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifact.manifest import CacheSpec, Manifest
 from ..errors import UserError
+from ..runtime.stream import Stream
 
 DEFAULT_TOLERANCE = 1e-4
 # Largest difference relative to the scale of the logits (and of each cache), by the
@@ -33,16 +35,16 @@ CACHE_TOLERANCES = {"int8": 0.5}  # where caches need another bound than the log
 
 
 
-def default_tolerance(manifest: dict) -> float:
+def default_tolerance(manifest: Manifest) -> float:
     """The tolerance ``verify`` applies to an artifact unless told otherwise."""
-    return TOLERANCES.get(manifest.get("precision", "fp32"), DEFAULT_TOLERANCE)
+    return TOLERANCES.get(manifest.precision, DEFAULT_TOLERANCE)
 
 
-def cache_range(spec: dict) -> tuple[float, float]:
+def cache_range(spec: CacheSpec) -> tuple[float, float]:
     """The smallest and largest value an 8-bit cache can hold: int8 is symmetric (+-127),
     uint8 spans 0..255 around its zero point."""
-    scale, zp = float(spec["scale"]), int(spec.get("zero_point", 0))
-    lo, hi = (-127, 127) if spec["dtype"] == "int8" else (0, 255)
+    scale, zp = float(spec.scale), int(spec.zero_point or 0)
+    lo, hi = (-127, 127) if spec.dtype == "int8" else (0, 255)
     return (lo - zp) * scale, (hi - zp) * scale
 
 
@@ -58,14 +60,14 @@ def _scale(a: np.ndarray) -> float:
 
 def verify(artifact: str | Path, *, frames: int = 16, frames_array: np.ndarray | None = None,
            checkpoint: str | None = None, model=None, tolerance: float | None = None,
-           threads: int | None = None, seed: int = 0, session=None) -> dict:
+           threads: int | None = None, seed: int = 0, session: Stream | None = None) -> dict:
     """Compare the artifact with both PyTorch references; returns a report with ``passed``.
 
     ``tolerance`` (relative to the logits' scale) defaults to the artifact's precision's
     (``TOLERANCES``).
 
-    ``session``: a stream already open on the artifact (e.g. ``emulate.RemoteStream`` on a
-    device over RPC); by default a local ``StreamSession``.
+    ``session``: a stream already open on the artifact (a ``runtime.stream.Stream``, e.g.
+    ``device.remote.RemoteStream`` on a device over RPC); by default a local ``StreamSession``.
     """
     import torch
 
@@ -78,8 +80,8 @@ def verify(artifact: str | Path, *, frames: int = 16, frames_array: np.ndarray |
     cache_tolerance = tolerance
     if tolerance is None:
         tolerance = default_tolerance(manifest)
-        cache_tolerance = CACHE_TOLERANCES.get(manifest.get("precision", "fp32"), tolerance)
-    size = manifest["model"]["input_size"]
+        cache_tolerance = CACHE_TOLERANCES.get(manifest.precision, tolerance)
+    size = manifest.model.input_size
     if frames_array is None:
         if frames < 2:
             raise UserError(f"--frames {frames}: verify needs at least 2 frames to check caches")
@@ -117,11 +119,11 @@ def verify(artifact: str | Path, *, frames: int = 16, frames_array: np.ndarray |
     diff_offline = float(np.abs(compiled_logits - offline_logits).max())
     per_frame = np.abs(compiled_logits - eager_logits).max(axis=1)
     caches = {}
-    specs = {c["name"]: c for c in manifest["caches"]}
+    specs = {c.name: c for c in manifest.caches}
     for name in session.cache_names:
         ref = np.stack([c[name] for c in eager_caches])
         got = np.stack([c[name] for c in compiled_caches])
-        if specs[name].get("scale"):  # an 8-bit cache holds the values its range can
+        if specs[name].scale:  # an 8-bit cache holds the values its range can
             ref = np.clip(ref, *cache_range(specs[name]))
         caches[name] = {"max_abs_diff": float(np.abs(got - ref).max()),
                         "relative": float(np.abs(got - ref).max() / _scale(ref))}
@@ -130,11 +132,10 @@ def verify(artifact: str | Path, *, frames: int = 16, frames_array: np.ndarray |
     passed = (rel_eager <= tolerance and rel_offline <= tolerance
               and worst_cache <= cache_tolerance)
     return {
-        "artifact": str(artifact), "model": manifest["model"]["name"], "frames": n,
-        "ran_on": "remote device over RPC" if type(session).__name__ == "RemoteStream" else
-                  "this machine",
+        "artifact": str(artifact), "model": manifest.model.name, "frames": n,
+        "ran_on": "remote device over RPC" if session.remote else "this machine",
         "tolerance": tolerance, "cache_tolerance": cache_tolerance,
-        "precision": manifest.get("precision", "fp32"),
+        "precision": manifest.precision,
         "logit_scale": scale,
         "max_logit_diff_vs_eager": diff_eager, "relative_vs_eager": rel_eager,
         "max_logit_diff_vs_offline": diff_offline, "relative_vs_offline": rel_offline,

@@ -5,18 +5,9 @@ Files are read with ``torch.load(weights_only=True)``: a pickle that needs code 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from ..errors import UserError, summarize
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -22,6 +22,7 @@ class ModelInfo:
     default_num_classes: int
     min_input_size: int = 32
     family: str = ""
+    test_variant: bool = False  # a tiny model for tests: listed only when asked (models --all)
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -94,10 +95,12 @@ def _register_builtin() -> None:
         resnet.tsm_resnet50, 224, 400, family="resnet50"))
     register_model(ModelInfo(
         "tsm_mobilenetv2_tiny", "tiny MobileNetV2-TSM for tests (same block types, width 8-24)",
-        mobilenetv2.tsm_mobilenetv2_tiny, 64, 5, family="mobilenetv2"))
+        mobilenetv2.tsm_mobilenetv2_tiny, 64, 5, family="mobilenetv2",
+        test_variant=True))
     register_model(ModelInfo(
         "tsm_resnet50_tiny", "tiny ResNet-TSM (bottlenecks 1-2-1-1, width 8) for tests",
-        resnet.tsm_resnet50_tiny, 64, 5, family="resnet50"))
+        resnet.tsm_resnet50_tiny, 64, 5, family="resnet50",
+        test_variant=True))
 
 
 _register_builtin()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from ..support.files import sha256_file
 
 log = logging.getLogger("tsm_edge")
 
@@ -88,7 +89,7 @@ def resolve_model(model: str, *, num_classes: int | None = None, input_size: int
     state, digest, layout = None, None, None
     if checkpoint:
         state = ckpt.read_state_dict(checkpoint)
-        digest = ckpt.file_sha256(Path(checkpoint))
+        digest = sha256_file(checkpoint)
         state, layout = ckpt.convert(state, info.family, str(checkpoint))
         trained_shift = trained_shift or ckpt.TRAINED_SHIFT[layout]
         head = _head_classes(state)
@@ -103,8 +104,9 @@ def resolve_model(model: str, *, num_classes: int | None = None, input_size: int
         if online == "bi":
             log.warning("this checkpoint was trained with the bi-directional shift: run online it "
                         "cannot see the next frame, so channels [0, C/8) are zero and [C/8, 2C/8) "
-                        "come from the previous frame. That is what the offline model computes "
-                        "for the last frame of a clip, not for the others: expect lower accuracy "
+                        "come from the previous frame. Even on the last frame of a clip that is "
+                        "not what the offline model computes (its earlier frames saw their next "
+                        "frame, a stream's never do): expect lower accuracy "
                         "than the offline model; an online-trained checkpoint avoids this")
         else:
             log.warning("--cache-channels first on a bi-directionally trained checkpoint: channels "
@@ -142,13 +144,12 @@ def weights_difference(a: dict, b: dict) -> str | None:
 
 def model_from_manifest(manifest: dict, checkpoint: str | None = None):
     """Rebuild the PyTorch model an artifact was compiled from (checkpoint checked by hash)."""
-    from . import checkpoint as ckpt
 
     entry = manifest["model"]
     ck = entry.get("checkpoint")
     path = checkpoint or (ck or {}).get("path")
     if ck and path:
-        digest = ckpt.file_sha256(Path(path)) if Path(path).is_file() else None
+        digest = sha256_file(path) if Path(path).is_file() else None
         if digest is None:
             raise UserError(f"checkpoint {path} recorded in the manifest is not there; pass "
                             "--checkpoint with the file the artifact was compiled from")

@@ -9,7 +9,8 @@ Conventions
   ``x[:, 0:fold]`` of the current frame.
 * Online, layout ``"bi"`` (for bi-directionally trained checkpoints): ``[fold, 2 fold)`` comes from
   the previous frame and ``[0, fold)``, trained to see the *next* frame, which a stream does not
-  have yet, is zero: exactly what the offline model computes for the last frame of a clip.
+  have yet, is zero. For one shift layer that is the offline model's last frame of a clip; through
+  several it is not, since the offline model's earlier frames saw their own next frame.
 * Offline, uni-directional: the same channels come from frame ``t - 1`` inside the clip.
 * Offline, bi-directional (official training code): channels ``[0, fold)`` come from frame
   ``t + 1`` and ``[fold, 2 fold)`` from frame ``t - 1``.

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifact.manifest import Manifest
 from ..errors import UserError
 
 
@@ -34,12 +35,12 @@ def check_frame(frame, shape: tuple[int, ...], dtype: str, *, finite: bool = Tru
     return np.ascontiguousarray(frame)
 
 
-def stream_stats(manifest: dict, latencies_ms: list[float], frames: int) -> dict:
+def stream_stats(manifest: Manifest, latencies_ms: list[float], frames: int) -> dict:
     """Latency percentiles of a stream with the artifact's memory sizes."""
     return {"frames": frames, **percentiles(latencies_ms),
-            "cache_bytes_total": manifest["cache_bytes_total"],
-            "weights_bytes": manifest["weights_bytes"],
-            "workspace_bytes": manifest["workspace_bytes"]}
+            "cache_bytes_total": manifest.cache_bytes_total,
+            "weights_bytes": manifest.weights_bytes,
+            "workspace_bytes": manifest.workspace_bytes}
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:

@@ -36,7 +36,7 @@ def _run(package_dir: str, args) -> int:
     from .session import StreamSession
 
     session = StreamSession(package_dir, threads=args.threads)
-    labels = session.manifest.get("labels")
+    labels = session.manifest.labels
     if args.frames_npy:
         from .frames import load_frames_npy
 
@@ -46,7 +46,7 @@ def _run(package_dir: str, args) -> int:
     else:
         from .video import Camera, video_frames
 
-        short = session.manifest["input"]["preprocessing"]["resize_short_side"]
+        short = session.manifest.input.preprocessing.resize_short_side
         source = video_frames(args.video, short) if args.video else Camera(args.camera, short)
         result = run_stream(session, itertools.islice(source, args.frames), labels=labels)
         logits, records = result.logits, result.records

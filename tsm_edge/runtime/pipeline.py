@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +15,7 @@ import numpy as np
 from .frames import percentiles
 from .session import CutPolicy, CutTracker
 from .smoothing import Smoother, SmoothingConfig
+from .stream import Stream
 from .video import Frame, preprocess
 
 STAGES = ("decode", "preprocess", "inference", "postprocess")
@@ -40,7 +41,7 @@ class StreamResult:
         return out
 
 
-def top_k(logits: np.ndarray, k: int, labels: list[str] | None) -> list[dict]:
+def top_k(logits: np.ndarray, k: int, labels: Sequence[str] | None) -> list[dict]:
     z = logits.astype(np.float64) - logits.max()
     p = np.exp(z) / np.exp(z).sum()
     order = np.argsort(-logits)[:k]
@@ -48,7 +49,7 @@ def top_k(logits: np.ndarray, k: int, labels: list[str] | None) -> list[dict]:
              "logit": float(logits[c]), "score": float(p[c])} for c in order]
 
 
-def run_stream(session, frames: Iterable[Frame], *, labels: list[str] | None = None,
+def run_stream(session: Stream, frames: Iterable[Frame], *, labels: Sequence[str] | None = None,
                smoothing: SmoothingConfig | None = None, k: int = 3, clock: dict | None = None,
                on_frame=None, cuts: CutPolicy | None = CutPolicy()) -> StreamResult:
     """Stream decoded frames through ``session``; one record per processed frame.
@@ -57,7 +58,7 @@ def run_stream(session, frames: Iterable[Frame], *, labels: list[str] | None = N
     (``session.reset()`` and a fresh smoother); such a frame's record has ``"cut"``, the
     reason. None: never.
     """
-    prep = session.manifest["input"]["preprocessing"]
+    prep = session.manifest.input.preprocessing.to_json()  # preprocess() reads the JSON form
     config = smoothing or SmoothingConfig()
     smoother = Smoother(config)
     tracker = CutTracker(cuts) if cuts is not None else None

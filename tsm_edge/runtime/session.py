@@ -21,17 +21,7 @@ from ..errors import UserError
 from ..support.platform import check_runnable
 from ..support.threads import set_threads
 from . import tvm as tvm_rt
-from .frames import check_frame, stream_stats
-
-
-def dequantize_cache(spec: dict, array: np.ndarray) -> np.ndarray:
-    """A cache's values as float32: an int8 cache (``scale`` in its manifest entry) holds
-    ``round(value / scale) + zero_point``; other caches are returned as they are."""
-    scale = spec.get("scale")
-    if scale is None:
-        return array
-    return (array.astype(np.float32) - np.float32(spec.get("zero_point", 0))) * np.float32(scale)
-
+from .stream import StreamBase, zero_caches
 
 # --------------------------------------------------------------------------- stream cuts
 
@@ -106,34 +96,29 @@ class Model:
     def __init__(self, artifact: str | os.PathLike, *, threads: int | None = None,
                  check: bool = True):
         self.path = Path(artifact)
-        self.manifest = read_manifest(self.path, check_files=check)
-        library = self.path / self.manifest.get("library", "model.so")
+        self.manifest = m = read_manifest(self.path, check_files=check)
+        library = self.path / m.library
         if check:
-            check_runnable(self.manifest, library)
+            check_runnable(m, library)
         set_threads(threads)
-        kind = self.manifest.get("device", "cpu")
+        kind = m.built_for.device
         self.device = tvm_rt.device(kind)
         if check and not tvm_rt.device_exists(self.device):
             raise UserError(f"this artifact runs on a {kind} device and this machine has none "
-                            "that TVM can use; run it on the board "
-                            f"({self.manifest['host_triple']})")
+                            f"that TVM can use; run it on the board ({m.built_for.host_triple})")
         self._vm = tvm_rt.load_vm(str(library), self.device)
-        entry = self.manifest.get("entry", "main")
+        entry = m.entry
         try:
             self._main = self._vm[entry]
         except Exception:  # noqa: BLE001 - TVM's error for a missing function varies
             raise UserError(f"{library} has no function {entry!r} (the manifest's entry); the "
                             "artifact is damaged, compile it again") from None
-        spec = self.manifest["input"]
-        self.input_shape = tuple(spec["shape"])
-        self.input_dtype = spec["dtype"]
-        out = self.manifest["outputs"][0]
-        self.output_shape = tuple(out["shape"])
-        self.output_dtype = out.get("dtype", "float32")
-        # The VM never writes its inputs, so these zero tensors can start every stream.
-        self._zeros = tuple(tvm_rt.tensor(np.zeros(c["shape"], dtype=c["dtype"]), self.device)
-                            for c in self.manifest["caches"])
-        self.cache_names = [c["name"] for c in self.manifest["caches"]]
+        self.input_shape = m.input.shape
+        self.input_dtype = m.input.dtype
+        self.output_shape = m.outputs[0].shape
+        self.output_dtype = m.outputs[0].dtype
+        self._zeros = zero_caches(m, lambda a: tvm_rt.tensor(a, self.device))
+        self.cache_names = [c.name for c in m.caches]
         self.lock = threading.Lock()
         self.streams_created = 0
 
@@ -145,7 +130,7 @@ class Model:
         """The error for a frame the library refused: its manifest does not describe it."""
         lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
         reason = lines[0][:300] if lines else type(exc).__name__
-        return UserError(f"{self.path / self.manifest.get('library', 'model.so')} refused the "
+        return UserError(f"{self.path / self.manifest.library} refused the "
                          f"frame ({reason}); the manifest does not describe this library, the "
                          "artifact is damaged: compile it again")
 
@@ -158,8 +143,8 @@ class Model:
         tvm_rt.record_vm_allocations(self._vm, seen)
 
 
-class StreamSession:
-    """One stream through one artifact.
+class StreamSession(StreamBase):
+    """One stream through one artifact (a ``stream.Stream``, run on this machine).
 
     ``step(frame)`` takes a float32 frame of shape (3, S, S) or (1, 3, S, S), already
     preprocessed, and returns the logits as a 1-D array. The caches start at zero, stay on the
@@ -189,14 +174,10 @@ class StreamSession:
         if not isinstance(latency_window, int) or latency_window < 1:
             raise UserError(f"latency_window {latency_window!r} is not valid; give a number of "
                             "frames, at least 1")
+        super().__init__(model.path, model.manifest)
         self.model = model
         model.streams_created += 1
-        self.path = model.path
-        self.manifest = model.manifest
         self.device = model.device
-        self.input_shape = model.input_shape
-        self.input_dtype = model.input_dtype
-        self.cache_names = model.cache_names
         self._input = tvm_rt.empty(self.input_shape, self.input_dtype, self.device)
         self._caches = list(model._zeros)
         self._n_caches = len(model._zeros)
@@ -208,16 +189,12 @@ class StreamSession:
         self._cuts = CutTracker(cut_policy) if cut_policy is not None else None
         self.cuts = 0
         self.last_cut: str | None = None
-        self.frames = 0
 
     def new_stream(self, **options) -> StreamSession:
         """Another stream sharing this session's model (and weights), with zero caches."""
         return StreamSession(self.model, **options)
 
     # ------------------------------------------------------------------ streaming
-    def _check_frame(self, frame) -> np.ndarray:
-        return check_frame(frame, self.input_shape, self.input_dtype)
-
     def _output_target(self, out: np.ndarray):
         """A TVM view of the caller's logits buffer (made once per buffer, then reused)."""
         if out is self._out_array:
@@ -282,20 +259,10 @@ class StreamSession:
             if self._cuts is not None:
                 self._cuts.forget()
 
-    def caches(self, dequantize: bool = False) -> dict[str, np.ndarray]:
-        """The caches the next frame will read, by name (copies, for checking).
-
-        With ``dequantize`` an int8 cache comes back as the float32 values it stands for.
-        """
-        out = {n: c.numpy() for n, c in zip(self.cache_names, self._caches)}
-        if dequantize:
-            for spec in self.manifest["caches"]:
-                out[spec["name"]] = dequantize_cache(spec, out[spec["name"]])
-        return out
-
     # ------------------------------------------------------------------ reporting
     def stats(self) -> dict:
-        out = stream_stats(self.manifest, self.latencies_ms, self.frames)
+        """Latency percentiles (of the last ``latency_window`` frames) and memory sizes."""
+        out = super().stats()
         out["latency_frames"] = min(self.frames, len(self._lat))
         return out
 

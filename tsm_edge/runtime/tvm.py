@@ -11,6 +11,11 @@ from ..support.tvm import import_tvm
 # --------------------------------------------------------------------------- runtime
 
 
+def num_threads() -> int:
+    """The size of this process's TVM CPU thread pool (what a step actually runs on)."""
+    return int(import_tvm().get_global_func("runtime.NumThreads")())
+
+
 def device(kind: str = "cpu", index: int = 0, session=None):
     tvm = import_tvm()
     if session is not None:

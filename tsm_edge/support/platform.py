@@ -48,6 +48,8 @@ def relevant_features(arch: str, llvm_features: list[str]) -> list[str]:
 
 
 def cpu_flags() -> set[str] | None:
+    """This CPU's feature flags as Linux lists them (x86 ``flags``, Arm ``Features``); None
+    where /proc/cpuinfo cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -432,8 +432,7 @@ def calibrate(model: str, *, frames: Iterable[Any] | None = None,
     runs every frame with fresh zero caches (the naive calibration, for comparison).
     ``max_frames`` caps the frames used over all streams.
     """
-    from ...frontend.rewrite import rewrite_shifts
-    from ...frontend.trace import trace_step
+    from ...frontend.step import source_step
     from ...models.resolve import resolve_model
 
     check_options(caches, max_frames, bins)
@@ -447,8 +446,7 @@ def calibrate(model: str, *, frames: Iterable[Any] | None = None,
     src = resolve_model(model, num_classes=num_classes, input_size=input_size,
                         checkpoint=checkpoint, seed=seed, trained_shift=trained_shift,
                         cache_channels=cache_channels)
-    step = rewrite_shifts(trace_step(src.module, src.input_size, src.require_shift),
-                          src.require_shift)
+    step = source_step(src)
     stats = run_passes(step, streams, caches=caches, max_frames=max_frames, bins=bins,
                        threads=threads)
     return assemble(src.manifest_entry(), stats, caches=caches, bins=bins,
