@@ -3,8 +3,8 @@
 Same tasks (the fused operators of a model as the CPU build sees them), same budget, same search:
 - stock: ``tune_tasks(builder="local")``: TVM's LocalBuilder, which starts a fresh process pool
   for every batch; each worker imports torch (through tvm_ffi) and TVM's tensor intrinsics;
-- tsm-edge: ``tsm_edge.tvm_api.tune``: one pool for the run, workers without torch, builds that
-  skip the tensor-intrinsic import.
+- tsm-edge: ``tsm_edge.compiler.tvm.metaschedule.tune``: one pool for the run, workers without
+  torch, builds that skip the tensor-intrinsic import.
 
     python benchmarks/tuning_throughput.py --model tsm_mobilenetv2_tiny --trials 48 --json out.json
 """

@@ -54,6 +54,24 @@ def test_unpacked_run_py_streams_like_tsm_edge_run_without_torch(package, frames
     np.testing.assert_array_equal(np.load(tmp_path / "direct.npy"), np.load(tmp_path / "cli.npy"))
 
 
+def test_unpacked_run_py_decodes_video_like_tsm_edge_run(package, synthetic_video, tiny_mnv2,
+                                                         tmp_path):
+    """The packaged runner's video path (PyAV decode, preprocessing, the frame loop) gives the
+    logits ``tsm-edge run --video`` gives, without torch."""
+    dest = tmp_path / "board"
+    assert run_cli("unpack", str(package), "-o", str(dest)).returncode == 0
+    proc = subprocess.run([sys.executable, "-c", BLOCK_TORCH, "--video", str(synthetic_video),
+                           "--frames", "12", "--save-logits", str(tmp_path / "pkg.npy")],
+                          cwd=dest, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("run", str(tiny_mnv2), "--video", str(synthetic_video), "--frames", "12",
+                   "--save-logits", str(tmp_path / "cli.npy"))
+    assert proc.returncode == 0, proc.stderr
+    pkg, cli = np.load(tmp_path / "pkg.npy"), np.load(tmp_path / "cli.npy")
+    assert pkg.shape == cli.shape == (12, 5)
+    np.testing.assert_array_equal(pkg, cli)
+
+
 def _repack(src, dst, edit):
     with tarfile.open(src) as tin, tarfile.open(dst, "w:gz") as tout:
         for m in tin.getmembers():

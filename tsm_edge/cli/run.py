@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import click
 
 from ..errors import UserError
@@ -60,12 +57,11 @@ def run(artifact, frames_npy, video, camera, frames_opt, stride, max_gap, realti
     apply_threads(threads)
     videos = list(video)
     video = videos[0] if videos else None
-    import itertools
 
     import numpy as np
 
-    from ..runtime.pipeline import Annotator, run_stream
     from ..runtime.pipeline import jsonl as to_jsonl
+    from ..runtime.pipeline import run_decoded
     from ..runtime.pipeline import top_k as topk
     from ..runtime.session import CutPolicy, StreamSession
     from ..runtime.smoothing import SmoothingConfig
@@ -88,40 +84,11 @@ def run(artifact, frames_npy, video, camera, frames_opt, stride, max_gap, realti
             session = StreamSession(art, threads=threads, latency_window=1 << 20)
         labels = session.manifest.labels
         result = None
-        annotator = None
         if video is not None or camera is not None:
-            from ..runtime.video import Camera, paced, video_frames
-
             _, count = frames_count(None, frames_opt)
-            short = session.manifest.input.preprocessing.resize_short_side
-            clock: dict = {}
-            cam = None
-            if video is not None:
-                # each file paced on its own clock; the stream starts over at each new file
-                source = itertools.chain.from_iterable(
-                    paced(video_frames(v, short, stride), clock) if realtime
-                    else video_frames(v, short, stride) for v in videos)
-            else:
-                cam = Camera(camera, short)
-                source = iter(cam)
-            ann_tmp = None
-            if annotate:
-                ann_tmp = Path(annotate).with_name(f".{Path(annotate).name}.tmp.mp4")
-                annotator = Annotator(str(ann_tmp))
-            try:
-                result = run_stream(session, itertools.islice(source, count), labels=labels,
-                                    smoothing=smoothing, k=top_k, clock=clock,
-                                    on_frame=annotator.add if annotator else None, cuts=cuts)
-                if cam is not None:
-                    result.dropped += cam.dropped
-                if annotator:
-                    annotator.close()
-                    os.replace(ann_tmp, annotate)
-            finally:
-                if cam is not None:
-                    cam.close()
-                if ann_tmp is not None and ann_tmp.exists():
-                    ann_tmp.unlink()
+            result = run_decoded(session, videos=videos, camera=camera, stride=stride,
+                                 realtime=realtime, count=count, annotate=annotate,
+                                 labels=labels, smoothing=smoothing, k=top_k, cuts=cuts)
             if not result.records:
                 raise UserError(f"--video {' '.join(videos) or camera} gave no frames")
             logits, lines = result.logits, result.records

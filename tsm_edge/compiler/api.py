@@ -1,8 +1,8 @@
 """``tsm_edge.compile``: model -> exported program -> rewritten step -> TVM executable -> artifact.
 
-Each arrow is one module: ``export.trace_step``, ``rewrite.rewrite_shifts``,
-``tvm_import.import_exported`` + ``tvm_import.fold_constants`` (+ ``tvm_fp16.to_fp16`` for fp16),
-``tvm_build.build``, ``artifact``.
+Each arrow is one module: ``frontend/trace.trace_step``, ``frontend/rewrite.rewrite_shifts``,
+``tvm/importer.import_exported`` + ``fold_constants`` (+ ``tvm/fp16.to_fp16`` for fp16, or
+``quantize/int8.quantize_step`` for int8), ``tvm/build.build``, ``artifact/store``.
 """
 
 

@@ -4,7 +4,7 @@ TVM's generic Relax CPU pipeline leaves every fused operator as plain scalar loo
 are applied, without measurement, to every fused operator that no tuning record covers:
 
 - convolution (pointwise 1x1, depthwise 3x3, dense 3x3, the 7x7 stem), in NHWC with HWIO
-  weights (the layout is chosen in ``tvm_api.prepare``): an output tile of ``ty x tx`` pixels by
+  weights (the layout is chosen in ``tvm/importer.prepare_cpu``): an output tile of ``ty x tx`` pixels by
   ``v`` vectors of output channels is accumulated in registers over the whole reduction, with
   the bias, activation and residual add applied as the tile is written back; tiles run in parallel;
 - everything else that only moves or maps data (the shift's slice and concatenation, residual
@@ -15,7 +15,7 @@ are applied, without measurement, to every fused operator that no tuning record 
 Vector width and register count come from the target (AVX-512, AVX2, NEON), so the same rules
 serve ``host`` and the ARM presets; lanes are counted in each operator's dtype (a vector holds
 twice as many fp16 values as fp32 ones; a convolution's tile follows its accumulator's dtype).
-This module and ``tvm_api`` are the only ones that call TVM.
+This module and ``compiler/tvm/`` are the only ones that call TVM's compiler.
 """
 
 from __future__ import annotations

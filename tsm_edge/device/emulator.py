@@ -433,7 +433,7 @@ def qemu_command(lay: DeviceLayout, qemu: str | None = None) -> list[str]:
 
 
 SITECUSTOMIZE = '''\
-# Written by tsm_edge.emulate. This interpreter is aarch64 code run by qemu-user; the host cannot
+# Written by tsm_edge.device.emulator. This interpreter is aarch64 code run by qemu-user; the host cannot
 # exec it directly (no binfmt_misc), so a process that starts "sys.executable" (the TVM RPC server
 # starts its worker that way) gets the host launcher that runs the qemu line instead.
 import os as _os

@@ -38,12 +38,16 @@ def export_step_onnx(step, path: str | Path) -> Path:
     return path
 
 
-def ort_session(path: str | Path, threads: int | None = None):
-    """An ONNX Runtime CPU session as the benchmark uses it (all graph optimizations, no spin)."""
+def ort_session(path: str | Path, threads: int | None = None, optimize: bool = True):
+    """An ONNX Runtime CPU session as the benchmark uses it (all graph optimizations, no spin).
+
+    ``optimize=False``: no graph optimizations, the model runs as written.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -83,16 +83,7 @@ def _session(path: str | Path, threads: int | None, integer_kernels: bool = True
     model runs as written (DequantizeLinear, the float op, QuantizeLinear, all in float32)."""
     from ..frontend.onnx_export import ort_session
 
-    if integer_kernels:
-        return ort_session(path, threads)
-    ort = _ort()
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort_session(path, threads, optimize=integer_kernels)
 
 
 def _check_model_path(path: str | Path, what: str) -> Path:

@@ -27,12 +27,11 @@ def main(package_dir: str, argv: list[str] | None = None) -> int:
 
 
 def _run(package_dir: str, args) -> int:
-    import itertools
 
     import numpy as np
 
     from ..support.files import atomic_write_bytes, atomic_write_npy
-    from .pipeline import jsonl, run_stream
+    from .pipeline import jsonl, run_decoded
     from .session import StreamSession
 
     session = StreamSession(package_dir, threads=args.threads)
@@ -44,11 +43,8 @@ def _run(package_dir: str, args) -> int:
         logits = [session.step(f) for f in frames]
         records = [{"index": i, "top": int(np.argmax(v))} for i, v in enumerate(logits)]
     else:
-        from .video import Camera, video_frames
-
-        short = session.manifest.input.preprocessing.resize_short_side
-        source = video_frames(args.video, short) if args.video else Camera(args.camera, short)
-        result = run_stream(session, itertools.islice(source, args.frames), labels=labels)
+        result = run_decoded(session, videos=[args.video] if args.video else (),
+                             camera=args.camera, count=args.frames, labels=labels)
         logits, records = result.logits, result.records
     if args.save_logits:
         atomic_write_npy(args.save_logits, np.stack(logits))

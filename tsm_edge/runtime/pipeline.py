@@ -5,10 +5,13 @@ Numpy, the TVM runtime and (for video) PyAV only: the packaged ``run.py`` uses t
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -95,6 +98,52 @@ def run_stream(session: Stream, frames: Iterable[Frame], *, labels: Sequence[str
             on_frame(frame, record)
     result.wall_s = time.perf_counter() - t_start
     result.dropped = (clock or {}).get("dropped", 0)
+    return result
+
+
+def run_decoded(session: Stream, *, videos: Sequence[str] = (), camera: int | None = None,
+                stride: int = 1, realtime: bool = False, count: int | None = None,
+                annotate: str | None = None, labels: Sequence[str] | None = None,
+                smoothing: SmoothingConfig | None = None, k: int = 3,
+                cuts: CutPolicy | None = CutPolicy()) -> StreamResult:
+    """Decode ``videos`` (one after the other; the stream starts over at each new file) or
+    ``camera``, and stream at most ``count`` frames through ``session``.
+
+    ``realtime`` replays each file at its frame rate, dropping the frames the model is too slow
+    for. ``annotate``: the frames with their decision drawn on them, written to that .mp4
+    (under a temporary name, renamed when complete). The camera is closed however it ends.
+    """
+    from .video import Camera, paced, video_frames
+
+    short = session.manifest.input.preprocessing.resize_short_side
+    clock: dict = {}
+    cam = None
+    if videos:
+        # each file paced on its own clock
+        source = itertools.chain.from_iterable(
+            paced(video_frames(v, short, stride), clock) if realtime
+            else video_frames(v, short, stride) for v in videos)
+    else:
+        cam = Camera(camera, short)
+        source = iter(cam)
+    annotator, ann_tmp = None, None
+    try:
+        if annotate:
+            ann_tmp = Path(annotate).with_name(f".{Path(annotate).name}.tmp.mp4")
+            annotator = Annotator(str(ann_tmp))
+        result = run_stream(session, itertools.islice(source, count), labels=labels,
+                            smoothing=smoothing, k=k, clock=clock,
+                            on_frame=annotator.add if annotator else None, cuts=cuts)
+        if cam is not None:
+            result.dropped += cam.dropped
+        if annotator is not None:
+            annotator.close()
+            os.replace(ann_tmp, annotate)
+    finally:
+        if cam is not None:
+            cam.close()
+        if ann_tmp is not None and ann_tmp.exists():
+            ann_tmp.unlink()
     return result
 
 

@@ -22,7 +22,8 @@ pass, so activations are NHWC and weights HWIO constants):
   int8 cache loses nothing beyond what the integer convolution itself loses (a quarter of fp32's
   bytes). Caches that feed a float operator stay float32.
 
-This module, ``tvm_api`` and ``schedules`` are the ones that call TVM.
+This module, ``isa``, ``compiler/tvm/`` and ``compiler/schedules`` are the ones that call TVM's
+compiler.
 """
 
 
