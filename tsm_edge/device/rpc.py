@@ -123,6 +123,12 @@ def probe(host: str, port: int, timeout: float = 5.0) -> bool:
     return code in (RPC_CODE_MISMATCH, RPC_CODE_SUCCESS)
 
 
+# A server under an emulator that has just answered one handshake may spend seconds starting the
+# process that serves it, and meanwhile not answer, or reset, the next connection.
+_TRANSIENT = ("connection reset", "connection refused", "broken pipe", "recv error",
+              "no tvm rpc server answers", "did not finish within")
+
+
 def wait_ready(host: str = LOOPBACK, port: int = DEFAULT_PORT, timeout: float = 180.0, *,
                proc: subprocess.Popen | None = None, key: str = "") -> float:
     """Wait until the RPC server at host:port accepts connections; returns the seconds waited.
@@ -144,9 +150,19 @@ def wait_ready(host: str = LOOPBACK, port: int = DEFAULT_PORT, timeout: float = 
             break
         time.sleep(min(0.5, max(deadline - time.monotonic(), 0)))
     if not (proc is not None and getattr(proc, "rpc_tracker", None)):
-        # one real session, dropped at once (which closes it)
-        connect(host, port, key=key or (getattr(proc, "rpc_key", None) or ""),
-                timeout=max(deadline - time.monotonic(), 10.0))
+        # One real session, dropped at once (which closes it); a transient failure (see
+        # _TRANSIENT) is retried until the deadline, anything else is raised.
+        while True:
+            try:
+                connect(host, port, key=key or (getattr(proc, "rpc_key", None) or ""),
+                        timeout=min(max(deadline - time.monotonic(), 10.0), 60.0))
+                break
+            except UserError as exc:
+                transient = any(word in str(exc).lower() for word in _TRANSIENT)
+                if not transient or time.monotonic() + 1.0 >= deadline or \
+                        (proc is not None and proc.poll() is not None):
+                    raise
+                time.sleep(1.0)
     return time.monotonic() - t0
 
 
