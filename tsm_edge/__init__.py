@@ -18,6 +18,7 @@ _LAZY = {
     "Manifest": ("tsm_edge.artifact.manifest", "Manifest"),
     "Stream": ("tsm_edge.runtime.stream", "Stream"),
     "TemporalShift": ("tsm_edge.models.shift", "TemporalShift"),
+    "make_online_tsm": ("tsm_edge.models.insert", "make_online_tsm"),
     "build_model": ("tsm_edge.models.registry", "build_model"),
     "register_model": ("tsm_edge.models.registry", "register_model"),
     "ModelInfo": ("tsm_edge.models.registry", "ModelInfo"),

@@ -292,15 +292,22 @@ class CacheSpec(TensorSpec):
 @dataclass(frozen=True, kw_only=True)
 class ModelEntry(_Part):
     """The model an artifact was compiled from. The models stage writes and reads the whole
-    entry (checkpoint, seed, shift layout: ``to_json()``); these fields are what is checked."""
+    entry (checkpoint, seed, shift layout: ``to_json()``); these fields are what is checked.
+
+    ``shift`` (where the shifts sit: ``place``, ``fold_div``, ``fraction``, ``inserted_by``, and
+    for shifts put in by ``make_online_tsm`` the blocks) and ``model_file`` (``--model-file``:
+    ``path``, ``function``, ``sha256``) are absent in manifests written before they existed; no
+    ``shift`` means the registered model's own shifts (residual, 1/8)."""
 
     name: str
     num_classes: int | None = None
     input_size: int | None = None
+    shift: dict[str, Any] | None = None
+    model_file: dict[str, Any] | None = None
     extras: dict[str, Any] = field(default_factory=dict, repr=False)
     key_order: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
-    _KEYS = ("name", "num_classes", "input_size")
+    _KEYS = ("name", "num_classes", "input_size", "shift", "model_file")
 
     @classmethod
     def from_json(cls, raw, path, where: str = "model") -> ModelEntry:
@@ -312,13 +319,26 @@ class ModelEntry(_Part):
         for key in ("input_size", "num_classes"):
             _optional(raw, key, path, f"{where}.{key}", lambda v: _is_int(v) and v >= 1,
                       "a positive integer")
+        shift = _optional(raw, "shift", path, f"{where}.shift", _is_object, "an object")
+        if shift is not None:
+            _optional(shift, "fold_div", path, f"{where}.shift.fold_div",
+                      lambda v: _is_int(v) and v >= 1, "a positive integer")
+            _optional(shift, "place", path, f"{where}.shift.place",
+                      lambda v: v in ("residual", "inplace"), "residual or inplace")
+        model_file = _optional(raw, "model_file", path, f"{where}.model_file", _is_object,
+                               "an object")
+        if model_file is not None:
+            for key in ("path", "function", "sha256"):
+                if not _is_str(model_file.get(key)):
+                    raise _bad(path, f"{where}.model_file.{key}", model_file.get(key), "a string")
         return cls(name=raw["name"], num_classes=raw.get("num_classes"),
-                   input_size=raw.get("input_size"), extras=_unknown(raw, cls._KEYS),
-                   key_order=tuple(raw))
+                   input_size=raw.get("input_size"), shift=shift, model_file=model_file,
+                   extras=_unknown(raw, cls._KEYS), key_order=tuple(raw))
 
     def _json(self) -> dict[str, Any]:
         return _json_object({"name": self.name, "num_classes": self.num_classes,
-                             "input_size": self.input_size}, self.extras, self.key_order)
+                             "input_size": self.input_size, "shift": self.shift,
+                             "model_file": self.model_file}, self.extras, self.key_order)
 
 
 @dataclass(frozen=True, kw_only=True)

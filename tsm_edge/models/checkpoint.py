@@ -170,3 +170,12 @@ def convert(state: dict, family: str, source: str) -> tuple[dict, str]:
     for k, v in state.items():
         out[rename(k)] = v
     return out, layout
+
+
+def family_of(model_state: dict) -> str:
+    """Which renaming rules fit a user's own model (``--model-file``): torchvision-style ResNet
+    names (head ``fc``) or the MobileNetV2 demo's (head ``classifier``)."""
+    keys = list(model_state)
+    if any(k.startswith(("fc.", "layer1.")) for k in keys):
+        return "resnet50"
+    return "mobilenetv2"
