@@ -53,6 +53,16 @@ def eager_stream(model, frames, layout: str | None = None, caches: bool = False)
     return (np.stack(logits), seen) if caches else np.stack(logits)
 
 
+BLOCK_TORCH = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['run.py'] + "
+               "sys.argv[1:]; runpy.run_path('run.py', run_name='__main__')")
+
+
+def run_packaged(dest, *args: str, timeout: float = 300):
+    """Run an unpacked package's ``run.py`` in ``dest`` as a board would, torch blocked."""
+    return subprocess.run([sys.executable, "-c", BLOCK_TORCH, *args], cwd=dest,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None):
     """Run the real ``tsm-edge`` command in a subprocess."""
     full_env = dict(os.environ)

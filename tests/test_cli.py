@@ -86,7 +86,7 @@ def test_bench_json_has_every_contract_key(tiny_mnv2, tmp_path):
 
 def test_bench_reports_the_thread_count_used_without_threads(tiny_mnv2, tmp_path):
     """The contract: ``threads`` is the count actually used, an integer, with or without
-    --threads (here TVM's own default, read from its pool in the measuring child)."""
+    --threads (here tsm-edge's default, one per physical core, for every backend)."""
 
     env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
     out = tmp_path / "bench.json"
@@ -96,7 +96,7 @@ def test_bench_reports_the_thread_count_used_without_threads(tiny_mnv2, tmp_path
     assert proc.returncode == 0, proc.stderr
     r = json.loads(out.read_text())
     assert isinstance(r["threads"], int) and r["threads"] >= 1
-    assert f"threads {r['threads']} (TVM's default)" in proc.stdout
+    assert f"threads {r['threads']} (one per physical core" in proc.stdout
 
 
 def test_bench_child_never_loads_torch(tiny_mnv2):

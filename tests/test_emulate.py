@@ -120,6 +120,10 @@ def test_stream_over_rpc_matches_pytorch(server, aarch64_artifact):
     ref_logits, ref_caches = _eager_reference(frames)
 
     stream = RemoteStream(remote, aarch64_artifact)
+    # tsm-edge's parallel launcher, cross-compiled into the aarch64 library, runs the board's
+    # parallel loops (the logits below are checked with it installed)
+    assert stream.pool is not None and stream.pool["installed"], stream.pool
+    assert stream.pool["threads"] >= 1 and stream.pool["chunks"] == 4
     assert set(stream.cache_names) == set(ref_caches[0])
     for t, frame in enumerate(frames):
         got = stream.step(frame)

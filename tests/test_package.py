@@ -9,10 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from helpers import assert_user_error, run_cli
-
-BLOCK_TORCH = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['run.py'] + "
-               "sys.argv[1:]; runpy.run_path('run.py', run_name='__main__')")
+from helpers import assert_user_error, run_cli, run_packaged
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +36,8 @@ def test_unpacked_run_py_streams_like_tsm_edge_run_without_torch(package, frames
     dest = tmp_path / "board"
     proc = run_cli("unpack", str(package), "-o", str(dest))
     assert proc.returncode == 0, proc.stderr
-    proc = subprocess.run([sys.executable, "-c", BLOCK_TORCH, "--frames-npy", str(frames_npy),
-                           "--save-logits", str(tmp_path / "pkg.npy")], cwd=dest,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_packaged(dest, "--frames-npy", str(frames_npy), "--save-logits",
+                        str(tmp_path / "pkg.npy"))
     assert proc.returncode == 0, proc.stderr
     proc = run_cli("run", str(tiny_mnv2), "--frames-npy", str(frames_npy), "--save-logits",
                    str(tmp_path / "cli.npy"))
@@ -60,9 +56,8 @@ def test_unpacked_run_py_decodes_video_like_tsm_edge_run(package, synthetic_vide
     logits ``tsm-edge run --video`` gives, without torch."""
     dest = tmp_path / "board"
     assert run_cli("unpack", str(package), "-o", str(dest)).returncode == 0
-    proc = subprocess.run([sys.executable, "-c", BLOCK_TORCH, "--video", str(synthetic_video),
-                           "--frames", "12", "--save-logits", str(tmp_path / "pkg.npy")],
-                          cwd=dest, capture_output=True, text=True, timeout=300)
+    proc = run_packaged(dest, "--video", str(synthetic_video), "--frames", "12", "--save-logits",
+                        str(tmp_path / "pkg.npy"))
     assert proc.returncode == 0, proc.stderr
     proc = run_cli("run", str(tiny_mnv2), "--video", str(synthetic_video), "--frames", "12",
                    "--save-logits", str(tmp_path / "cli.npy"))

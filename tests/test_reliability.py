@@ -119,9 +119,9 @@ def test_streams_share_one_loaded_model_and_own_their_caches(tiny_mnv2, monkeypa
     loads = []
     real = tvm_rt.load_vm
 
-    def counting(path, dev):
+    def counting(path, dev, **options):
         loads.append(path)
-        return real(path, dev)
+        return real(path, dev, **options)
 
     monkeypatch.setattr(tvm_rt, "load_vm", counting)
     model = Model(tiny_mnv2)

@@ -33,10 +33,15 @@ threads_option = click.option("--threads", type=int, default=None,
                               help="CPU threads (applied before any thread pool starts).")
 
 
-def model_options(f):
-    """The options that say which model to build: name, weights and the facts about them."""
+def model_options(f=None, *, model_required: bool = True):
+    """The options that say which model to build: name, weights and the facts about them.
+
+    ``@model_options(model_required=False)`` where ``--model-file`` may replace ``--model``.
+    """
+    if f is None:
+        return lambda g: model_options(g, model_required=model_required)
     options = [
-        click.option("--model", required=True,
+        click.option("--model", required=model_required, default=None,
                      help="Registered model name (see 'tsm-edge models')."),
         click.option("--checkpoint", type=click.Path(), default=None,
                      help="Trained weights (state_dict)."),
@@ -98,7 +103,7 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
     logging.addLevelName(logging.WARNING, "warning")
 
 
-def frames_source(frames_npy, frames_opt, size):
+def frames_source(frames_npy, frames_opt, size, dtype: str = "float32"):
     """``--frames-npy FILE``; ``--frames FILE.npy`` is accepted as an alias."""
     from ..runtime.frames import load_frames_npy
 
@@ -106,7 +111,7 @@ def frames_source(frames_npy, frames_opt, size):
     if not frames_npy:
         raise UserError("no input frames; give --frames-npy FILE (float32, (T, 3, S, S)), "
                         "--video FILE or --camera INDEX")
-    arr = load_frames_npy(frames_npy, size)
+    arr = load_frames_npy(frames_npy, size, dtype)
     return arr[:count] if count else arr
 
 

@@ -68,7 +68,17 @@ def targets(as_json: bool, tvm_tags: bool) -> None:
 
 
 @cli.command("compile")
-@model_options
+@model_options(model_required=False)
+@click.option("--model-file", default=None,
+              help="FILE.py:FUNCTION instead of --model: the function returns your own 2D CNN "
+                   "(an nn.Module without shift); tsm-edge puts the online shift into each "
+                   "residual block (make_online_tsm).")
+@click.option("--shift-fraction", default=None,
+              help="Fraction of each shifted block's channels read from the cache: 1/8 "
+                   "(default, as the paper), 1/4, 1/2, 1.")
+@click.option("--shift-place", default=None,
+              help="residual (default: start of the residual branch, as the official "
+                   "blockres) | inplace (the block input, shortcut included).")
 @click.option("--target", default="host", show_default=True,
               help="Preset name, TVM tag or JSON TVM target.")
 @click.option("--precision", default=None,
@@ -88,25 +98,46 @@ def targets(as_json: bool, tvm_tags: bool) -> None:
 @click.option("--calibration-method", default="max", show_default=True,
               help="int8 activation ranges: max (the largest magnitude seen) | percentile "
                    "(the 99.99th percentile of magnitudes).")
+@click.option("--input", "input_type", default="float32", show_default=True,
+              help="float32: the step takes the preprocessed (1, 3, S, S) frame | uint8: the "
+                   "camera's centre-cropped RGB frame (1, S, S, 3), normalized and transposed "
+                   "inside the compiled step.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Artifact folder.")
 def compile_cmd(model, checkpoint, num_classes, input_size, target, precision, tuning, schedules,
                 labels, seed, ndk, trained_shift, cache_channels, calibration, calibration_method,
-                output) -> None:
-    """Compile a model into an artifact folder."""
+                output, model_file, shift_fraction, shift_place, input_type) -> None:
+    """Compile a model (registered, or your own with --model-file) into an artifact folder."""
     from ..compiler.api import compile as compile_model
 
-    path = compile_model(model, output, target=target, input_size=input_size,
+    if model is None and model_file is None:
+        raise UserError("compile needs --model NAME (see 'tsm-edge models') or --model-file "
+                        "FILE.py:FUNCTION")
+    if model is not None and model_file is not None:
+        raise UserError(f"give --model {model} or --model-file {model_file}, not both")
+    path = compile_model(model, output, model_file=model_file, shift_fraction=shift_fraction,
+                         shift_place=shift_place, target=target, input_size=input_size,
                          num_classes=num_classes, checkpoint=checkpoint, precision=precision,
                          tuning=tuning, labels=labels, seed=seed, ndk=ndk,
                          trained_shift=trained_shift, cache_channels=cache_channels,
                          schedules=schedules, calibration=calibration,
-                         calibration_method=calibration_method)
+                         calibration_method=calibration_method, input_type=input_type)
     from ..artifact.store import read_manifest
 
     m = read_manifest(path)
     click.echo(f"compiled {m.model.name} ({m.model.input_size}px, {m.precision}, "
                f"{len(m.caches)} caches, {m.cache_bytes_total:,} cache bytes) for "
                f"{m.built_for.preset} -> {path}")
+    if m.model.shift and m.model.shift.get("blocks"):
+        click.echo(_shift_line(m.model.shift))
+
+
+def _shift_line(shift: dict) -> str:
+    blocks = shift["blocks"]
+    left = [b for b in blocks if not b.get("shifted")]
+    why = sorted({b.get("reason", "?") for b in left})
+    return (f"shifts     {len(blocks) - len(left)} of {len(blocks)} blocks ({shift['place']}, "
+            f"fraction {shift['fraction']}; {shift['inserted_by']})"
+            + (f"; {len(left)} left: {'; '.join(why)}" if left else ""))
 
 
 @cli.command()
@@ -131,6 +162,8 @@ def inspect(artifact: str, as_json: bool) -> None:
     click.echo(f"precision  {_precision_line(m)}")
     click.echo(f"weights    {m.weights_bytes:,} bytes; workspace {m.workspace_bytes:,} bytes")
     click.echo(f"caches     {len(m.caches)}, {m.cache_bytes_total:,} bytes")
+    if m.model.shift and m.model.shift.get("blocks"):
+        click.echo(_shift_line(m.model.shift))
     for c in m.caches:
         click.echo(f"  {c.name:<24}{str(c.shape):<20}{c.dtype:<9}"
                    f"channels [{c.channels[0]}, {c.channels[1]})  {c.nbytes:,} B")

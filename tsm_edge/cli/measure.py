@@ -42,8 +42,8 @@ def verify(artifact, frames, frames_npy, checkpoint, tolerance, json_out, rpc, t
     if frames_npy:
         from ..artifact.store import read_manifest
 
-        size = read_manifest(artifact, check_files=False).model.input_size
-        arr = load_frames_npy(frames_npy, size)[:frames]
+        m = read_manifest(artifact, check_files=False)
+        arr = load_frames_npy(frames_npy, m.model.input_size, m.input.dtype)[:frames]
     remote = remote_session(rpc, tracker, key)
     stream = None
     if remote is not None:
@@ -109,7 +109,9 @@ def bench(artifact, frames, warmup, compare, json_out, plot_out, rpc, tracker, k
     machine = result["machine"] if isinstance(result["machine"], str) else \
         result["machine"]["cpu"]
     click.echo(f"{result['model']} {result['input_size']}px, {frames} frames, threads "
-               f"{result['threads']}" + ("" if threads else " (TVM's default)") + f", {machine}")
+               f"{result['threads']} ({result.get('threads_origin') or '--threads'})" + (
+                   f", frames per pool size {result['threads_used']}"
+                   if len(result.get("threads_used") or {}) > 1 else "") + f", {machine}")
     click.echo(f"{'backend':<14}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'mean ms':>9}"
                f"{'vs tsm-edge':>13}")
     for name, r in result["backends"].items():
@@ -175,8 +177,8 @@ def drift(artifact, reference, frames_npy, video, frames_opt, json_out, plot_out
         from ..artifact.store import read_manifest
         from ..runtime.frames import load_frames_npy
 
-        size = read_manifest(artifact, check_files=False).model.input_size
-        arr = load_frames_npy(frames_npy, size)
+        m = read_manifest(artifact, check_files=False)
+        arr = load_frames_npy(frames_npy, m.model.input_size, m.input.dtype)
     r = run_drift(artifact, reference, frames_array=arr, video=video, frames=frames_opt,
                   threads=threads)
     if json_out:

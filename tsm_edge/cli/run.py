@@ -93,7 +93,8 @@ def run(artifact, frames_npy, video, camera, frames_opt, stride, max_gap, realti
                 raise UserError(f"--video {' '.join(videos) or camera} gave no frames")
             logits, lines = result.logits, result.records
         else:
-            frames = frames_source(frames_npy, frames_opt, session.input_shape[-1])
+            frames = frames_source(frames_npy, frames_opt, session.manifest.model.input_size,
+                                   session.input_dtype)
             logits, lines = [], []
             for i, frame in enumerate(frames):
                 out = session.step(frame)

@@ -90,12 +90,26 @@ def compile(model: str, output: str | Path, *, target: str | dict = "host",
             labels: str | list[str] | None = None, seed: int = 0, ndk: str | None = None,
             trained_shift: str | None = None, cache_channels: str | None = None,
             schedules: str = "default", calibration: str | None = None,
-            calibration_method: str = "max") -> Path:
-    """Compile an online TSM model into an artifact folder; returns its path."""
+            calibration_method: str = "max", model_file: str | None = None,
+            shift_fraction=None, shift_place: str | None = None,
+            input_type: str = "float32") -> Path:
+    """Compile an online TSM model into an artifact folder; returns its path.
+
+    ``model`` is a registered name, or None with ``model_file`` (``FILE.py:FUNCTION``, a function
+    returning a plain ``nn.Module``: ``make_online_tsm`` puts the shifts in). ``shift_fraction``
+    (``"1/8"`` default) and ``shift_place`` (``residual`` default, ``inplace``) apply to both.
+    ``input_type="uint8"``: the step takes the camera's uint8 RGB frame (1, S, S, 3) and applies
+    the normalization and layout change itself (``frontend.preprocess``).
+    """
+    from ..frontend.preprocess import check_input_type
     from ..models.registry import get_model_info
     from . import targets as targets_mod
 
-    get_model_info(model)  # fail fast on an unknown name, before TVM loads
+    if (model is None) == (model_file is None):
+        raise UserError("give a registered model (--model NAME) or --model-file "
+                        "FILE.py:FUNCTION, one of the two")
+    if model_file is None:
+        get_model_info(model)  # fail fast on an unknown name, before TVM loads
     preset = targets_mod.resolve_target(target)
     cuda = None
     if preset.device == "cuda" and preset.runnable in ("here", "board"):
@@ -108,6 +122,7 @@ def compile(model: str, output: str | Path, *, target: str | dict = "host",
             log.warning("CUDA kernels will be embedded as CUDA C source (%s): the board must "
                         "compile them when it loads the library", cuda["reason"])
     check_buildable(preset)
+    check_input_type(input_type)
     cross_compiler = preset.resolved_cross_compiler(ndk)
     precision = precision or preset.default_precision
     check_precision(precision, calibration)
@@ -126,9 +141,18 @@ def compile(model: str, output: str | Path, *, target: str | dict = "host",
     if not tuning:
         raise UserError("--tuning is empty; valid: auto, none, or a folder written by "
                         "'tsm-edge tune'")
-    source = resolve_model(model, num_classes=num_classes, input_size=input_size,
-                           checkpoint=checkpoint, seed=seed, trained_shift=trained_shift,
-                           cache_channels=cache_channels)
+    if model_file is not None:
+        from ..models.resolve import resolve_model_file
+
+        source = resolve_model_file(model_file, num_classes=num_classes, input_size=input_size,
+                                    checkpoint=checkpoint, seed=seed,
+                                    trained_shift=trained_shift, cache_channels=cache_channels,
+                                    shift_fraction=shift_fraction, shift_place=shift_place)
+    else:
+        source = resolve_model(model, num_classes=num_classes, input_size=input_size,
+                               checkpoint=checkpoint, seed=seed, trained_shift=trained_shift,
+                               cache_channels=cache_channels, shift_fraction=shift_fraction,
+                               shift_place=shift_place)
     label_list = None
     if labels is not None:
         label_list = (read_labels(labels, source.num_classes) if isinstance(labels, (str, Path))
@@ -144,7 +168,7 @@ def compile(model: str, output: str | Path, *, target: str | dict = "host",
                      sha256=sha256_file(calibration), method=calibration_method)
     return compile_module(source, output, preset=preset, precision=precision, tuning=tuning,
                           labels=label_list, cross_compiler=cross_compiler, cuda=cuda,
-                          schedules=schedules, calibration=calib)
+                          schedules=schedules, calibration=calib, input_type=input_type)
 
 
 CALIBRATION_METHODS = ("max", "percentile")
@@ -298,8 +322,15 @@ def int8_detail(report: dict, isa, calib: dict) -> dict:
 def compile_module(source: ModelSource, output: str | Path, *, preset, precision: str = "fp32",
                    tuning: str = "auto", labels: list[str] | None = None,
                    cross_compiler: str | None = None, cuda: dict | None = None,
-                   schedules: str = "default", calibration: dict | None = None) -> Path:
+                   schedules: str = "default", calibration: dict | None = None,
+                   input_type: str = "float32") -> Path:
     """The stages, for an already-built ``source.module`` (also a user's own nn.Module)."""
+    from ..frontend.preprocess import (
+        PREFIX,
+        InGraphPreprocessing,
+        check_input_type,
+        in_step_preprocessing,
+    )
     from ..frontend.rewrite import rewrite_shifts
     from ..frontend.trace import trace_step
     from .tvm import analysis as tvm_analysis
@@ -311,6 +342,12 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
     from .tvm import target as tvm_target
 
     check_precision(precision, "given" if calibration is not None else None)
+    check_input_type(input_type)
+    prep_entry = preprocessing(source.input_size)
+    module = source.module
+    if input_type == "uint8":
+        module = InGraphPreprocessing(module, prep_entry)
+        prep_entry = in_step_preprocessing(prep_entry)
     seconds: dict[str, float] = {}
 
     def timed(stage, fn, *args):
@@ -320,9 +357,10 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
         seconds[stage] = round(time.perf_counter() - t0, 3)
         return result
 
-    exported = timed("export", trace_step, source.module, source.input_size,
-                     source.require_shift)
-    step = timed("rewrite", rewrite_shifts, exported, source.require_shift)
+    exported = timed("export", trace_step, module, source.input_size, source.require_shift,
+                     input_type)
+    step = timed("rewrite", rewrite_shifts, exported, source.require_shift,
+                 PREFIX if input_type == "uint8" else "")
     target = tvm_target.make_target(preset.resolved_tvm_target())
     mod = timed("import", tvm_import.import_exported, step.exported)
     mod = timed("fold", tvm_import.fold_constants, mod)
@@ -364,7 +402,7 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
 
     def populate(tmp: Path) -> Manifest:
         lib = tmp / LIBRARY
-        timed("link", tvm_device.export_library, exe, str(lib), cross_compiler)
+        timed("link", tvm_device.export_library, exe, str(lib), cross_compiler, cpu)
         built_for = elf_machine(lib)
         if built_for != arch:  # e.g. a TVM tag without a host: x86 code in an "ARM" library
             raise InternalError(f"{LIBRARY} holds {built_for} code, but target {preset.name} "
@@ -385,7 +423,7 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
                                     init=c.init, **quant))
         # the models stage writes these two entries as JSON; read back, they keep its key order
         where = "the compiled manifest"
-        prep = Preprocessing.from_json(preprocessing(source.input_size), where)
+        prep = Preprocessing.from_json(prep_entry, where)
         runnable = preset.runnable == "here"
         return Manifest(
             model=ModelEntry.from_json(source.manifest_entry(), where),

@@ -48,6 +48,14 @@ class RemoteStream(StreamBase):
 
         t0 = time.perf_counter()
         self._lib = call_with_timeout(load, timeout, f"uploading and loading {library.name}")
+        # the board's parallel loops through tsm-edge's launcher, sized as the board's TVM pool
+        self.pool = None
+        if kind == "cpu":
+            from ..runtime import tvm as tvm_rt
+
+            threads = max(1, int(session.get_function("runtime.NumThreads")()))
+            if tvm_rt.install_pool(self._lib, threads, governed=False):
+                self.pool = tvm_rt.pool_info(self._lib)
         self._vm = VirtualMachine(self._lib, self.device)
         self.load_seconds = time.perf_counter() - t0
         self._input = tvm.runtime.empty(self.input_shape, self.input_dtype, self.device)

@@ -97,10 +97,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _module_path(node: fx.Node, index: int) -> str:
+def _module_path(node: fx.Node, index: int, prefix: str = "") -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if stack:
         path = list(stack.values())[-1][0]
+        if prefix and path.startswith(prefix):
+            path = path[len(prefix):]
         if path:
             return path
     return f"shift{index}"
@@ -115,10 +117,13 @@ def find_shift_nodes(graph: fx.Graph) -> list[fx.Node]:
     return [n for n in graph.nodes if n.op == "call_function" and n.target == op]
 
 
-def rewrite_shifts(ep: torch.export.ExportedProgram, require_shift: bool = True) -> OnlineStep:
+def rewrite_shifts(ep: torch.export.ExportedProgram, require_shift: bool = True,
+                   prefix: str = "") -> OnlineStep:
     """Turn every shift op of ``ep`` into slice + concat with an explicit cache (``ep`` untouched).
 
     ``require_shift=False`` admits a graph without shifts (a TSN baseline: no caches).
+    ``prefix``: dropped from module paths (the model's attribute in a wrapper), so the caches keep
+    the model's own names.
     """
     src = ep.module()
     shifts = find_shift_nodes(src.graph)
@@ -135,7 +140,7 @@ def rewrite_shifts(ep: torch.export.ExportedProgram, require_shift: bool = True)
     names: dict[fx.Node, str] = {}
     cache_inputs: dict[fx.Node, fx.Node] = {}
     for i, node in enumerate(shifts):
-        path = _module_path(node, i)
+        path = _module_path(node, i, prefix)
         if path in names.values():  # the same module called twice: keep names unique
             path = f"{path}.{i}"
         names[node] = path

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from ..errors import InternalError, UserError
 from ..support.system import machine
-from ..support.threads import thread_env
+from ..support.threads import resolve_threads, thread_env, threads_origin
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "openvino")
 METHOD = ("wall clock (time.perf_counter) around one step per frame in a separate process per "
           "backend: numpy frame in, numpy logits out, caches carried between frames; "
           "{warmup} warm-up frames discarded, then {frames} timed frames")
@@ -66,6 +66,8 @@ def bench(artifact: str | Path, *, frames: int = 100, warmup: int = 10,
 
     art = Path(artifact)
     manifest = read_manifest(art)
+    origin = threads_origin(threads)
+    threads = resolve_threads(threads)  # one count for every backend, given or not
     common = child_args(frames, warmup, threads, compare, BACKENDS)
     results = {"tsm-edge": run_child(["-m", "tsm_edge.measure.probe", str(art), *common], threads,
                                       timeout)}
@@ -85,7 +87,9 @@ def bench(artifact: str | Path, *, frames: int = 100, warmup: int = 10,
                    "rss_peak_bytes": mem["rss_peak_bytes"],
                    "measured_in": "child process with numpy and the TVM runtime only (torch "
                                   "blocked); RSS from /proc/self/status"},
-        "threads": results["tsm-edge"]["threads"], "frames": frames, "warmup": warmup, "machine": machine(),
+        "threads": results["tsm-edge"]["threads"], "threads_origin": origin,
+        "threads_used": results["tsm-edge"].get("threads_used"), "frames": frames,
+        "warmup": warmup, "machine": machine(),
         "model": manifest.model.name, "input_size": manifest.model.input_size,
         "target": manifest.built_for.tvm_target, "device": manifest.built_for.device,
         "method": {name: METHOD.format(warmup=warmup, frames=frames) +
@@ -105,9 +109,9 @@ def bench_remote(artifact: str | Path, session, *, frames: int = 20, warmup: int
     stream = RemoteStream(session, artifact)
     m = stream.manifest
     size = m.model.input_size
-    import numpy as np
+    from ..runtime.frames import synthetic_frames
 
-    data = np.random.default_rng(0).standard_normal((8, 3, size, size)).astype(np.float32)
+    data = synthetic_frames(8, m.input)
     for i in range(warmup):
         stream.step(data[i % len(data)])
     stream.reset()
@@ -143,6 +147,8 @@ BACKEND_NOTES = {
              "torch.set_num_threads(threads)",
     "onnxruntime": "; ONNX Runtime CPU provider on the exported step, ORT_ENABLE_ALL, "
                    "intra_op_num_threads=threads, spinning off",
+    "openvino": "; OpenVINO CPU plugin on the exported ONNX step, PERFORMANCE_HINT=LATENCY, "
+                "INFERENCE_NUM_THREADS=threads, one infer request",
 }
 
 
@@ -185,10 +191,10 @@ def _child(argv: list[str]) -> int:
     from ..runtime.frames import percentiles
 
     manifest = read_manifest(args.artifact)
-    size = manifest.model.input_size
+    from ..runtime.frames import synthetic_frames
+
     step = manifest_step(manifest)
-    frames = np.random.default_rng(0).standard_normal((16, 3, size, size)).astype(np.float32)
-    frames = frames[:, None]
+    frames = synthetic_frames(16, manifest.input)[:, None]
 
     if args.backend == "torch":
         module = step.module()
@@ -203,6 +209,34 @@ def _child(argv: list[str]) -> int:
                     out = module(torch.from_numpy(frame), *caches)
                 caches = list(out[1:])
                 return out[0].numpy()
+            return run
+    elif args.backend == "openvino":
+        from ..frontend.onnx_export import export_step_onnx
+
+        try:
+            import openvino as ov
+        except ImportError:
+            raise UserError("--compare openvino needs OpenVINO: pip install openvino") from None
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_step_onnx(step, Path(tmp) / "step.onnx")
+            config = {"PERFORMANCE_HINT": "LATENCY"}
+            if args.threads:
+                config["INFERENCE_NUM_THREADS"] = args.threads
+            compiled = ov.Core().compile_model(str(path), "CPU", config)
+        request = compiled.create_infer_request()
+        names = [c.input_name for c in step.caches]
+        zeros = [np.zeros(c.shape, dtype=c.dtype) for c in step.caches]
+        n_out = len(compiled.outputs)
+
+        def make():
+            caches = list(zeros)
+
+            def run(frame):
+                nonlocal caches
+                request.infer({step.input.name: frame, **dict(zip(names, caches))})
+                out = [request.get_output_tensor(i).data.copy() for i in range(n_out)]
+                caches = out[1:]
+                return out[0]
             return run
     else:
         from ..frontend.onnx_export import export_step_onnx, ort_session

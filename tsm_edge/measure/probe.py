@@ -41,14 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     session = StreamSession(args.artifact, threads=args.threads,
                             latency_window=max(1, args.warmup + args.frames))
     loaded = rss_bytes()
-    size = session.input_shape[-1]
+    from ..runtime.frames import synthetic_frames
+
     if args.frames_npy:
-        frames = np.load(args.frames_npy, allow_pickle=False).astype(np.float32)
+        frames = np.load(args.frames_npy, allow_pickle=False).astype(session.input_dtype)
     else:
-        frames = np.random.default_rng(0).standard_normal((16, 3, size, size)).astype(np.float32)
+        frames = synthetic_frames(16, session.manifest.input)
     for i in range(args.warmup):
         session.step(frames[i % len(frames)])
     session.reset()
+    session.governor.counts.clear()
     warm = len(session.latencies_ms)
     for i in range(args.frames):
         session.step(frames[i % len(frames)])
@@ -61,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         "rss_loaded_bytes": loaded,
         "rss_peak_bytes": peak_rss_bytes(),
         "torch_loaded": sys.modules.get("torch") is not None,
-        "threads": tvm_rt.num_threads(),  # the pool's size, also when --threads is not given
+        # the pool's size (also when --threads is not given), and the frames run at each size
+        # the governor chose under other load
+        "threads": session.governor.limit,
+        "threads_used": {str(k): v for k, v in sorted(session.governor.counts.items())},
+        "pool_threads_now": tvm_rt.num_threads(),
     }
     json.dump(out, sys.stdout)
     sys.stdout.write("\n")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..artifact.manifest import Manifest
 from ..errors import UserError
-from ..support.threads import apply_threads
+from ..support.threads import apply_threads, resolve_threads, threads_origin
 
 CATEGORIES = ("pointwise", "depthwise", "conv3x3", "conv7x7", "conv (other)", "shift",
               "elementwise", "layout", "pooling", "classifier", "runtime", "other")
@@ -200,6 +200,8 @@ def profile(artifact: str | Path, *, frames: int = 20, warmup: int = 5, threads:
     if built_for.device != "cpu" or not manifest.runnable:
         raise UserError(f"{art}: profile runs artifacts built for this machine's CPU; this one "
                         f"is for {built_for.preset} ({built_for.device})")
+    origin = threads_origin(threads)
+    threads = resolve_threads(threads)  # one count for tsm-edge and ONNX Runtime alike
     common = child_args(frames, warmup, threads, compare, BACKENDS)
     sides = {"tsm-edge": run_child(["-m", "tsm_edge.measure.profile", "tsm-edge", str(art), *common],
                                     threads, timeout)}
@@ -208,7 +210,8 @@ def profile(artifact: str | Path, *, frames: int = 20, warmup: int = 5, threads:
                                     threads, timeout)
     result = {
         "model": manifest.model.name, "input_size": manifest.model.input_size,
-        "threads": threads, "frames": frames, "warmup": warmup, "machine": machine(),
+        "threads": threads, "threads_origin": origin, "frames": frames, "warmup": warmup,
+        "machine": machine(),
         "backends": {name: {"total_ms": round(sum(r["ms"] for r in side["operators"].values()), 4),
                             "categories": summarize(side["operators"]),
                             "operators": side["operators"], "method": side["method"]}
@@ -264,8 +267,9 @@ def _child(argv: list[str]) -> int:
     from ..artifact.store import read_manifest
 
     manifest = read_manifest(args.artifact)
-    size = manifest.model.input_size
-    frame = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    from ..runtime.frames import synthetic_frames
+
+    frame = synthetic_frames(1, manifest.input)
     if args.backend == "tsm-edge":
         apply_threads(args.threads)
         from ..runtime import tvm as tvm_rt

@@ -77,7 +77,8 @@ def soak(artifact: str | Path, *, frames: int = 100_000, streams: int = 1,
     sessions = [model.new_stream() for _ in range(k)]
     shape = model.input_shape
     rng = np.random.default_rng(seed)
-    pool = rng.standard_normal((k, POOL, *shape[1:])).astype(model.input_dtype)
+    pool = (rng.integers(0, 256, (k, POOL, *shape[1:])) if model.input_dtype == "uint8" else
+            rng.standard_normal((k, POOL, *shape[1:]))).astype(model.input_dtype)
     n_classes = int(np.prod(model.output_shape))
     outs = np.zeros((k, n_classes), dtype=model.output_dtype)
     per_stream = [len(range(s, frames, k)) for s in range(k)]

@@ -81,11 +81,16 @@ def verify(artifact: str | Path, *, frames: int = 16, frames_array: np.ndarray |
     if tolerance is None:
         tolerance = default_tolerance(manifest)
         cache_tolerance = CACHE_TOLERANCES.get(manifest.precision, tolerance)
-    size = manifest.model.input_size
+    from ..runtime.frames import normalized, synthetic_frames, takes_uint8
+
     if frames_array is None:
         if frames < 2:
             raise UserError(f"--frames {frames}: verify needs at least 2 frames to check caches")
-        frames_array = make_frames(frames, size, seed)
+        frames_array = synthetic_frames(frames, manifest.input, seed)
+    # a step that normalizes the uint8 frame itself is checked against the model fed the frame
+    # normalized in numpy, as the manifest says: that checks the in-step preprocessing too
+    reference_frames = normalized(frames_array, manifest.input) \
+        if takes_uint8(manifest.input) else frames_array
     module = model if model is not None else model_from_manifest(manifest, checkpoint)
     shifts = dict(shift_modules(module))
     missing = [n for n in session.cache_names if n not in shifts]
@@ -104,12 +109,12 @@ def verify(artifact: str | Path, *, frames: int = 16, frames_array: np.ndarray |
     set_shift_mode(module, "stream")
     try:
         with torch.no_grad():
-            for f in frames_array:
+            for f in reference_frames:
                 eager_logits.append(module(torch.from_numpy(f[None])).numpy().reshape(-1))
                 eager_caches.append({k: shifts[k]._past.numpy().copy()
                                      for k in session.cache_names})
             set_shift_mode(module, "offline", n_segment=n, direction="uni")
-            offline_logits = module(torch.from_numpy(frames_array)).numpy()
+            offline_logits = module(torch.from_numpy(reference_frames)).numpy()
     finally:
         set_shift_mode(module, "online")
     eager_logits = np.stack(eager_logits)

@@ -35,6 +35,33 @@ def check_frame(frame, shape: tuple[int, ...], dtype: str, *, finite: bool = Tru
     return np.ascontiguousarray(frame)
 
 
+def takes_uint8(spec) -> bool:
+    """Whether an artifact's input (a manifest ``InputSpec``) is the camera's uint8 frame, with
+    the normalization inside the step."""
+    prep = spec.preprocessing
+    return spec.dtype == "uint8" and prep is not None and bool(prep.extras.get("in_step"))
+
+
+def synthetic_frames(n: int, spec, seed: int = 0) -> np.ndarray:
+    """``n`` distinct seeded frames in the form the input ``spec`` takes: normalized float32
+    (n, 3, S, S), or uint8 pixels (n, S, S, 3) for a step that normalizes itself."""
+    rng = np.random.default_rng(seed)
+    shape = (n, *spec.shape[1:])
+    if takes_uint8(spec):
+        return rng.integers(0, 256, shape, dtype=np.uint8)
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def normalized(frames: np.ndarray, spec) -> np.ndarray:
+    """uint8 frames (n, S, S, 3) as the float32 (n, 3, S, S) the model itself takes, normalized
+    in numpy as the manifest says (the reference for a step that does it inside)."""
+    prep = spec.preprocessing
+    x = frames.astype(np.float32) * np.float32(prep.scale)
+    x -= np.asarray(prep.mean, np.float32)
+    x /= np.asarray(prep.std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
 def stream_stats(manifest: Manifest, latencies_ms: list[float], frames: int) -> dict:
     """Latency percentiles of a stream with the artifact's memory sizes."""
     return {"frames": frames, **percentiles(latencies_ms),
@@ -52,8 +79,9 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
             "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean())}
 
 
-def load_frames_npy(path: str | Path, size: int | None = None) -> np.ndarray:
-    """Frames from a .npy file, shape (T, 3, S, S) float32; every problem named."""
+def load_frames_npy(path: str | Path, size: int | None = None, dtype: str = "float32") -> np.ndarray:
+    """Frames from a .npy file: (T, 3, S, S) float32 (preprocessed), or with ``dtype`` "uint8"
+    (an artifact that normalizes itself) (T, S, S, 3) uint8 RGB; every problem named."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--frames-npy {p} does not exist")
@@ -65,12 +93,19 @@ def load_frames_npy(path: str | Path, size: int | None = None) -> np.ndarray:
         raise UserError(f"--frames-npy {p} holds several arrays; give one .npy array")
     if arr.ndim == 3:
         arr = arr[None]
-    expected = f"(T, 3, {size}, {size})" if size else "(T, 3, S, S)"
-    if arr.ndim != 4 or arr.shape[1] != 3 or (size and arr.shape[2:] != (size, size)):
-        raise UserError(f"--frames-npy {p} has shape {tuple(arr.shape)}; expected {expected}")
-    if arr.dtype != np.float32:
-        raise UserError(f"--frames-npy {p} has dtype {arr.dtype}; expected float32 "
-                        "(preprocessed frames)")
+    pixels = dtype == "uint8"
+    s = size or "S"
+    expected = f"(T, {s}, {s}, 3) uint8 RGB" if pixels else f"(T, 3, {s}, {s})"
+    frame_shape = arr.shape[1:3] if pixels else arr.shape[2:]
+    channels = arr.shape[3] if pixels and arr.ndim == 4 else (arr.shape[1] if arr.ndim == 4 else 0)
+    if arr.ndim != 4 or channels != 3 or (size and frame_shape != (size, size)):
+        raise UserError(f"--frames-npy {p} has shape {tuple(arr.shape)}; expected {expected}"
+                        + (" (this artifact takes uint8 frames and normalizes them itself)"
+                           if pixels else ""))
+    if arr.dtype != np.dtype(dtype):
+        raise UserError(f"--frames-npy {p} has dtype {arr.dtype}; expected {dtype} " + (
+            "(this artifact takes the camera's uint8 RGB frames; compile without --input uint8 "
+            "for preprocessed float32 frames)" if pixels else "(preprocessed frames)"))
     if arr.shape[0] == 0:
         raise UserError(f"--frames-npy {p} holds no frames")
     return arr

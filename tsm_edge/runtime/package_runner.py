@@ -39,7 +39,8 @@ def _run(package_dir: str, args) -> int:
     if args.frames_npy:
         from .frames import load_frames_npy
 
-        frames = load_frames_npy(args.frames_npy, session.input_shape[-1])[:args.frames]
+        frames = load_frames_npy(args.frames_npy, session.manifest.model.input_size,
+                                 session.input_dtype)[:args.frames]
         logits = [session.step(f) for f in frames]
         records = [{"index": i, "top": int(np.argmax(v))} for i, v in enumerate(logits)]
     else:

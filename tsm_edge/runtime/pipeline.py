@@ -19,7 +19,7 @@ from .frames import percentiles
 from .session import CutPolicy, CutTracker
 from .smoothing import Smoother, SmoothingConfig
 from .stream import Stream
-from .video import Frame, preprocess
+from .video import Frame, prepare
 
 STAGES = ("decode", "preprocess", "inference", "postprocess")
 
@@ -61,7 +61,7 @@ def run_stream(session: Stream, frames: Iterable[Frame], *, labels: Sequence[str
     (``session.reset()`` and a fresh smoother); such a frame's record has ``"cut"``, the
     reason. None: never.
     """
-    prep = session.manifest.input.preprocessing.to_json()  # preprocess() reads the JSON form
+    prep = session.manifest.input.preprocessing.to_json()  # prepare() reads the JSON form
     config = smoothing or SmoothingConfig()
     smoother = Smoother(config)
     tracker = CutTracker(cuts) if cuts is not None else None
@@ -74,7 +74,7 @@ def run_stream(session: Stream, frames: Iterable[Frame], *, labels: Sequence[str
             session.reset()
             smoother = Smoother(config)
             result.cuts += 1
-        x = preprocess(frame.rgb, prep)
+        x = prepare(frame.rgb, prep)
         t1 = time.perf_counter()
         logits = session.step(x)
         t2 = time.perf_counter()

@@ -19,7 +19,7 @@ import numpy as np
 from ..artifact.store import read_manifest
 from ..errors import UserError
 from ..support.platform import check_runnable
-from ..support.threads import set_threads
+from ..support.threads import governor, set_threads
 from . import tvm as tvm_rt
 from .stream import StreamBase, zero_caches
 
@@ -100,13 +100,13 @@ class Model:
         library = self.path / m.library
         if check:
             check_runnable(m, library)
-        set_threads(threads)
+        n = set_threads(threads)
         kind = m.built_for.device
         self.device = tvm_rt.device(kind)
         if check and not tvm_rt.device_exists(self.device):
             raise UserError(f"this artifact runs on a {kind} device and this machine has none "
                             f"that TVM can use; run it on the board ({m.built_for.host_triple})")
-        self._vm = tvm_rt.load_vm(str(library), self.device)
+        self._vm = tvm_rt.load_vm(str(library), self.device, threads=governor().current or n)
         entry = m.entry
         try:
             self._main = self._vm[entry]
@@ -167,7 +167,8 @@ class StreamSession(StreamBase):
                  check: bool = True, cut_policy: CutPolicy | None = CutPolicy(),
                  latency_window: int = DEFAULT_LATENCY_WINDOW):
         if isinstance(artifact, Model):
-            set_threads(threads)
+            if threads is not None:  # else the pool keeps the size the model was loaded with
+                set_threads(threads)
             model = artifact
         else:
             model = Model(artifact, threads=threads, check=check)
@@ -186,6 +187,7 @@ class StreamSession(StreamBase):
         self._out_array: np.ndarray | None = None
         self._out_tensor = None
         self._busy = threading.Lock()
+        self.governor = governor()
         self._cuts = CutTracker(cut_policy) if cut_policy is not None else None
         self.cuts = 0
         self.last_cut: str | None = None
@@ -228,6 +230,7 @@ class StreamSession(StreamBase):
             n = self._n_caches
             t0 = time.perf_counter()
             with model.lock:
+                self.governor.tick()  # the pool's size for this frame, from the other load
                 try:
                     tvm_rt.copy_array(frame, self._input)
                     res = model._main(self._input, *self._caches)

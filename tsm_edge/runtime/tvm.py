@@ -30,12 +30,70 @@ def device_exists(dev) -> bool:
         return False
 
 
-def load_vm(lib_path: str, dev):
-    """A Relax virtual machine over the library at ``lib_path`` on ``dev``."""
+def load_vm(lib_path: str, dev, *, threads: int | None = None):
+    """A Relax virtual machine over the library at ``lib_path`` on ``dev``.
+
+    ``threads``: for a CPU library that carries tsm-edge's parallel launcher, install it with
+    that many threads (see ``install_pool``).
+    """
     tvm = import_tvm()
     from tvm.runtime.vm import VirtualMachine
 
-    return VirtualMachine(tvm.runtime.load_module(lib_path), dev)
+    lib = tvm.runtime.load_module(lib_path)
+    if threads is not None and int(dev.dlpack_device_type()) == 1:  # kDLCPU
+        install_pool(lib, threads)
+    return VirtualMachine(lib, dev)
+
+
+POOL_VAR = "TSM_EDGE_PARALLEL"         # "tvm": keep TVM's own launcher
+CHUNKS_VAR = "TSM_EDGE_POOL_CHUNKS"    # tasks per thread in each parallel loop
+DEFAULT_CHUNKS = 4
+SPIN_VAR = "TSM_EDGE_POOL_SPIN"        # pause loops a waiting worker spins before it sleeps
+
+
+def _lib_function(lib, name: str):
+    try:  # the VM executable imports the library that holds the function
+        return lib.get_function(name, query_imports=True)
+    except (AttributeError, RuntimeError, ValueError):  # an older artifact, or TVM's message
+        return None
+
+
+def install_pool(lib, threads: int, *, governed: bool = True) -> bool:
+    """Hand the library's parallel loops to tsm-edge's launcher (``parallel_pool.cc``, linked
+    into CPU artifacts): ``CHUNKS_VAR`` tasks per thread (default 4), taken one at a time by
+    whichever thread is free, so a thread that loses its core delays one task, not the frame.
+    False for a library without it (built before it existed) or when ``POOL_VAR`` is "tvm";
+    the governor resizes installed launchers with TVM's pool (``governed``; not for a library
+    loaded on a board over RPC, whose load this machine cannot see).
+    """
+    import os
+
+    from ..support.threads import POOLS
+
+    if os.environ.get(POOL_VAR, "").strip().lower() == "tvm":
+        return False
+    install = _lib_function(lib, "tsm_edge_pool_install")
+    if install is None:
+        return False
+    raw = os.environ.get(CHUNKS_VAR, "").strip()
+    chunks = int(raw) if raw.isdigit() and int(raw) >= 1 else DEFAULT_CHUNKS
+    spin = os.environ.get(SPIN_VAR, "").strip()
+    extra = (int(spin),) if spin.isdigit() else ()
+    if int(install(int(threads), chunks, *extra)) < 1:
+        return False
+    if governed:
+        POOLS.append(lambda n: install(int(n), chunks))
+    return True
+
+
+def pool_info(vm_or_lib) -> dict | None:
+    """{"installed", "threads", "chunks"} of a library's launcher, or None without one."""
+    lib = getattr(vm_or_lib, "module", vm_or_lib)
+    info = _lib_function(lib, "tsm_edge_pool_info")
+    if info is None:
+        return None
+    v = int(info())
+    return {"installed": v >= 1000000, "threads": (v // 1000) % 1000, "chunks": v % 1000}
 
 
 def op_times(lib_path: str, inputs: list, frames: int, warmup: int = 3) -> dict:

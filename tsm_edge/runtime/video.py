@@ -54,6 +54,19 @@ def preprocess(rgb: np.ndarray, prep: dict) -> np.ndarray:
     return np.ascontiguousarray(patch.transpose(2, 0, 1))
 
 
+def prepare(rgb: np.ndarray, prep: dict) -> np.ndarray:
+    """What the step takes from one resized RGB frame: ``preprocess`` (float32, normalized), or,
+    for a step that normalizes itself (``in_step``), the centre crop as uint8 (S, S, 3)."""
+    if not prep.get("in_step"):
+        return preprocess(rgb, prep)
+    crop = int(prep["center_crop"])
+    h, w = rgb.shape[:2]
+    if h < crop or w < crop:
+        raise UserError(f"frame {w}x{h} is smaller than the crop {crop}")
+    top, left = (h - crop) // 2, (w - crop) // 2
+    return np.ascontiguousarray(rgb[top:top + crop, left:left + crop])
+
+
 def _decode(container, stream, short_side: int, stride: int, source: str,
             name: str | None = None) -> Iterator[Frame]:
     av = _av()

@@ -198,10 +198,46 @@ def fatbin_arches(data: bytes) -> list[str]:
     return sorted(arches)
 
 
-def export_library(exe, path: str, cross_compiler: str | None = None) -> None:
-    if cross_compiler:
-        from tvm.support import cc
+POOL_SOURCE = Path(__file__).with_name("parallel_pool.cc")
 
-        exe.export_library(path, fcompile=cc.cross_compiler(cross_compiler))
-    else:
-        exe.export_library(path)
+
+def pool_object(compiler: str, workdir: Path) -> Path:
+    """tsm-edge's parallel launcher (``parallel_pool.cc``) compiled for the library's machine."""
+    import subprocess
+
+    import tvm_ffi
+
+    include = Path(tvm_ffi.__file__).parent / "include"
+    obj = workdir / "tsm_edge_parallel_pool.o"
+    cmd = [compiler, "-c", "-O2", "-fPIC", "-std=c++17", "-pthread", f"-I{include}",
+           str(POOL_SOURCE), "-o", str(obj)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        from ...errors import UserError
+
+        raise UserError(f"{compiler} could not compile tsm-edge's parallel launcher "
+                        f"({POOL_SOURCE.name}): {proc.stderr.strip().splitlines()[-1:]}; a C++17 "
+                        "compiler is needed for CPU targets")
+    return obj
+
+
+def export_library(exe, path: str, cross_compiler: str | None = None,
+                   parallel_pool: bool = False) -> None:
+    """Write the library; ``parallel_pool`` links tsm-edge's launcher into it (CPU targets)."""
+    import os
+    import tempfile
+
+    from tvm.support import cc
+
+    if not parallel_pool:
+        if cross_compiler:
+            exe.export_library(path, fcompile=cc.cross_compiler(cross_compiler))
+        else:
+            exe.export_library(path)
+        return
+    compiler = cross_compiler or os.environ.get("CXX", "g++")
+    with tempfile.TemporaryDirectory(prefix="tsm-edge-pool-") as tmp:
+        obj = pool_object(compiler, Path(tmp))
+        fcompile = cc.cross_compiler(cross_compiler or cc.create_shared, options=["-pthread"],
+                                     add_files=[str(obj)])
+        exe.export_library(path, fcompile=fcompile)
