@@ -115,26 +115,33 @@ import json, subprocess, sys, time
 import numpy as np
 from tsm_edge.runtime.session import StreamSession
 from tsm_edge.runtime import tvm as tvm_rt
+from tsm_edge.support.threads import CpuLoad
+probe = CpuLoad(); probe.others(); time.sleep(1.0)
+baseline = probe.others()
 s = StreamSession({str(tiny_mnv2)!r}, threads=2)
 s.governor.interval = 0.1
 x = np.zeros((3, 64, 64), np.float32)
-def run_for(seconds):
-    sizes = set(); t0 = time.monotonic()
-    while time.monotonic() - t0 < seconds:
-        s.step(x); sizes.add(s.governor.current); time.sleep(0.002)
-    return sorted(sizes), s.governor.current
-quiet = run_for(0.6)
+def run_until(size, seconds):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds and s.governor.current != size:
+        s.step(x); time.sleep(0.002)
+    return s.governor.current
+quiet = run_until(2, 3.0)
 hog = subprocess.Popen({BUSY!r})
 try:
-    busy = run_for(2.0)
+    busy = run_until(1, 4.0)
 finally:
     hog.kill(); hog.wait()
-after = run_for(3.0)
-print(json.dumps({{"quiet": quiet, "busy": busy, "after": after,
+after = run_until(2, 6.0)
+print(json.dumps({{"baseline": baseline, "quiet": quiet, "busy": busy, "after": after,
                   "pool": tvm_rt.pool_info(s.model._vm)}}))
 """, env={"TSM_EDGE_ADAPT_THREADS": "1"})
-    assert out["busy"][1] == 1, out          # ended the busy spell on one thread
-    assert out["after"][1] == 2, out         # and went back to two when the core was free
+    if out["baseline"] > 0.5:
+        pytest.skip(f"the machine was already busy ({out['baseline']:.2f} CPUs of other load, "
+                    "hypervisor steal included): no free core to take away")
+    assert out["quiet"] == 2, out    # both cores free: two threads
+    assert out["busy"] == 1, out     # one core held by a busy process: one thread
+    assert out["after"] == 2, out    # and two again once it is gone
     assert out["pool"] == {"installed": True, "threads": 2, "chunks": 4}
 
 
