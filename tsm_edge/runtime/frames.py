@@ -52,14 +52,19 @@ def synthetic_frames(n: int, spec, seed: int = 0) -> np.ndarray:
     return rng.standard_normal(shape).astype(np.float32)
 
 
+def normalize(pixels: np.ndarray, scale, mean, std) -> np.ndarray:
+    """(n, H, W, 3) pixels -> (n, 3, H, W) float32 ``(pixel * scale - mean) / std`` per channel."""
+    x = pixels.astype(np.float32) * np.float32(scale)
+    x -= np.asarray(mean, np.float32)
+    x /= np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
 def normalized(frames: np.ndarray, spec) -> np.ndarray:
     """uint8 frames (n, S, S, 3) as the float32 (n, 3, S, S) the model itself takes, normalized
     in numpy as the manifest says (the reference for a step that does it inside)."""
     prep = spec.preprocessing
-    x = frames.astype(np.float32) * np.float32(prep.scale)
-    x -= np.asarray(prep.mean, np.float32)
-    x /= np.asarray(prep.std, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    return normalize(frames, prep.scale, prep.mean, prep.std)
 
 
 def stream_stats(manifest: Manifest, latencies_ms: list[float], frames: int) -> dict:

@@ -106,7 +106,7 @@ class Model:
         if check and not tvm_rt.device_exists(self.device):
             raise UserError(f"this artifact runs on a {kind} device and this machine has none "
                             f"that TVM can use; run it on the board ({m.built_for.host_triple})")
-        self._vm = tvm_rt.load_vm(str(library), self.device, threads=governor().current or n)
+        self._vm = tvm_rt.load_vm(str(library), self.device, threads=n)
         entry = m.entry
         try:
             self._main = self._vm[entry]

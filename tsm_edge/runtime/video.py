@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from .frames import normalize
 
 
 @dataclass
@@ -41,17 +42,19 @@ def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(1, round(width * short_side / height)), short_side
 
 
-def preprocess(rgb: np.ndarray, prep: dict) -> np.ndarray:
-    """Centre-crop and normalize one resized RGB frame -> (3, S, S) float32."""
-    crop = int(prep["center_crop"])
+def center_crop(rgb: np.ndarray, crop: int) -> np.ndarray:
+    """The central ``crop`` x ``crop`` pixels of a resized (H, W, 3) frame (a view)."""
     h, w = rgb.shape[:2]
     if h < crop or w < crop:
         raise UserError(f"frame {w}x{h} is smaller than the crop {crop}")
     top, left = (h - crop) // 2, (w - crop) // 2
-    patch = rgb[top:top + crop, left:left + crop].astype(np.float32) * np.float32(prep["scale"])
-    patch -= np.asarray(prep["mean"], np.float32)
-    patch /= np.asarray(prep["std"], np.float32)
-    return np.ascontiguousarray(patch.transpose(2, 0, 1))
+    return rgb[top:top + crop, left:left + crop]
+
+
+def preprocess(rgb: np.ndarray, prep: dict) -> np.ndarray:
+    """Centre-crop and normalize one resized RGB frame -> (3, S, S) float32."""
+    patch = center_crop(rgb, int(prep["center_crop"]))
+    return normalize(patch[None], prep["scale"], prep["mean"], prep["std"])[0]
 
 
 def prepare(rgb: np.ndarray, prep: dict) -> np.ndarray:
@@ -59,12 +62,7 @@ def prepare(rgb: np.ndarray, prep: dict) -> np.ndarray:
     for a step that normalizes itself (``in_step``), the centre crop as uint8 (S, S, 3)."""
     if not prep.get("in_step"):
         return preprocess(rgb, prep)
-    crop = int(prep["center_crop"])
-    h, w = rgb.shape[:2]
-    if h < crop or w < crop:
-        raise UserError(f"frame {w}x{h} is smaller than the crop {crop}")
-    top, left = (h - crop) // 2, (w - crop) // 2
-    return np.ascontiguousarray(rgb[top:top + crop, left:left + crop])
+    return np.ascontiguousarray(center_crop(rgb, int(prep["center_crop"])))
 
 
 def _decode(container, stream, short_side: int, stride: int, source: str,

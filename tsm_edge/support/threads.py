@@ -159,8 +159,8 @@ class CpuLoad:
 
     def __init__(self, cpus: list[int] | None = None):
         self.cpus = set(allowed_cpus() if cpus is None else cpus)
-        self.available = self._sample() is not None
-        self._last = self._sample() if self.available else None
+        self._last = self._sample()
+        self.available = self._last is not None
 
     def _sample(self) -> tuple[float, int, int] | None:
         stat, own = _read("/proc/stat"), _read("/proc/self/stat")
