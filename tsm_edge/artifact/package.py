@@ -9,6 +9,7 @@ manifest's hashes are checked again before anything is loaded.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import tarfile
@@ -30,15 +31,24 @@ RUNNER = '''#!/usr/bin/env python3
 
     python run.py --frames-npy frames.npy --save-logits logits.npy
     python run.py --video clip.mp4 --jsonl decisions.jsonl
+
+TVM is loaded in runtime-only mode (libtvm_runtime.so, no compiler, no torch); a package made
+with --with-runtime carries that runtime in _runtime/, so the board needs only Python and numpy.
 """
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+if os.path.isdir(os.path.join(HERE, "_runtime")):
+    sys.path.insert(0, os.path.join(HERE, "_runtime", "site"))
+    os.environ.setdefault("TSM_EDGE_TVM_RUNTIME_LIB",
+                          os.path.join(HERE, "_runtime", "lib", "libtvm_runtime.so"))
+sys.path.insert(0, HERE)
 from _tsm_edge.runtime.package_runner import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(os.path.dirname(os.path.abspath(__file__))))
+    sys.exit(main(HERE))
 '''
 MAX_MEMBER_BYTES = 4 << 30
 MAX_MEMBERS = 1000
@@ -61,17 +71,43 @@ def runtime_files(src_dir: Path) -> list[Path]:
     return files
 
 
-def build_package(artifact: str | Path, output: str | Path) -> Path:
-    """Write the package of ``artifact`` to ``output`` (atomically)."""
+RUNNER_SOURCE = Path(__file__).resolve().parent.parent / "runtime" / "runner" / "tsm_edge_run.cc"
+
+
+def runner_spec(manifest) -> str:
+    """``runner/spec.txt``: what the C++ runner needs of the manifest, a record a line."""
+    def dims(shape):
+        return ",".join(str(int(d)) for d in shape)
+
+    lines = ["# tsm-edge C++ runner spec (written by tsm-edge package from manifest.json)",
+             f"library {manifest.library}", f"entry {manifest.entry}",
+             f"input {manifest.input.name} {manifest.input.dtype} {dims(manifest.input.shape)}"]
+    lines += [f"cache {c.name} {c.dtype} {dims(c.shape)}" for c in manifest.caches]
+    out = manifest.outputs[0]
+    lines.append(f"output {out.name} {out.dtype} {dims(out.shape)}")
+    return "\n".join(lines) + "\n"
+
+
+def build_package(artifact: str | Path, output: str | Path, runtime=None) -> Path:
+    """Write the package of ``artifact`` to ``output`` (atomically).
+
+    ``runtime``: a ``device.bundle.RuntimeBundle`` to carry (files under ``_runtime/``, the C++
+    runner binary, the floors in the manifest's ``package`` key), or None.
+    """
     art = Path(artifact)
     manifest = read_manifest(art)
+    raw = json.loads((art / MANIFEST).read_text())
+    raw["package"] = {"runtime": "bundled" if runtime is not None else "board",
+                      "cpp_runner": "runner/tsm-edge-run" if runtime is not None and
+                      runtime.runner is not None else None,
+                      "floors": runtime.floors if runtime is not None else None}
     out = Path(output)
     if not out.name.endswith((".tar.gz", ".tgz")):
         raise UserError(f"-o {out}: the package is a .tar.gz; give a name ending in .tar.gz")
     src_dir = Path(__file__).parent.parent
     with atomic_path(out, "package", make_parent=True) as tmp:
         with tarfile.open(tmp, "w:gz") as tar:
-            tar.add(art / MANIFEST, arcname=MANIFEST)
+            _add_bytes(tar, MANIFEST, (json.dumps(raw, indent=2) + "\n").encode())
             for name in manifest.files:
                 tar.add(art / name, arcname=name)
             if manifest.labels:
@@ -81,6 +117,13 @@ def build_package(artifact: str | Path, output: str | Path) -> Path:
                        b'"""tsm-edge runtime modules, packaged with an artifact."""\n')
             for path in runtime_files(src_dir):
                 tar.add(path, arcname=f"_tsm_edge/{path.relative_to(src_dir).as_posix()}")
+            _add_bytes(tar, "runner/spec.txt", runner_spec(manifest).encode())
+            tar.add(RUNNER_SOURCE, arcname="runner/tsm_edge_run.cc")
+            if runtime is not None:
+                for src, name in runtime.files:
+                    tar.add(src, arcname=name)
+                if runtime.runner is not None:
+                    tar.add(runtime.runner, arcname="runner/tsm-edge-run")
     return out
 
 

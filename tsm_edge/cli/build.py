@@ -56,7 +56,8 @@ def targets(as_json: bool, tvm_tags: bool) -> None:
     presets = list_presets()
     rows = [{"name": p.name, "description": p.description, "device": p.device,
              "host_triple": p.host_triple, "runnable": p.runnable,
-             "default_precision": p.default_precision} for p in presets.values()]
+             "default_precision": p.default_precision,
+             "stock_os": p.extra.get("stock_os")} for p in presets.values()]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -65,6 +66,12 @@ def targets(as_json: bool, tvm_tags: bool) -> None:
         runs = r["runnable"] if r["runnable"] in ("here", "board") else "no"
         click.echo(f"{r['name']:<22}{r['device']:<8}{runs:<7}{r['default_precision']:<6}"
                    f"{r['host_triple']:<24}{r['description']}")
+    click.echo("\nstock OS of the boards (a package's bundled runtime states its own floors, "
+               "'tsm-edge package --with-runtime'):")
+    for r in rows:
+        if r["stock_os"]:
+            o = r["stock_os"]
+            click.echo(f"  {r['name']:<22}{o['name']}: glibc {o['glibc']}, Python {o['python']}")
 
 
 @cli.command("compile")
@@ -249,13 +256,44 @@ def export(artifact, onnx_out, checkpoint) -> None:
 @cli.command()
 @click.argument("artifact", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="FILE.tar.gz")
-def package(artifact, output) -> None:
+@click.option("--with-runtime", is_flag=True,
+              help="Bundle the target's TVM runtime and a C++ runner: the board then needs "
+                   "Python and numpy only (or nothing but glibc, for the C++ runner).")
+def package(artifact, output, with_runtime) -> None:
     """Pack an artifact with a standalone run.py (TVM runtime and numpy only)."""
-    from ..artifact.package import build_package
+    import tempfile
 
-    path = build_package(artifact, output)
+    from ..artifact.package import build_package
+    from ..artifact.store import read_manifest
+
+    bundle = None
+    with tempfile.TemporaryDirectory(prefix="tsm-edge-package-") as work:
+        if with_runtime:
+            from ..compiler.targets import list_presets
+            from ..device.bundle import collect_runtime
+
+            m = read_manifest(artifact)
+            arch = m.built_for.elf_machine or "x86_64"
+            preset = list_presets().get(m.built_for.preset or "")
+            bundle = collect_runtime(arch, cross_compiler=getattr(preset, "cross_compiler", None),
+                                     work=Path(work))
+            if preset is not None and preset.extra.get("stock_os"):
+                from ..device.bundle import stock_os_verdict
+
+                bundle.floors["stock_os"] = preset.extra["stock_os"]
+                bundle.floors["stock_os_verdict"] = stock_os_verdict(bundle.floors,
+                                                                     preset.extra["stock_os"])
+        path = build_package(artifact, output, runtime=bundle)
     click.echo(f"wrote {path} ({path.stat().st_size:,} bytes): unpack it on the board and run "
                "'python run.py --frames-npy F.npy --save-logits L.npy'")
+    if bundle is not None:
+        f = bundle.floors
+        click.echo(f"bundled TVM runtime for {f['arch']}: needs glibc >= {f['glibc']}, "
+                   f"libstdc++ GLIBCXX >= {f['libstdcxx']}, {f['python']}; C++ runner "
+                   f"'runner/tsm-edge-run . --frames F.npy' needs glibc >= "
+                   f"{f.get('cpp_runner_glibc')}")
+        if f.get("stock_os_verdict"):
+            click.echo(f"{m.built_for.preset}: {f['stock_os_verdict']}")
 
 
 @cli.command()

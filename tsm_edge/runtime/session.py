@@ -235,9 +235,9 @@ class StreamSession(StreamBase):
                     tvm_rt.copy_array(frame, self._input)
                     res = model._main(self._input, *self._caches)
                     if target is None:
-                        logits = res[0].numpy()
+                        logits = tvm_rt.to_numpy(res[0])
                     else:
-                        res[0].copyto(target)
+                        tvm_rt.copy_to(res[0], target)
                         logits = out
                     caches = [res[i + 1] for i in range(n)]
                 except Exception as exc:  # noqa: BLE001 - TVM raises several types
@@ -263,6 +263,9 @@ class StreamSession(StreamBase):
                 self._cuts.forget()
 
     # ------------------------------------------------------------------ reporting
+    def _to_numpy(self, t) -> np.ndarray:
+        return tvm_rt.to_numpy(t)
+
     def stats(self) -> dict:
         """Latency percentiles (of the last ``latency_window`` frames) and memory sizes."""
         out = super().stats()

@@ -87,6 +87,10 @@ class StreamBase:
     def latencies_ms(self) -> list[float]:
         raise NotImplementedError
 
+    def _to_numpy(self, t) -> np.ndarray:
+        """A numpy copy of one of this stream's tensors (here duck-typed: ``.numpy()``)."""
+        return t.numpy()
+
     def _check_frame(self, frame) -> np.ndarray:
         return check_frame(frame, self.input_shape, self.input_dtype)
 
@@ -95,7 +99,7 @@ class StreamBase:
 
         With ``dequantize`` an int8 cache comes back as the float32 values it stands for.
         """
-        out = {n: c.numpy() for n, c in zip(self.cache_names, self._caches)}
+        out = {n: self._to_numpy(c) for n, c in zip(self.cache_names, self._caches)}
         if dequantize:
             for spec in self.manifest.caches:
                 out[spec.name] = dequantize_cache(spec, out[spec.name])

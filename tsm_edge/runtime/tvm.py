@@ -1,48 +1,81 @@
 """The runtime half of the TVM layer: devices, loading a library into a VM, tensors.
 
 Imports only what the TVM runtime needs and never torch, so a board streams with the TVM runtime
-and numpy alone.
+and numpy alone. Everything goes through ``tvm_ffi`` and TVM's runtime registry, so the same code
+runs with the whole ``tvm`` package and in runtime-only mode (``TVM_USE_RUNTIME_LIB=1``:
+``libtvm_runtime.so`` alone, the ``tvm`` Python package never imported; see ``support.tvm``).
 """
 
 from __future__ import annotations
 
-from ..support.tvm import import_tvm
+import numpy as np
+
+from ..support.tvm import global_func, runtime_ffi
 
 # --------------------------------------------------------------------------- runtime
+
+_FUNCS: dict = {}
+POOLED_ALLOCATOR = 2  # the Relax VM's allocator kinds: 1 naive, 2 pooled (TVM's default)
+
+
+def _func(name: str):
+    f = _FUNCS.get(name)
+    if f is None:
+        f = _FUNCS[name] = global_func(name)
+    return f
 
 
 def num_threads() -> int:
     """The size of this process's TVM CPU thread pool (what a step actually runs on)."""
-    return int(import_tvm().get_global_func("runtime.NumThreads")())
+    return int(_func("runtime.NumThreads")())
 
 
 def device(kind: str = "cpu", index: int = 0, session=None):
-    tvm = import_tvm()
     if session is not None:
         return session.device(kind, index)
-    return tvm.device(kind, index)
+    return runtime_ffi().device(kind, index)
 
 
 def device_exists(dev) -> bool:
     try:
-        return bool(dev.exist)
+        return bool(_func("runtime.GetDeviceAttr")(dev.dlpack_device_type(), dev.index, 0))
     except Exception:  # a runtime built without this device kind
         return False
 
 
-def load_vm(lib_path: str, dev, *, threads: int | None = None):
+class VM:
+    """The Relax virtual machine over a loaded library (what ``tvm.runtime.vm`` does, on
+    ``tvm_ffi`` alone): ``vm[name]`` is a VM function, ``module`` the executable."""
+
+    def __init__(self, lib, dev):
+        self.lib = lib
+        self.module = lib["vm_load_executable"]()
+        devs = [dev]
+        if dev.dlpack_device_type() != 1:  # the CPU runs shape functions: always a VM device
+            devs.append(runtime_ffi().device("cpu", 0))
+        args: list[int] = []
+        for d in devs:
+            args += [d.dlpack_device_type(), d.index, POOLED_ALLOCATOR]
+        self.module["vm_initialization"](*args)
+
+    def __getitem__(self, name: str):
+        return self.module[name]
+
+    def set_instrument(self, instrument) -> None:
+        """``instrument(func, name, before_run, ret, *args)`` around every VM call (None: off)."""
+        self.module["set_instrument"](instrument)
+
+
+def load_vm(lib_path: str, dev, *, threads: int | None = None) -> VM:
     """A Relax virtual machine over the library at ``lib_path`` on ``dev``.
 
     ``threads``: for a CPU library that carries tsm-edge's parallel launcher, install it with
     that many threads (see ``install_pool``).
     """
-    tvm = import_tvm()
-    from tvm.runtime.vm import VirtualMachine
-
-    lib = tvm.runtime.load_module(lib_path)
+    lib = runtime_ffi().load_module(lib_path)
     if threads is not None and int(dev.dlpack_device_type()) == 1:  # kDLCPU
         install_pool(lib, threads)
-    return VirtualMachine(lib, dev)
+    return VM(lib, dev)
 
 
 POOL_VAR = "TSM_EDGE_PARALLEL"         # "tvm": keep TVM's own launcher
@@ -129,21 +162,35 @@ def op_times(lib_path: str, inputs: list, frames: int, warmup: int = 3) -> dict:
 
 
 def tensor(array, dev):
-    return import_tvm().runtime.tensor(array, dev)
+    """A new TVM tensor on ``dev`` holding a copy of the numpy array."""
+    array = np.ascontiguousarray(array)
+    out = empty(array.shape, str(array.dtype), dev)
+    copy_array(array, out)
+    return out
 
 
 def empty(shape, dtype: str, dev):
-    return import_tvm().runtime.empty(tuple(shape), dtype, dev)
+    ffi = runtime_ffi()
+    return _func("runtime.TVMTensorAllocWithScope")(ffi.Shape([int(d) for d in shape]),
+                                                    ffi.dtype(dtype), dev, None)
+
+
+def copy_to(src, dst) -> None:
+    """Copy one TVM tensor into another of the same size and dtype (any devices)."""
+    _func("runtime.TVMTensorCopyFromTo")(src, dst)
+
+
+def to_numpy(t) -> np.ndarray:
+    """A numpy copy of a TVM tensor on the CPU (the VM reuses its output buffers)."""
+    return np.from_dlpack(t).copy()
 
 
 def wrap_array(array):
-    """A TVM tensor over a numpy array's memory (no copy): a destination for ``copyto``.
+    """A TVM tensor over a numpy array's memory (no copy): a destination for ``copy_to``.
 
     Any alignment: a copy destination is not read by generated kernels (which want 64 bytes).
     """
-    import tvm_ffi
-
-    return tvm_ffi.from_dlpack(array, require_alignment=0, require_contiguous=True)
+    return runtime_ffi().from_dlpack(array, require_alignment=0, require_contiguous=True)
 
 
 def copy_array(array, dst) -> None:
@@ -153,9 +200,7 @@ def copy_array(array, dst) -> None:
     call (numpy's ctypes pointer objects), which a stream of millions of frames then makes the
     garbage collector sweep; this leaves none and is several times faster.
     """
-    import tvm_ffi
-
-    tvm_ffi.from_dlpack(array, require_alignment=0, require_contiguous=True).copyto(dst)
+    copy_to(runtime_ffi().from_dlpack(array, require_alignment=0, require_contiguous=True), dst)
 
 
 def record_vm_allocations(vm, seen: set[int] | None) -> None:

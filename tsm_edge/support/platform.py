@@ -36,6 +36,53 @@ def elf_machine(path: str | Path) -> str:
     return ELF_MACHINES.get(machine, f"elf-machine-{machine}")
 
 
+def elf_version_needs(path: str | Path) -> dict[str, str]:
+    """The newest symbol version an ELF file needs of each versioned library family, e.g.
+    ``{"GLIBC": "2.27", "GLIBCXX": "3.4.22"}``: the C and C++ library floors of a board.
+
+    Read from the file's ``.gnu.version_r`` section (64-bit little-endian ELF: x86-64, aarch64);
+    empty for other files.
+    """
+    data = Path(path).read_bytes()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return {}
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize)
+                for i in range(shnum)]
+    best: dict[str, tuple[int, ...]] = {}
+    for _name, kind, _flags, _addr, offset, _size, link, info, _align, _entsize in sections:
+        if kind != 0x6FFFFFFE:  # SHT_GNU_verneed
+            continue
+        strtab = sections[link][4]
+        entry = offset
+        for _ in range(info):
+            _ver, count, _file, aux, nxt = struct.unpack_from("<HHIII", data, entry)
+            a = entry + aux
+            for _ in range(count):
+                _hash, _fl, _other, name_off, anext = struct.unpack_from("<IHHII", data, a)
+                end = data.index(b"\0", strtab + name_off)
+                family, _, version = data[strtab + name_off:end].decode().partition("_")
+                if version and all(x.isdigit() for x in version.split(".")):
+                    key = tuple(int(x) for x in version.split("."))
+                    best[family] = max(best.get(family, key), key)
+                a += anext
+            if not nxt:
+                break
+            entry += nxt
+    return {k: ".".join(map(str, v)) for k, v in sorted(best.items())}
+
+
+def this_glibc() -> str | None:
+    """This machine's glibc version ("2.36"), None where the C library is not glibc."""
+    lib, version = platform.libc_ver()
+    return version if lib == "glibc" and version else None
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(".") if x.isdigit())
+
+
 def this_arch() -> str:
     m = platform.machine().lower()
     return _ARCH_ALIASES.get(m, m)

@@ -269,9 +269,9 @@ POOLS: list = []
 
 def resize_pools(n: int) -> None:
     """Size TVM's pool and every installed tsm-edge launcher to ``n`` threads."""
-    import tvm
+    from .tvm import global_func
 
-    config = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
+    config = global_func("runtime.config_threadpool", allow_missing=True)
     if config is not None:
         config(1, n)  # 1: the "big" cores, all of them on a symmetric CPU
     for resize in POOLS:

@@ -21,9 +21,8 @@
 #include <tvm/ffi/c_api.h>
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <mutex>
+#include <pthread.h>
 #include <thread>
 #include <vector>
 
@@ -75,8 +74,10 @@ struct Pool {
   TVMParallelGroupEnv env{nullptr, 0};
   int chunks = 4;
   std::atomic<int> spin{kDefaultSpin};
-  std::mutex mu;
-  std::condition_variable cv;
+  // pthread's, not std::condition_variable: GCC 12's libstdc++ versions its wait() as
+  // GLIBCXX_3.4.30, which would make every artifact need a 2022 libstdc++ on the board
+  pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+  pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
   std::vector<std::thread> workers;
   void* tvm_launch = nullptr;  // TVM's own, restored on uninstall
   bool installed = false;
@@ -117,10 +118,11 @@ void worker(int id) {
         cpu_relax();
         continue;
       }
-      std::unique_lock<std::mutex> lock(p.mu);
+      pthread_mutex_lock(&p.mu);
       p.sleepers.fetch_add(1);
-      p.cv.wait(lock, [&] { return p.stop.load() || gen_of(p.ticket.load()) != seen; });
+      while (!p.stop.load() && gen_of(p.ticket.load()) == seen) pthread_cond_wait(&p.cv, &p.mu);
       p.sleepers.fetch_sub(1);
+      pthread_mutex_unlock(&p.mu);
       spins = 0;
     }
     seen = gen_of(t);
@@ -145,8 +147,9 @@ int launch(FTVMParallelLambda flambda, void* cdata, int num_task) {
   uint32_t gen = (gen_of(p.ticket.load()) + 1) & 0xFFFFFF;
   p.ticket.store(pack(gen, ntask, 0), std::memory_order_release);
   if (p.sleepers.load() > 0) {
-    std::lock_guard<std::mutex> lock(p.mu);
-    p.cv.notify_all();
+    pthread_mutex_lock(&p.mu);
+    pthread_cond_broadcast(&p.cv);
+    pthread_mutex_unlock(&p.mu);
   }
   take_tasks(p, gen);
   while (p.done.load(std::memory_order_acquire) < ntask) cpu_relax();
@@ -154,11 +157,10 @@ int launch(FTVMParallelLambda flambda, void* cdata, int num_task) {
 }
 
 void stop_workers(Pool& p) {
-  {
-    std::lock_guard<std::mutex> lock(p.mu);
-    p.stop.store(true);
-    p.cv.notify_all();
-  }
+  pthread_mutex_lock(&p.mu);
+  p.stop.store(true);
+  pthread_cond_broadcast(&p.cv);
+  pthread_mutex_unlock(&p.mu);
   for (auto& w : p.workers) w.join();
   p.workers.clear();
   p.stop.store(false);
