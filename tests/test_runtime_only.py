@@ -73,6 +73,12 @@ def test_bundle_holds_the_runtime_and_not_the_compiler(bundled):
         tuple(map(int, runtime_needs["GLIBC"].split(".")))
     assert floors["cpp_runner_glibc"] == elf_version_needs(dest / "runner/tsm-edge-run")["GLIBC"]
     assert f"{sys.version_info.major}.{sys.version_info.minor}" in floors["python"]
+    # inspect reports the footprint and the floors of the package
+    proc = run_cli("inspect", str(out))
+    assert proc.returncode == 0, proc.stderr
+    files = [f for f in dest.rglob("*") if f.is_file()]
+    assert f"on disk    {len(files)} files" in proc.stdout, proc.stdout
+    assert f"bundled for x86_64: glibc >= {floors['glibc']}" in proc.stdout, proc.stdout
 
 
 def test_packaged_runner_without_torch_or_compiler(bundled, frames_npy, cli_logits, tmp_path):

@@ -156,6 +156,8 @@ def inspect(artifact: str, as_json: bool) -> None:
 
     with artifact_path(artifact) as art:
         m = read_manifest(art)
+        files = [f for f in Path(art).rglob("*") if f.is_file()]
+        disk = (len(files), sum(f.stat().st_size for f in files))
     if as_json:
         click.echo(json.dumps(m.to_json(), indent=2))
         return
@@ -175,6 +177,17 @@ def inspect(artifact: str, as_json: bool) -> None:
         click.echo(f"  {c.name:<24}{str(c.shape):<20}{c.dtype:<9}"
                    f"channels [{c.channels[0]}, {c.channels[1]})  {c.nbytes:,} B")
     click.echo(f"tools      {', '.join(f'{k} {v}' for k, v in m.tool_versions.items())}")
+    packed = f"; packed {Path(artifact).stat().st_size / 1e6:.1f} MB" if Path(artifact).is_file() \
+        else ""
+    click.echo(f"on disk    {disk[0]} files, {disk[1] / 1e6:.1f} MB{packed}")
+    pkg = m.extras.get("package")
+    if isinstance(pkg, dict) and pkg.get("floors"):
+        f = pkg["floors"]
+        click.echo(f"runtime    bundled for {f.get('arch')}: glibc >= {f.get('glibc')}, GLIBCXX >= "
+                   f"{f.get('libstdcxx')}, {f.get('python')}; C++ runner {pkg.get('cpp_runner')} "
+                   f"(glibc >= {f.get('cpp_runner_glibc')})")
+        if f.get("stock_os_verdict"):
+            click.echo(f"board      {f['stock_os_verdict']}")
 
 
 def _precision_line(m: Manifest) -> str:
