@@ -40,10 +40,11 @@ def child_args(frames: int, warmup: int, threads: int | None, compare: tuple[str
     return common
 
 
-def run_child(args: list[str], threads: int | None, timeout: float) -> dict:
+def run_child(args: list[str], threads: int | None, timeout: float,
+              extra_env: dict | None = None) -> dict:
     try:
         proc = subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                              env=thread_env(threads), timeout=timeout)
+                              env={**thread_env(threads), **(extra_env or {})}, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise UserError(f"benchmark child {' '.join(args[:3])} ran past {timeout:.0f} s; "
                         "use fewer --frames") from None
@@ -69,8 +70,9 @@ def bench(artifact: str | Path, *, frames: int = 100, warmup: int = 10,
     origin = threads_origin(threads)
     threads = resolve_threads(threads)  # one count for every backend, given or not
     common = child_args(frames, warmup, threads, compare, BACKENDS)
+    # the board's footprint: TVM's runtime library alone, as the packaged runner loads it
     results = {"tsm-edge": run_child(["-m", "tsm_edge.measure.probe", str(art), *common], threads,
-                                      timeout)}
+                                      timeout, {"TVM_USE_RUNTIME_LIB": "1"})}
     for backend in compare:
         results[backend] = run_child(["-m", "tsm_edge.measure.bench", backend, str(art), *common],
                                       threads, timeout)
@@ -85,7 +87,9 @@ def bench(artifact: str | Path, *, frames: int = 100, warmup: int = 10,
                    "rss_baseline_bytes": mem["rss_baseline_bytes"],
                    "rss_loaded_bytes": mem["rss_loaded_bytes"],
                    "rss_peak_bytes": mem["rss_peak_bytes"],
-                   "measured_in": "child process with numpy and the TVM runtime only (torch "
+                   "disk_bytes": sum((art / n).stat().st_size for n in manifest.files),
+                   "measured_in": "child process with numpy and TVM's runtime library only "
+                                  "(TVM_USE_RUNTIME_LIB=1, as the packaged runner; torch "
                                   "blocked); RSS from /proc/self/status"},
         "threads": results["tsm-edge"]["threads"], "threads_origin": origin,
         "threads_used": results["tsm-edge"].get("threads_used"), "frames": frames,
