@@ -153,3 +153,18 @@ def test_cpp_runner_on_emulated_aarch64(frames_npy, cli_logits, tmp_path):
     # another ISA, another LLVM schedule: equal within float rounding, same decisions
     np.testing.assert_allclose(np.load(out), cli_logits, rtol=1e-4, atol=1e-4)
     assert (np.load(out).argmax(1) == cli_logits.argmax(1)).all()
+
+
+def test_with_runtime_refuses_android_with_the_reason(tiny_mnv2, tmp_path):
+    import shutil
+
+    art = tmp_path / "android"
+    shutil.copytree(tiny_mnv2, art)
+    raw = json.loads((art / "manifest.json").read_text())
+    raw["host_triple"] = "aarch64-linux-android"  # as an android-arm64 build records it
+    (art / "manifest.json").write_text(json.dumps(raw))
+    out = tmp_path / "a.tar.gz"
+    proc = run_cli("package", str(art), "--with-runtime", "-o", str(out))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and "bionic" in proc.stderr, proc.stderr
+    assert not out.exists()

@@ -288,6 +288,12 @@ def package(artifact, output, with_runtime) -> None:
             m = read_manifest(artifact)
             arch = m.built_for.elf_machine or "x86_64"
             preset = list_presets().get(m.built_for.preset or "")
+            if "android" in (m.built_for.host_triple or ""):
+                raise UserError(f"--with-runtime: {artifact} is built for "
+                                f"{m.built_for.host_triple}; the bundled runtime comes from "
+                                "manylinux (glibc) wheels and Android's C library is bionic. "
+                                "Package without --with-runtime and load model.so with a TVM "
+                                "runtime built with the Android NDK")
             bundle = collect_runtime(arch, cross_compiler=getattr(preset, "cross_compiler", None),
                                      work=Path(work))
             if preset is not None and preset.extra.get("stock_os"):
