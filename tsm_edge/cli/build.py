@@ -286,22 +286,12 @@ def package(artifact, output, with_runtime) -> None:
             from ..device.bundle import collect_runtime
 
             m = read_manifest(artifact)
-            arch = m.built_for.elf_machine or "x86_64"
             preset = list_presets().get(m.built_for.preset or "")
-            if "android" in (m.built_for.host_triple or ""):
-                raise UserError(f"--with-runtime: {artifact} is built for "
-                                f"{m.built_for.host_triple}; the bundled runtime comes from "
-                                "manylinux (glibc) wheels and Android's C library is bionic. "
-                                "Package without --with-runtime and load model.so with a TVM "
-                                "runtime built with the Android NDK")
-            bundle = collect_runtime(arch, cross_compiler=getattr(preset, "cross_compiler", None),
+            bundle = collect_runtime(m.built_for.elf_machine or "x86_64",
+                                     host_triple=m.built_for.host_triple or "",
+                                     cross_compiler=getattr(preset, "cross_compiler", None),
+                                     stock_os=preset.extra.get("stock_os") if preset else None,
                                      work=Path(work))
-            if preset is not None and preset.extra.get("stock_os"):
-                from ..device.bundle import stock_os_verdict
-
-                bundle.floors["stock_os"] = preset.extra["stock_os"]
-                bundle.floors["stock_os_verdict"] = stock_os_verdict(bundle.floors,
-                                                                     preset.extra["stock_os"])
         path = build_package(artifact, output, runtime=bundle)
     click.echo(f"wrote {path} ({path.stat().st_size:,} bytes): unpack it on the board and run "
                "'python run.py --frames-npy F.npy --save-logits L.npy'")

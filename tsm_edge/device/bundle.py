@@ -18,6 +18,7 @@ the wheels' tags and from the ELF files themselves.
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -76,9 +77,16 @@ def _max_version(values: list[str]) -> str | None:
     return max(values, key=version_tuple) if values else None
 
 
-def collect_runtime(arch: str, *, cross_compiler: str | None, build_runner: bool = True,
+def collect_runtime(arch: str, *, host_triple: str = "", cross_compiler: str | None,
+                    stock_os: dict | None = None, build_runner: bool = True,
                     work: Path) -> RuntimeBundle:
-    """The runtime files for ``arch``, their floors, and the C++ runner built for ``arch``."""
+    """The runtime files for ``arch``, their floors, and the C++ runner built for ``arch``;
+    with ``stock_os`` (a preset's), the floors also say which runner works there."""
+    if "android" in host_triple:
+        raise UserError(f"--with-runtime: the artifact is built for {host_triple}; the bundled "
+                        "runtime comes from manylinux (glibc) wheels and Android's C library is "
+                        "bionic. Package without --with-runtime and load model.so with a TVM "
+                        "runtime built with the Android NDK")
     site = _site_of(arch)
     ffi_dir, tvm_dir = site / "tvm_ffi", site / "tvm"
     runtime_lib = tvm_dir / "lib" / "libtvm_runtime.so"
@@ -89,7 +97,7 @@ def collect_runtime(arch: str, *, cross_compiler: str | None, build_runner: bool
     bundle.files.append((runtime_lib, "_runtime/lib/libtvm_runtime.so"))
     for path in sorted(ffi_dir.rglob("*")):
         rel = path.relative_to(ffi_dir)
-        if path.is_file() and not (set(rel.parts[:-1]) & SKIP_DIRS) and rel.parts[0] not in SKIP_DIRS \
+        if path.is_file() and not set(rel.parts[:-1]) & SKIP_DIRS \
                 and path.suffix not in (".pyi", ".pyc", ".txt"):
             bundle.files.append((path, f"_runtime/site/tvm_ffi/{rel.as_posix()}"))
     bundle.files.append((site / "typing_extensions.py", "_runtime/site/typing_extensions.py"))
@@ -108,12 +116,15 @@ def collect_runtime(arch: str, *, cross_compiler: str | None, build_runner: bool
                               [wheel["glibc_wheels"]]),
         "libstdcxx": _max_version([n["GLIBCXX"] for n in needs if "GLIBCXX" in n]),
         "python": f"CPython {bundle.python} (the bundled tvm_ffi extension is built for it)",
-        "numpy": "any numpy 1.x/2.x the board's Python has",
+        "numpy": ">= 1.22 (the runtime reads tensors with numpy.from_dlpack)",
     }
     if bundle.runner is not None:
         rn = elf_version_needs(bundle.runner)
         bundle.floors["cpp_runner_glibc"] = rn.get("GLIBC")
         bundle.floors["cpp_runner_libstdcxx"] = rn.get("GLIBCXX")
+    if stock_os:
+        bundle.floors["stock_os"] = stock_os
+        bundle.floors["stock_os_verdict"] = stock_os_verdict(bundle, stock_os)
     return bundle
 
 
@@ -122,7 +133,7 @@ def build_cpp_runner(arch: str, site: Path, cross_compiler: str | None, work: Pa
     the binary finds them in the package (``$ORIGIN/../_runtime/...``)."""
     host = importlib.util.find_spec("tvm_ffi")
     include = Path(list(host.submodule_search_locations)[0]) / "include"  # headers: any arch
-    compiler = cross_compiler if arch != this_arch() else "g++"
+    compiler = cross_compiler if arch != this_arch() else os.environ.get("CXX", "g++")
     if not compiler:
         raise UserError(f"no C++ compiler for {arch}: the target preset names none")
     out = work / "tsm-edge-run"
@@ -140,13 +151,12 @@ def build_cpp_runner(arch: str, site: Path, cross_compiler: str | None, work: Pa
     return out
 
 
-def stock_os_verdict(floors: dict, stock_os: dict | None) -> str | None:
+def stock_os_verdict(bundle: RuntimeBundle, stock_os: dict) -> str:
     """Whether a preset's stock OS (``stock_os`` in the preset's JSON) meets the bundle's floors,
-    and what works where it does not; None without stock OS facts."""
-    if not stock_os:
-        return None
+    and what works where it does not."""
+    floors = bundle.floors
     glibc, py = stock_os.get("glibc", "0"), stock_os.get("python", "0")
-    need_py = (floors.get("python") or "").split()[1] if floors.get("python") else "?"
+    need_py = bundle.python
     python_ok = version_tuple(glibc) >= version_tuple(floors["glibc"]) and \
         version_tuple(py) == version_tuple(need_py)
     runner = floors.get("cpp_runner_glibc")

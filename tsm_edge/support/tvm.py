@@ -83,7 +83,7 @@ def runtime_ffi():
         if "torch" not in sys.modules:  # tvm_ffi imports torch whenever it is installed
             sys.meta_path.insert(0, _NO_TORCH)
         try:
-            import tvm_ffi  # first: libtvm_runtime.so links its libtvm_ffi.so by name
+            import tvm_ffi  # noqa: F401  first: libtvm_runtime.so links libtvm_ffi.so by name
         finally:
             if _NO_TORCH in sys.meta_path:
                 sys.meta_path.remove(_NO_TORCH)
@@ -93,7 +93,6 @@ def runtime_ffi():
             _LOADED.append(ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL))
         except OSError as exc:
             raise UserError(f"cannot load TVM's runtime library {path}: {exc}") from None
-        del tvm_ffi
     import tvm_ffi
 
     return tvm_ffi
