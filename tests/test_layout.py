@@ -20,10 +20,12 @@ ALLOWED = {
     "models": {"errors", "support"},
     "frontend": {"errors", "support", "models"},
     "artifact": {"errors", "support"},
+    "data": {"errors", "support"},
     "runtime": {"errors", "support", "artifact"},
     "device": {"errors", "support", "artifact", "runtime"},
     "compiler": {"errors", "support", "models", "frontend", "artifact", "runtime", "device"},
-    "measure": {"errors", "support", "models", "frontend", "artifact", "runtime", "device"},
+    "measure": {"errors", "support", "models", "frontend", "artifact", "runtime", "device",
+                "data"},
 }
 STAGES = set(ALLOWED) | {"cli"}
 

@@ -224,3 +224,81 @@ def soak_cmd(artifact, frames, streams, warmup, json_out, threads) -> None:
     if json_out:
         write_json(json_out, result)
     click.echo(format_report(result))
+
+
+@cli.command("evaluate")
+@click.argument("artifact", type=click.Path())
+@click.option("--dataset", required=True, type=click.Path(),
+              help="A folder with annotations.csv (path,label), or the Something-Something v2 "
+                   "layout (labels JSON + list JSON + ID.webm videos).")
+@click.option("--rule", default="mean-softmax", show_default=True,
+              help="How a clip's frames make its prediction: mean-softmax | mean-logits | last.")
+@click.option("--compare", default="", help="torch: also the PyTorch model, online and offline, "
+                                            "on the same frames.")
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="For --compare torch: the checkpoint the artifact was compiled from (if moved).")
+@click.option("--limit", type=int, default=None, help="The first N clips only.")
+@click.option("--json", "json_out", type=click.Path(), default=None)
+@click.option("--plot", "plot_out", type=click.Path(), default=None,
+              help="PNG: the confusion matrix.")
+@threads_option
+def evaluate_cmd(artifact, dataset, rule, compare, checkpoint, limit, json_out, plot_out,
+                 threads) -> None:
+    """Top-1, top-5, per class and confusion of an artifact on labelled videos, each clip one
+    stream from zero caches."""
+    apply_threads(threads)
+    from ..measure.evaluate import evaluate
+
+    wanted = tuple(c.strip() for c in compare.split(",") if c.strip())
+
+    def progress(done, total):
+        if sys.stderr.isatty() and (done % 50 == 0 or done == total):
+            click.echo(f"\r{done}/{total} clips", err=True, nl=done == total)
+
+    with artifact_path(artifact) as art:
+        r = evaluate(art, dataset, rule=rule, compare=wanted, threads=threads,
+                     checkpoint=checkpoint, limit=limit, progress=progress)
+    r["artifact"] = str(artifact)
+    if json_out:
+        write_json(json_out, r)
+    if plot_out:
+        from ..measure.plots import confusion_plot
+
+        confusion_plot(r, plot_out)
+    ds = r["dataset"]
+    click.echo(f"{r['model']} ({r['precision']}) on {r['clips']} clips of {ds['path']} "
+               f"({ds['layout']}), {r['frames']} frames, each clip one stream from zero caches")
+    click.echo(f"  rule      {r['rule']}: {r['rule_meaning']}")
+    click.echo(f"  top-1     {100 * r['top1']:.2f}% (+/- {100 * r['stderr']:.2f} standard error)")
+    click.echo(f"  top-5     {100 * r['top5']:.2f}%")
+    if r["failed"]:
+        first = r["failures"][0]
+        click.echo(f"  failed    {r['failed']} clips counted as wrong; first: {first['clip']}: "
+                   f"{first['error']}")
+    for name, c in (r.get("compare") or {}).items():
+        click.echo(f"  {name:<13} top-1 {100 * c['top1']:.2f}% (+/- {100 * c['stderr']:.2f}), "
+                   f"same clip prediction as the artifact on "
+                   f"{100 * c['same_prediction_as_artifact']:.2f}% of clips")
+    width = max(len(x) for x in r["labels"])
+    shown = [(name, acc) for name, acc in r["per_class"].items() if acc is not None]
+    for name, acc in shown[:40]:
+        click.echo(f"  {name:<{width}}  {100 * acc:6.2f}%  ({r['per_class_clips'][name]} clips)")
+    if len(shown) > 40:
+        click.echo(f"  ... {len(shown) - 40} more classes in --json")
+
+
+@cli.command("make-dataset")
+@click.argument("kind", type=click.Choice(["shapes"]))
+@click.option("-o", "--output", required=True, type=click.Path(), help="A new or empty folder.")
+@click.option("--clips", type=int, default=400, show_default=True,
+              help="Clips in all, an even number: each comes with its time-reversed twin.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=int, default=None, help="Processes (default: cores).")
+def make_dataset(kind, output, clips, seed, workers) -> None:
+    """Write a labelled video dataset to try tsm-edge without data: shapes, eight classes of
+    motion that one frame cannot tell apart (videos, annotations.csv, labels.txt)."""
+    from ..data.shapes import write_dataset
+
+    r = write_dataset(output, clips, seed=seed, workers=workers)
+    click.echo(f"wrote {r['clips']} clips ({r['pairs']} time-reversed pairs, seed {r['seed']}, "
+               f"{len(r['labels'])} classes) to {r['path']}; annotations.csv lists them")

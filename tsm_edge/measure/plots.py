@@ -75,3 +75,30 @@ def drift_plot(report: dict, path: str | Path) -> Path:
                  f"agreement {report['top1_agreement']:.2%}")
     ax.legend(loc="upper left")
     return _save(plt, fig, path)
+
+
+def confusion_plot(report: dict, path: str | Path) -> Path:
+    """The confusion matrix of an evaluate report, counts in the cells, rows the true label."""
+    import numpy as np
+
+    labels = report["labels"]
+    cm = np.asarray(report["confusion"], dtype=float)
+    k = len(labels)
+    side = min(4 + 0.55 * k, 30)
+    plt, (fig, ax) = _figure(figsize=(side + 1.5, side))
+    shown = cm / np.maximum(cm.sum(1, keepdims=True), 1)  # colour: fraction of the true class
+    im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if k <= 40:
+        ax.set_xticks(range(k), labels, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(k), labels, fontsize=8)
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j]:
+                    ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=7,
+                            color="white" if shown[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{report.get('model', '')}: top-1 {100 * report['top1']:.1f}% on "
+                 f"{report['clips']} clips ({report['rule']})")
+    return _save(plt, fig, path)
