@@ -101,3 +101,28 @@ def write_synthetic_video(path: Path, frames: int = 50, size=(160, 120), fps: in
         for packet in s.encode():
             c.mux(packet)
     return path
+
+
+def shifted_prefixes(model):
+    """The module names of the blocks that hold a TemporalShift."""
+    from tsm_edge.models.shift import shift_modules
+
+    return {name.rsplit(".shift", 1)[0] for name, _ in shift_modules(model)}
+
+
+def to_official(model, family):
+    """``model``'s weights as the official offline training code saves them (bi-directional:
+    ``module.base_model...``, ``.net.`` inside shifted convolutions, ``new_fc``)."""
+    import re
+
+    shifted = shifted_prefixes(model)
+    out = {}
+    for k, v in model.state_dict().items():
+        block = ".".join(k.split(".")[:2])
+        if family == "resnet50" and block in shifted and k.startswith(block + ".conv1."):
+            k = k.replace(".conv1.", ".conv1.net.")
+        if family == "mobilenetv2" and block in shifted and k.startswith(block + ".conv.0."):
+            k = k.replace(".conv.0.", ".conv.0.net.")
+        k = re.sub(r"^(fc|classifier)\.", "new_fc.", k)
+        out["module." + (k if k.startswith("new_fc.") else "base_model." + k)] = v
+    return {"epoch": 50, "arch": family, "state_dict": out, "best_prec1": 71.2}

@@ -16,28 +16,9 @@ import tsm_edge
 from tsm_edge.measure.verify import make_frames
 from tsm_edge.models.registry import build_model
 from tsm_edge.models.resolve import resolve_model
-from tsm_edge.models.shift import shift_modules
 from tsm_edge.runtime.session import StreamSession
 
-from helpers import eager_stream, run_cli
-
-
-def shifted_prefixes(model):
-    return {name.rsplit(".shift", 1)[0] for name, _ in shift_modules(model)}
-
-
-def to_official(model, family):
-    shifted = shifted_prefixes(model)
-    out = {}
-    for k, v in model.state_dict().items():
-        block = ".".join(k.split(".")[:2])
-        if family == "resnet50" and block in shifted and k.startswith(block + ".conv1."):
-            k = k.replace(".conv1.", ".conv1.net.")
-        if family == "mobilenetv2" and block in shifted and k.startswith(block + ".conv.0."):
-            k = k.replace(".conv.0.", ".conv.0.net.")
-        k = re.sub(r"^(fc|classifier)\.", "new_fc.", k)
-        out["module." + (k if k.startswith("new_fc.") else "base_model." + k)] = v
-    return {"epoch": 50, "arch": family, "state_dict": out, "best_prec1": 71.2}
+from helpers import eager_stream, run_cli, shifted_prefixes, to_official
 
 
 def to_mmaction2_resnet(model):

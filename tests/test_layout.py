@@ -21,6 +21,7 @@ ALLOWED = {
     "frontend": {"errors", "support", "models"},
     "artifact": {"errors", "support"},
     "data": {"errors", "support"},
+    "training": {"errors", "support", "models", "data", "runtime"},
     "runtime": {"errors", "support", "artifact"},
     "device": {"errors", "support", "artifact", "runtime"},
     "compiler": {"errors", "support", "models", "frontend", "artifact", "runtime", "device"},

@@ -6,7 +6,7 @@ options and the entry point are in ``app``. Spellings follow the CLI contract: a
 written atomically.
 """
 
-from . import build, device, measure, run  # noqa: F401 - each module registers its verbs
+from . import build, device, measure, run, train  # noqa: F401 - each module registers its verbs
 from .app import main
 
 __all__ = ["main"]

@@ -238,12 +238,14 @@ def soak_cmd(artifact, frames, streams, warmup, json_out, threads) -> None:
 @click.option("--checkpoint", type=click.Path(), default=None,
               help="For --compare torch: the checkpoint the artifact was compiled from (if moved).")
 @click.option("--limit", type=int, default=None, help="The first N clips only.")
+@click.option("--stride", type=int, default=1, show_default=True,
+              help="Every N-th decoded frame (as run --stride; for a model trained that way).")
 @click.option("--json", "json_out", type=click.Path(), default=None)
 @click.option("--plot", "plot_out", type=click.Path(), default=None,
               help="PNG: the confusion matrix.")
 @threads_option
-def evaluate_cmd(artifact, dataset, rule, compare, checkpoint, limit, json_out, plot_out,
-                 threads) -> None:
+def evaluate_cmd(artifact, dataset, rule, compare, checkpoint, limit, stride, json_out,
+                 plot_out, threads) -> None:
     """Top-1, top-5, per class and confusion of an artifact on labelled videos, each clip one
     stream from zero caches."""
     apply_threads(threads)
@@ -257,7 +259,7 @@ def evaluate_cmd(artifact, dataset, rule, compare, checkpoint, limit, json_out, 
 
     with artifact_path(artifact) as art:
         r = evaluate(art, dataset, rule=rule, compare=wanted, threads=threads,
-                     checkpoint=checkpoint, limit=limit, progress=progress)
+                     checkpoint=checkpoint, limit=limit, stride=stride, progress=progress)
     r["artifact"] = str(artifact)
     if json_out:
         write_json(json_out, r)
@@ -267,7 +269,9 @@ def evaluate_cmd(artifact, dataset, rule, compare, checkpoint, limit, json_out, 
         confusion_plot(r, plot_out)
     ds = r["dataset"]
     click.echo(f"{r['model']} ({r['precision']}) on {r['clips']} clips of {ds['path']} "
-               f"({ds['layout']}), {r['frames']} frames, each clip one stream from zero caches")
+               f"({ds['layout']}), {r['frames']} frames"
+               f"{f' (every {stride}-th)' if stride > 1 else ''}, each clip one stream from "
+               "zero caches")
     click.echo(f"  rule      {r['rule']}: {r['rule_meaning']}")
     click.echo(f"  top-1     {100 * r['top1']:.2f}% (+/- {100 * r['stderr']:.2f} standard error)")
     click.echo(f"  top-5     {100 * r['top5']:.2f}%")

@@ -113,9 +113,11 @@ def _torch_refs(manifest, checkpoint):
 
 def evaluate(artifact: str | Path, dataset: str | Path, *, rule: str = "mean-softmax",
              compare: tuple[str, ...] = (), threads: int | None = None,
-             checkpoint: str | None = None, limit: int | None = None, progress=None) -> dict:
+             checkpoint: str | None = None, limit: int | None = None, stride: int = 1,
+             progress=None) -> dict:
     """Stream every clip of ``dataset`` through ``artifact``; the report ``evaluate --json``
-    writes. ``limit``: the first N clips only. ``progress(done, total)`` is called per clip."""
+    writes. ``limit``: the first N clips only. ``stride``: every N-th decoded frame (a model
+    trained at a lower frame rate). ``progress(done, total)`` is called per clip."""
     from ..data.datasets import check_videos, load_dataset
     from ..runtime.frames import normalized, takes_uint8
     from ..runtime.session import StreamSession
@@ -125,6 +127,8 @@ def evaluate(artifact: str | Path, dataset: str | Path, *, rule: str = "mean-sof
     for c in compare:
         if c not in COMPARES:
             raise UserError(f"--compare {c} is not valid; valid: {', '.join(COMPARES)}")
+    if not isinstance(stride, int) or stride < 1:
+        raise UserError(f"--stride {stride} is not valid; give a frame step, at least 1")
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit} is not valid; give a number of clips, at least 1")
     session = StreamSession(artifact, threads=threads, cut_policy=None)
@@ -156,7 +160,7 @@ def evaluate(artifact: str | Path, dataset: str | Path, *, rule: str = "mean-sof
         session.reset()
         logits, inputs, error = [], [], None
         try:
-            for f in video_frames(clip.path, int(prep["resize_short_side"])):
+            for f in video_frames(clip.path, int(prep["resize_short_side"]), stride):
                 x = prepare(f.rgb, prep)
                 logits.append(np.array(session.step(x), dtype=np.float32).reshape(-1))
                 if refs:
@@ -164,6 +168,7 @@ def evaluate(artifact: str | Path, dataset: str | Path, *, rule: str = "mean-sof
         except UserError as exc:
             error = str(exc)
         expected = declared.get(clip.name)
+        expected = -(-expected // stride) if expected else expected
         if error is None and not logits:
             error = "no frames decoded"
         elif error is None and expected and len(logits) < SHORT_FRACTION * expected - 1:
@@ -204,7 +209,7 @@ def evaluate(artifact: str | Path, dataset: str | Path, *, rule: str = "mean-sof
             name: sum(1 for c in clips if c.label == name) for name in labels},
         "confusion": main.confusion.tolist(),
         "confusion_axes": "rows: true label, columns: predicted label, in the order of labels",
-        "rule": rule, "rule_meaning": RULES[rule], "failed": len(failures),
+        "rule": rule, "rule_meaning": RULES[rule], "stride": stride, "failed": len(failures),
         "failed_rule": FAILED_RULE, "failures": failures, "per_clip": per_clip,
         "seconds": elapsed, "frames_per_second": frames_total / elapsed if elapsed else None,
     }
