@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_user_error, run_cli, to_official
 from tsm_edge.data import shapes
 from tsm_edge.errors import UserError
 from tsm_edge.training.finetune import finetune
 from tsm_edge.training.loop import Recipe
+
+from helpers import assert_user_error, run_cli, to_official
 
 TINY = "tsm_mobilenetv2_tiny"
 QUICK = Recipe(epochs=2, segments=4, stride=2, batch=4, seed=1)
@@ -43,12 +44,24 @@ def test_finetune_from_scratch_writes_what_compile_reads(small_set, tmp_path):
     state = torch.load(out, weights_only=True)
     assert state["classifier.weight"].shape[0] == 8
     art = tmp_path / "art"
+    assert r["compile"].endswith("--frame-stride 2 -o DIR")
     proc = run_cli("compile", "--model", TINY, "--checkpoint", str(out), "--labels",
-                   str(tmp_path / "m.labels.txt"), "--tuning", "none", "-o", str(art))
+                   str(tmp_path / "m.labels.txt"), "--tuning", "none", "--frame-stride", "2",
+                   "-o", str(art))
     assert proc.returncode == 0, proc.stderr
-    entry = json.loads((art / "manifest.json").read_text())["model"]
+    manifest = json.loads((art / "manifest.json").read_text())
+    entry = manifest["model"]
     assert entry["trained_shift"] == "unidirectional" and entry["online_layout"] == "uni"
     assert entry["checkpoint"]["layout"] == "tsm-edge"
+    assert manifest["input"]["preprocessing"]["frame_stride"] == 2
+    # evaluate reads the videos at the stride the model was trained at, unless told otherwise
+    from tsm_edge.measure.evaluate import evaluate
+
+    lengths = [row["plan"]["frames"] for row in shapes.read_clips_jsonl(small_set)]
+    r2 = evaluate(art, small_set, compare=("torch",))
+    assert r2["stride"] == 2 and r2["frames"] == sum(-(-n // 2) for n in lengths)
+    assert r2["compare"]["torch-online"]["same_prediction_as_artifact"] == 1.0
+    assert evaluate(art, small_set, stride=1)["frames"] == sum(lengths)
 
 
 class _Stop(Exception):

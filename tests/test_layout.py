@@ -175,3 +175,12 @@ def test_the_package_ships_the_runtime_and_what_it_imports():
         todo += GRAPH[m]
     assert need - {"tsm_edge"} <= shipped, sorted(need - shipped)
     assert not any(_stage(m) in {"compiler", "frontend", "models", "measure"} for m in shipped)
+
+
+def test_every_package_folder_is_in_the_wheel():
+    import tomllib
+
+    listed = set(tomllib.loads((PKG.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    folders = {".".join(p.parent.relative_to(PKG.parent).parts) for p in PKG.rglob("__init__.py")}
+    assert folders <= listed, f"not in pyproject's packages: {sorted(folders - listed)}"

@@ -105,6 +105,8 @@ def test_mapping_view_is_read_only_json(tiny_mnv2):
     (("caches", 0, "zero_point"), 300, ["caches[0].zero_point", "300", "[-128, 255]"]),
     (("input", "preprocessing", "std"), [0, 1, 1], ["input.preprocessing.std", "non-zero"]),
     (("input", "shape"), [3, 64, 64], ["input.shape", "(1, 3, S, S)"]),
+    (("input", "preprocessing", "frame_stride"), 0,
+     ["input.preprocessing.frame_stride", "from 1 to 1000"]),
     (("runnable",), 3, ["runnable is 3", "true, false or a reason"]),
     (("device",), "tpu", ["device is 'tpu'", "cpu, cuda"]),
     (("labels",), [1, 2], ["labels", "null or a list of strings"]),
@@ -161,3 +163,13 @@ def test_both_streams_are_a_stream_and_agree(tiny_mnv2):
     report = verify(tiny_mnv2, frames=3, session=RemoteStream(rpc.LocalSession(), tiny_mnv2))
     assert report["ran_on"] == "remote device over RPC" and report["passed"]
     assert verify(tiny_mnv2, frames=3)["ran_on"] == "this machine"
+
+
+def test_frame_stride_is_optional_and_round_trips(tiny_mnv2):
+    raw = json.loads((tiny_mnv2 / "manifest.json").read_text())
+    assert "frame_stride" not in raw["input"]["preprocessing"]  # old manifests: unchanged
+    m = Manifest.from_json(copy.deepcopy(raw), "art/manifest.json")
+    assert m.input.preprocessing.frame_stride is None and m.input.preprocessing.stride == 1
+    raw["input"]["preprocessing"]["frame_stride"] = 2
+    m = Manifest.from_json(copy.deepcopy(raw), "art/manifest.json")
+    assert m.input.preprocessing.stride == 2 and m.to_json() == raw

@@ -167,17 +167,19 @@ class TensorSpec(_Part):
 @dataclass(frozen=True, kw_only=True)
 class Preprocessing(_Part):
     """How a decoded RGB frame becomes the input: resize the short side, centre-crop, then
-    ``(pixel * scale - mean) / std`` per channel."""
+    ``(pixel * scale - mean) / std`` per channel. ``frame_stride`` (absent: 1): the model was
+    trained on every N-th frame of a video, so video input is read that way by default."""
 
     resize_short_side: int
     center_crop: int
     scale: float
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    frame_stride: int | None = None
     extras: dict[str, Any] = field(default_factory=dict, repr=False)  # color, layout
     key_order: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
-    _KEYS = ("resize_short_side", "center_crop", "scale", "mean", "std")
+    _KEYS = ("resize_short_side", "center_crop", "scale", "mean", "std", "frame_stride")
 
     @classmethod
     def from_json(cls, raw, path, where: str = "input.preprocessing") -> Preprocessing:
@@ -197,14 +199,22 @@ class Preprocessing(_Part):
             raise _bad(path, f"{where}.std", raw["std"], "non-zero numbers")
         if not _is_number(raw.get("scale")):
             raise _bad(path, f"{where}.scale", raw.get("scale"), "a number")
+        stride = _optional(raw, "frame_stride", path, f"{where}.frame_stride",
+                           lambda v: _is_int(v) and 1 <= v <= 1000, "an integer from 1 to 1000")
         return cls(resize_short_side=raw["resize_short_side"], center_crop=raw["center_crop"],
                    scale=raw["scale"], mean=tuple(raw["mean"]), std=tuple(raw["std"]),
-                   extras=_unknown(raw, cls._KEYS), key_order=tuple(raw))
+                   frame_stride=stride, extras=_unknown(raw, cls._KEYS), key_order=tuple(raw))
+
+    @property
+    def stride(self) -> int:
+        """Every how many decoded frames the model takes one (1 unless the manifest says)."""
+        return self.frame_stride or 1
 
     def _json(self) -> dict[str, Any]:
         return _json_object({"resize_short_side": self.resize_short_side,
                              "center_crop": self.center_crop, "scale": self.scale,
-                             "mean": list(self.mean), "std": list(self.std)},
+                             "mean": list(self.mean), "std": list(self.std),
+                             "frame_stride": self.frame_stride},
                             self.extras, self.key_order)
 
 

@@ -109,10 +109,14 @@ def targets(as_json: bool, tvm_tags: bool) -> None:
               help="float32: the step takes the preprocessed (1, 3, S, S) frame | uint8: the "
                    "camera's centre-cropped RGB frame (1, S, S, 3), normalized and transposed "
                    "inside the compiled step.")
+@click.option("--frame-stride", type=int, default=None,
+              help="The model was trained on every N-th video frame (finetune --stride): the "
+                   "manifest says so, and run and evaluate read video that way by default.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Artifact folder.")
 def compile_cmd(model, checkpoint, num_classes, input_size, target, precision, tuning, schedules,
                 labels, seed, ndk, trained_shift, cache_channels, calibration, calibration_method,
-                output, model_file, shift_fraction, shift_place, input_type) -> None:
+                output, model_file, shift_fraction, shift_place, input_type,
+                frame_stride) -> None:
     """Compile a model (registered, or your own with --model-file) into an artifact folder."""
     from ..compiler.api import compile as compile_model
 
@@ -127,7 +131,8 @@ def compile_cmd(model, checkpoint, num_classes, input_size, target, precision, t
                          tuning=tuning, labels=labels, seed=seed, ndk=ndk,
                          trained_shift=trained_shift, cache_channels=cache_channels,
                          schedules=schedules, calibration=calibration,
-                         calibration_method=calibration_method, input_type=input_type)
+                         calibration_method=calibration_method, input_type=input_type,
+                         frame_stride=frame_stride)
     from ..artifact.store import read_manifest
 
     m = read_manifest(path)

@@ -238,8 +238,9 @@ def soak_cmd(artifact, frames, streams, warmup, json_out, threads) -> None:
 @click.option("--checkpoint", type=click.Path(), default=None,
               help="For --compare torch: the checkpoint the artifact was compiled from (if moved).")
 @click.option("--limit", type=int, default=None, help="The first N clips only.")
-@click.option("--stride", type=int, default=1, show_default=True,
-              help="Every N-th decoded frame (as run --stride; for a model trained that way).")
+@click.option("--stride", type=int, default=None,
+              help="Every N-th decoded frame, as run --stride (default: the manifest's "
+                   "frame_stride, the stride the model was trained at; else 1).")
 @click.option("--json", "json_out", type=click.Path(), default=None)
 @click.option("--plot", "plot_out", type=click.Path(), default=None,
               help="PNG: the confusion matrix.")
@@ -268,9 +269,9 @@ def evaluate_cmd(artifact, dataset, rule, compare, checkpoint, limit, stride, js
 
         confusion_plot(r, plot_out)
     ds = r["dataset"]
+    every = f" (every {r['stride']}-th)" if r["stride"] > 1 else ""
     click.echo(f"{r['model']} ({r['precision']}) on {r['clips']} clips of {ds['path']} "
-               f"({ds['layout']}), {r['frames']} frames"
-               f"{f' (every {stride}-th)' if stride > 1 else ''}, each clip one stream from "
+               f"({ds['layout']}), {r['frames']} frames{every}, each clip one stream from "
                "zero caches")
     click.echo(f"  rule      {r['rule']}: {r['rule_meaning']}")
     click.echo(f"  top-1     {100 * r['top1']:.2f}% (+/- {100 * r['stderr']:.2f} standard error)")

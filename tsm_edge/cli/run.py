@@ -27,8 +27,9 @@ from .app import (
 @click.option("--camera", type=int, default=None, help="A camera index (/dev/videoN).")
 @click.option("--frames", "frames_opt", default=None,
               help="At most this many frames (or a .npy file, as --frames-npy).")
-@click.option("--stride", type=int, default=1, show_default=True,
-              help="Process every K-th video frame.")
+@click.option("--stride", type=int, default=None,
+              help="Process every K-th video frame (default: the manifest's frame_stride, the "
+                   "stride the model was trained at; else 1).")
 @click.option("--max-gap", type=float, default=2.0, show_default=True,
               help="Start the stream over (zero caches) when video timestamps jump by more "
                    "than this many seconds (inf: never); a new video or a timestamp going "
@@ -86,6 +87,8 @@ def run(artifact, frames_npy, video, camera, frames_opt, stride, max_gap, realti
         result = None
         if video is not None or camera is not None:
             _, count = frames_count(None, frames_opt)
+            prep = session.manifest.input.preprocessing
+            stride = stride if stride is not None else (prep.stride if prep else 1)
             result = run_decoded(session, videos=videos, camera=camera, stride=stride,
                                  realtime=realtime, count=count, annotate=annotate,
                                  labels=labels, smoothing=smoothing, k=top_k, cuts=cuts)

@@ -92,8 +92,12 @@ def compile(model: str, output: str | Path, *, target: str | dict = "host",
             schedules: str = "default", calibration: str | None = None,
             calibration_method: str = "max", model_file: str | None = None,
             shift_fraction=None, shift_place: str | None = None,
-            input_type: str = "float32") -> Path:
+            input_type: str = "float32", frame_stride: int | None = None) -> Path:
     """Compile an online TSM model into an artifact folder; returns its path.
+
+    ``frame_stride``: the model was trained on every N-th frame (``finetune --stride``); the
+    manifest says so and video input is read that way by default (a registered model with
+    shipped weights brings its own).
 
     ``model`` is a registered name, or None with ``model_file`` (``FILE.py:FUNCTION``, a function
     returning a plain ``nn.Module``: ``make_online_tsm`` puts the shifts in). ``shift_fraction``
@@ -153,7 +157,12 @@ def compile(model: str, output: str | Path, *, target: str | dict = "host",
                                checkpoint=checkpoint, seed=seed, trained_shift=trained_shift,
                                cache_channels=cache_channels, shift_fraction=shift_fraction,
                                shift_place=shift_place)
-    label_list = None
+    if frame_stride is not None:
+        if not isinstance(frame_stride, int) or not 1 <= frame_stride <= 1000:
+            raise UserError(f"--frame-stride {frame_stride} is not valid; give an integer from 1 "
+                            "to 1000")
+        source.frame_stride = frame_stride
+    label_list = list(source.labels) if labels is None and source.labels else None
     if labels is not None:
         label_list = (read_labels(labels, source.num_classes) if isinstance(labels, (str, Path))
                       else list(labels))
@@ -344,6 +353,8 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
     check_precision(precision, "given" if calibration is not None else None)
     check_input_type(input_type)
     prep_entry = preprocessing(source.input_size)
+    if getattr(source, "frame_stride", 1) > 1:
+        prep_entry["frame_stride"] = source.frame_stride
     module = source.module
     if input_type == "uint8":
         module = InGraphPreprocessing(module, prep_entry)

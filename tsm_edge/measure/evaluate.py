@@ -113,11 +113,12 @@ def _torch_refs(manifest, checkpoint):
 
 def evaluate(artifact: str | Path, dataset: str | Path, *, rule: str = "mean-softmax",
              compare: tuple[str, ...] = (), threads: int | None = None,
-             checkpoint: str | None = None, limit: int | None = None, stride: int = 1,
+             checkpoint: str | None = None, limit: int | None = None, stride: int | None = None,
              progress=None) -> dict:
     """Stream every clip of ``dataset`` through ``artifact``; the report ``evaluate --json``
     writes. ``limit``: the first N clips only. ``stride``: every N-th decoded frame (a model
-    trained at a lower frame rate). ``progress(done, total)`` is called per clip."""
+    trained at a lower frame rate; default: the manifest's ``frame_stride``, else 1).
+    ``progress(done, total)`` is called per clip."""
     from ..data.datasets import check_videos, load_dataset
     from ..runtime.frames import normalized, takes_uint8
     from ..runtime.session import StreamSession
@@ -127,7 +128,7 @@ def evaluate(artifact: str | Path, dataset: str | Path, *, rule: str = "mean-sof
     for c in compare:
         if c not in COMPARES:
             raise UserError(f"--compare {c} is not valid; valid: {', '.join(COMPARES)}")
-    if not isinstance(stride, int) or stride < 1:
+    if stride is not None and (not isinstance(stride, int) or stride < 1):
         raise UserError(f"--stride {stride} is not valid; give a frame step, at least 1")
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit} is not valid; give a number of clips, at least 1")
@@ -148,6 +149,7 @@ def evaluate(artifact: str | Path, dataset: str | Path, *, rule: str = "mean-sof
     declared = check_videos(type(ds)(ds.root, ds.layout, ds.labels, tuple(clips)))
     refs, offline_direction = (_torch_refs(m, checkpoint) if "torch" in compare
                                else (None, None))
+    stride = stride if stride is not None else m.input.preprocessing.stride
     prep = m.input.preprocessing.to_json()
     k = len(labels)
     main = _Tally(k)

@@ -143,7 +143,9 @@ def finetune(model: str, dataset: str | Path, output: str | Path, *, checkpoint:
                "device": "cuda" if torch.cuda.is_available() else "cpu",
                "seconds": time.perf_counter() - t0, "history": history,
                "compile": f"tsm-edge compile --model {model} --checkpoint {out} --input-size "
-                          f"{src.input_size} --labels {labels_file} -o DIR"}
+                          f"{src.input_size} --labels {labels_file}"
+                          + (f" --frame-stride {recipe.stride}" if recipe.stride > 1 else "")
+                          + " -o DIR"}
     atomic_write_bytes(out.with_suffix(".json"), json.dumps(summary, indent=1).encode())
     if plot:
         training_plot(history, plot, f"{model} on {Path(ds.root).name}")
