@@ -97,6 +97,45 @@ def build(variant: str, seed: int):
     return build_model(MODEL, num_classes=8, seed=seed, shift=variant != "tsn")
 
 
+def pretext(folder: Path, clips, args, out: Path) -> dict:
+    """The backbone every variant starts from: a single-frame pretext task on the training
+    clips' frames (the moving shape's kind, centre and size), no class information."""
+    import torch
+
+    from tsm_edge.data import shapes
+    from tsm_edge.training.loop import pretrain_frames
+
+    path = out / "pretext.pth"
+    meta = out / "pretext.json"
+    if path.is_file() and meta.is_file() and json.loads(meta.read_text())["epochs"] == \
+            args.pretext_epochs:
+        log(f"pretext: trained before, {path}")
+        return json.loads(meta.read_text())
+    rows = {r["path"]: r for r in shapes.read_clips_jsonl(folder)}
+    plans = [_plan(rows[p]) for p, _ in shapes.annotations(folder)]
+    geometry = [shapes.frame_geometry(p, args.stride) for p in plans]
+    bad = [i for i, (g, c) in enumerate(zip(geometry, clips)) if len(g) != len(c)]
+    if bad:
+        raise SystemExit(f"clip {bad[0]}: {len(clips[bad[0]])} decoded frames, "
+                         f"{len(geometry[bad[0]])} planned")
+    kinds = np.asarray([shapes.SHAPES.index(p.shape) for p in plans])
+    model = build("tsn", args.seed)
+    t0 = time.perf_counter()
+    history = pretrain_frames(model, clips, kinds, geometry, epochs=args.pretext_epochs,
+                              seed=args.seed, log=lambda m: log(f"pretext: {m}"))
+    torch.save(model.state_dict(), path)
+    info = {"epochs": args.pretext_epochs, "frames": sum(len(c) for c in clips),
+            "seconds": time.perf_counter() - t0, "history": history}
+    meta.write_text(json.dumps(info, indent=1))
+    return info
+
+
+def _plan(row):
+    from tsm_edge.data.shapes import ClipPlan
+
+    return ClipPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in row["plan"].items()})
+
+
 def train(variant: str, clips, labels, args, out: Path) -> dict:
     import torch
 
@@ -107,6 +146,8 @@ def train(variant: str, clips, labels, args, out: Path) -> dict:
     recipe = Recipe(epochs=args.epochs, segments=args.segments, stride=args.stride,
                     batch=args.batch, lr=args.lr, seed=args.seed)
     model = build(variant, args.seed)
+    if args.pretext_epochs:
+        model.load_state_dict(torch.load(out / "pretext.pth", weights_only=True))
     t0 = time.perf_counter()
     history = train_loop(model, clips, labels, list(LABELS), recipe, DIRECTIONS[variant],
                          flips=shapes_flips(), log=lambda m: log(f"{variant}: {m}"))
@@ -117,6 +158,7 @@ def train(variant: str, clips, labels, args, out: Path) -> dict:
     info = {"variant": variant, "checkpoint": str(path), "epochs": args.epochs,
             "segments": args.segments, "stride": args.stride, "batch": args.batch,
             "lr": args.lr, "seed": args.seed, "train_clips": len(clips),
+            "pretext_epochs": args.pretext_epochs,
             "train_s": time.perf_counter() - t0, "history": history}
     (out / f"{variant}.json").write_text(json.dumps(info, indent=1))
     return info
@@ -223,7 +265,9 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=2,
                     help="every N-th frame of the 25 fps videos, in training and evaluation")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--pretext-epochs", type=int, default=1,
+                    help="single-frame pretext epochs for the shared starting backbone (0: none)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
@@ -243,10 +287,12 @@ def main() -> None:
     clips, labels, _ = decode_set(train_dir, args.size, args.stride)
     test_clips, test_labels, test_paths = decode_set(test_dir, args.size, args.stride)
     log(f"decoded {len(clips)} training and {len(test_clips)} held-out clips")
+    pre = pretext(train_dir, clips, args, args.out) if args.pretext_epochs else None
     trained = {}
     for variant in args.variants.split(","):
         meta = args.out / f"{variant}.json"
-        if meta.is_file() and json.loads(meta.read_text()).get("epochs") == args.epochs:
+        if meta.is_file() and json.loads(meta.read_text()).get("epochs") == args.epochs \
+                and json.loads(meta.read_text()).get("pretext_epochs") == args.pretext_epochs:
             trained[variant] = json.loads(meta.read_text())
             log(f"{variant}: trained before, {meta}")
         else:
@@ -271,6 +317,7 @@ def main() -> None:
                           f"{args.segments} consecutive such frames from a random start; "
                           "evaluation: all of them, clip = mean softmax over its frames",
               "train_clips": len(clips), "test_clips": len(test_clips),
+              "pretext": pre,
               "training": {k: {kk: v[kk] for kk in ("epochs", "train_s", "history")}
                            for k, v in trained.items()},
               "pytorch": {k: {kk: v[kk] for kk in ("top1", "stderr", "clips")}

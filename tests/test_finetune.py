@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -129,3 +130,42 @@ def test_finetune_bad_input_is_one_line_errors(small_set, tmp_path):
     proc = run_cli("finetune", "--model", TINY, "--dataset", str(small_set), "--epochs", "0",
                    "-o", str(tmp_path / "x.pth"))
     assert_user_error(proc, "--epochs 0 is not valid")
+
+
+def test_single_frame_pretext_keeps_the_classifier_and_learns_geometry(small_set):
+    from tsm_edge.models.registry import build_model
+    from tsm_edge.training.loop import decode_clips, pretrain_frames
+
+    rows = shapes.read_clips_jsonl(small_set)
+    plans = [shapes.ClipPlan(**{k: tuple(v) if isinstance(v, list) else v
+                                for k, v in r["plan"].items()}) for r in rows]
+    clips = decode_clips([small_set / r["path"] for r in rows], 64, 2)
+    geometry = [shapes.frame_geometry(p, 2) for p in plans]
+    # the reversed twin's frames are the same frames, its geometry reversed
+    assert [len(g) for g in geometry] == [len(c) for c in clips]
+    kinds = np.asarray([shapes.SHAPES.index(p.shape) for p in plans])
+    model = build_model(TINY, num_classes=8, shift=False)
+    head = model.classifier
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    history = pretrain_frames(model, clips, kinds, geometry, epochs=2, batch=8)
+    assert model.classifier is head and torch.equal(head.weight, before["classifier.weight"])
+    assert len(history) == 2 and history[1]["geometry_mse"] < history[0]["geometry_mse"]
+    stem = "features.0.0.weight"
+    assert not torch.equal(model.state_dict()[stem], before[stem])
+
+
+@pytest.mark.slow
+def test_table6_benchmark_runs_end_to_end(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "train_shapes.py"), "--quick",
+                           "--out", str(out), "--json", str(tmp_path / "t.json")],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads((tmp_path / "t.json").read_text())
+    assert set(r["pytorch"]) >= {"TSN", "offline TSM", "online TSM"}
+    assert r["compiled_online"]["same_prediction_as_pytorch_online"] >= 0.99
+    assert {"online", "tsn"} <= set(r["latency"])

@@ -96,8 +96,7 @@ def compile(model: str, output: str | Path, *, target: str | dict = "host",
     """Compile an online TSM model into an artifact folder; returns its path.
 
     ``frame_stride``: the model was trained on every N-th frame (``finetune --stride``); the
-    manifest says so and video input is read that way by default (a registered model with
-    shipped weights brings its own).
+    manifest says so and video input is read that way by default.
 
     ``model`` is a registered name, or None with ``model_file`` (``FILE.py:FUNCTION``, a function
     returning a plain ``nn.Module``: ``make_online_tsm`` puts the shifts in). ``shift_fraction``
@@ -162,7 +161,7 @@ def compile(model: str, output: str | Path, *, target: str | dict = "host",
             raise UserError(f"--frame-stride {frame_stride} is not valid; give an integer from 1 "
                             "to 1000")
         source.frame_stride = frame_stride
-    label_list = list(source.labels) if labels is None and source.labels else None
+    label_list = None
     if labels is not None:
         label_list = (read_labels(labels, source.num_classes) if isinstance(labels, (str, Path))
                       else list(labels))
@@ -353,7 +352,7 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
     check_precision(precision, "given" if calibration is not None else None)
     check_input_type(input_type)
     prep_entry = preprocessing(source.input_size)
-    if getattr(source, "frame_stride", 1) > 1:
+    if source.frame_stride > 1:
         prep_entry["frame_stride"] = source.frame_stride
     module = source.module
     if input_type == "uint8":

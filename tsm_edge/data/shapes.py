@@ -279,3 +279,16 @@ def read_clips_jsonl(folder: str | Path) -> list[dict]:
 def annotations(folder: str | Path) -> list[tuple[str, str]]:
     with open(Path(folder) / "annotations.csv", newline="") as f:
         return [(r["path"], r["label"]) for r in csv.DictReader(f)]
+
+
+def frame_geometry(plan: ClipPlan, stride: int = 1) -> np.ndarray:
+    """The moving shape in frames 0, stride, 2 stride, ...: (T', 3) of centre x, centre y and
+    radius, each as a fraction of the frame side (targets for a single-frame pretext task)."""
+    last = max(plan.frames - 1, 1)
+    rows = []
+    for t in range(0, plan.frames, stride):
+        u = t / last
+        rows.append((plan.start[0] + u * (plan.end[0] - plan.start[0]),
+                     plan.start[1] + u * (plan.end[1] - plan.start[1]),
+                     plan.radius * plan.scale_end ** u))
+    return np.asarray(rows, np.float32) / plan.size

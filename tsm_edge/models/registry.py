@@ -23,31 +23,6 @@ class ModelInfo:
     min_input_size: int = 32
     family: str = ""
     test_variant: bool = False  # a tiny model for tests: listed only when asked (models --all)
-    # trained weights shipped with tsm-edge (a file in tsm_edge/models/weights/, its class names
-    # in NAME.labels.txt beside it), used when no --checkpoint is given; the frame stride they
-    # were trained at
-    weights: str | None = None
-    frame_stride: int = 1
-
-    def weights_path(self):
-        """The shipped checkpoint, or None for a model with seeded-random default weights."""
-        if self.weights is None:
-            return None
-        from pathlib import Path
-
-        return Path(__file__).resolve().parent / "weights" / self.weights
-
-    @property
-    def labels(self) -> tuple[str, ...] | None:
-        """The shipped weights' class names (None without shipped weights)."""
-        path = self.weights_path()
-        if path is None:
-            return None
-        names = path.with_suffix(".labels.txt")
-        if not names.is_file():
-            return None
-        return tuple(x.strip() for x in names.read_text(encoding="utf-8").splitlines()
-                     if x.strip())
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -118,11 +93,6 @@ def _register_builtin() -> None:
     register_model(ModelInfo(
         "tsm_resnet50", "ResNet-50-TSM, residual shift before each bottleneck's conv1 (16 blocks)",
         resnet.tsm_resnet50, 224, 400, family="resnet50"))
-    register_model(ModelInfo(
-        "tsm_mobilenetv2_shapes", "MobileNetV2-TSM trained online on the shapes task (8 classes "
-        "of motion, 64 px, every 2nd frame): a demo that recognizes something",
-        mobilenetv2.tsm_mobilenetv2, 64, 8, family="mobilenetv2",
-        weights="tsm_mobilenetv2_shapes.pth", frame_stride=2))
     register_model(ModelInfo(
         "tsm_mobilenetv2_tiny", "tiny MobileNetV2-TSM for tests (same block types, width 8-24)",
         mobilenetv2.tsm_mobilenetv2_tiny, 64, 5, family="mobilenetv2",

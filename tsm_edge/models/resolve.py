@@ -38,8 +38,7 @@ class ModelSource:
     shift: dict | None = None
     model_file: dict | None = None  # --model-file: path, function, sha256
     weights_sha256: str | None = None  # --model-file without checkpoint: the function's weights
-    labels: tuple[str, ...] | None = None  # a registered model's own class names
-    frame_stride: int = 1  # the registered model was trained on every N-th frame
+    frame_stride: int = 1  # trained on every N-th video frame (compile --frame-stride)
 
     def manifest_entry(self) -> dict:
         weights = "checkpoint" if self.checkpoint else f"seeded-random (seed {self.seed})"
@@ -99,12 +98,7 @@ def resolve_model(model: str, *, num_classes: int | None = None, input_size: int
     info = get_model_info(model)
     size = check_input_size(info, input_size if input_size is not None else info.default_input_size)
     _check_choices(trained_shift, cache_channels, num_classes)
-    shipped = info.weights_path() if checkpoint is None else None
-    if shipped is not None:
-        if not shipped.is_file():
-            raise UserError(f"{model}'s trained weights {shipped} are missing from this "
-                            "installation; reinstall tsm-edge")
-        checkpoint = str(shipped)
+
     state, digest, layout, trained_shift, num_classes = _read_checkpoint(
         checkpoint, info.family, trained_shift, num_classes)
     online = _online_layout(trained_shift, cache_channels, quiet)
@@ -122,9 +116,7 @@ def resolve_model(model: str, *, num_classes: int | None = None, input_size: int
     return ModelSource(name=model, num_classes=n, input_size=size, checkpoint=checkpoint,
                        checkpoint_sha256=digest, checkpoint_layout=layout,
                        trained_shift=trained_shift or "unidirectional", online_layout=online,
-                       seed=seed, description=info.description, module=module, shift=shift,
-                       labels=info.labels if n == info.default_num_classes else None,
-                       frame_stride=info.frame_stride if shipped is not None else 1)
+                       seed=seed, description=info.description, module=module, shift=shift)
 
 
 def resolve_model_file(spec: str, *, num_classes: int | None = None,

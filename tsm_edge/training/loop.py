@@ -214,6 +214,67 @@ def train(model, clips: list[np.ndarray], labels: np.ndarray, label_names: list[
     return history
 
 
+def pretrain_frames(model, clips: list[np.ndarray], kinds: np.ndarray,
+                    geometry: list[np.ndarray], *, epochs: int = 1, batch: int = 64,
+                    lr: float = 1e-3, seed: int = 0, log=None) -> list[dict]:
+    """A single-frame pretext task for a backbone without shift: from one frame, the moving
+    shape's kind (``kinds[i]`` for clip i) and its centre and size (``geometry[i]``, one row per
+    frame). It stands in for the ImageNet weights a TSM starts from: spatial features that find
+    the shape, learned without any class information. ``model.classifier`` is replaced by the
+    pretext head for the run and restored after."""
+    import torch
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    head = model.classifier
+    n_kinds = int(kinds.max()) + 1
+    model.classifier = torch.nn.Linear(head.in_features, n_kinds + geometry[0].shape[1])
+    index = [(c, t) for c in range(len(clips)) for t in range(len(clips[c]))]
+    steps = len(index) // batch
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps * epochs,
+                                                pct_start=0.15)
+    model.train()
+    history, t0 = [], time.perf_counter()
+    for epoch in range(epochs):
+        order = rng.permutation(len(index))
+        ce_sum = mse_sum = 0.0
+        right = 0
+        for b in range(steps):
+            pick = [index[j] for j in order[b * batch:(b + 1) * batch]]
+            frames = np.stack([clips[c][t] for c, t in pick])
+            flip_h, flip_v = rng.random(2) < 0.5
+            geo = np.stack([geometry[c][t] for c, t in pick]).copy()
+            if flip_h:
+                frames, geo[:, 0] = frames[:, :, ::-1], 1 - geo[:, 0]
+            if flip_v:
+                frames, geo[:, 1] = frames[:, ::-1], 1 - geo[:, 1]
+            x = to_input(frames)
+            y = torch.tensor([int(kinds[c]) for c, _ in pick])
+            g = (torch.from_numpy(geo) - 0.5) * 4  # about unit scale
+            out = model(x)
+            ce = torch.nn.functional.cross_entropy(out[:, :n_kinds], y)
+            mse = torch.nn.functional.mse_loss(out[:, n_kinds:], g)
+            loss = ce + mse
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            ce_sum += float(ce.detach())
+            mse_sum += float(mse.detach())
+            right += int((out[:, :n_kinds].argmax(1) == y).sum())
+        history.append({"epoch": epoch + 1, "kind_loss": ce_sum / steps,
+                        "geometry_mse": mse_sum / steps, "kind_top1": right / (steps * batch),
+                        "elapsed_s": time.perf_counter() - t0})
+        if log:
+            log(f"pretext epoch {epoch + 1}/{epochs}: kind loss {ce_sum / steps:.3f} "
+                f"(top-1 {right / (steps * batch):.3f}), geometry mse {mse_sum / steps:.4f} "
+                f"({time.perf_counter() - t0:.0f} s)")
+    model.classifier = head
+    model.eval()
+    return history
+
+
 def eta_text(seconds: float) -> str:
     if not math.isfinite(seconds) or seconds < 0:
         return "?"
