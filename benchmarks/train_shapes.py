@@ -203,7 +203,7 @@ def mcnemar(a: np.ndarray, b: np.ndarray) -> dict:
     return {"only_first_right": only_a, "only_second_right": only_b, "p_value": p}
 
 
-def compile_variants(out: Path, size: int, labels_file: Path) -> dict[str, Path]:
+def compile_variants(out: Path, size: int, labels_file: Path, stride: int) -> dict[str, Path]:
     from tsm_edge.compiler import api as compiler
     from tsm_edge.compiler import targets
     from tsm_edge.models import checkpoint as ckpt
@@ -224,6 +224,7 @@ def compile_variants(out: Path, size: int, labels_file: Path) -> dict[str, Path]
             source.module = module.eval()
             source.require_shift = False
             source.description += " -- TSN: the same backbone, no shift"
+        source.frame_stride = stride
         paths[variant] = compiler.compile_module(source, dest, preset=preset,
                                                  labels=resolve.read_labels(labels_file, 8))
         log(f"compiled {variant} -> {dest}")
@@ -333,7 +334,7 @@ def main() -> None:
 
         labels_file = args.out / "labels.txt"
         labels_file.write_text("\n".join(LABELS) + "\n")
-        paths = compile_variants(args.out, args.size, labels_file)
+        paths = compile_variants(args.out, args.size, labels_file, args.stride)
         report = evaluate(paths["online"], str(test_dir), stride=args.stride)
         by_path = {c["clip"]: c["prediction"] for c in report["per_clip"]}
         compiled = np.asarray([LABELS.index(by_path[p]) if by_path[p] else -1

@@ -269,7 +269,7 @@ def evaluate_cmd(artifact, dataset, rule, compare, checkpoint, limit, stride, js
 
         confusion_plot(r, plot_out)
     ds = r["dataset"]
-    every = f" (every {r['stride']}-th)" if r["stride"] > 1 else ""
+    every = f" (one in every {r['stride']} decoded frames)" if r["stride"] > 1 else ""
     click.echo(f"{r['model']} ({r['precision']}) on {r['clips']} clips of {ds['path']} "
                f"({ds['layout']}), {r['frames']} frames{every}, each clip one stream from "
                "zero caches")
@@ -278,7 +278,8 @@ def evaluate_cmd(artifact, dataset, rule, compare, checkpoint, limit, stride, js
     click.echo(f"  top-5     {100 * r['top5']:.2f}%")
     if r["failed"]:
         first = r["failures"][0]
-        click.echo(f"  failed    {r['failed']} clips counted as wrong; first: {first['clip']}: "
+        click.echo(f"  failed    {r['failed']} clip{'s' if r['failed'] > 1 else ''} counted as "
+                   f"wrong; first: {first['clip']}: "
                    f"{first['error']}")
     for name, c in (r.get("compare") or {}).items():
         click.echo(f"  {name:<13} top-1 {100 * c['top1']:.2f}% (+/- {100 * c['stderr']:.2f}), "
@@ -287,7 +288,8 @@ def evaluate_cmd(artifact, dataset, rule, compare, checkpoint, limit, stride, js
     width = max(len(x) for x in r["labels"])
     shown = [(name, acc) for name, acc in r["per_class"].items() if acc is not None]
     for name, acc in shown[:40]:
-        click.echo(f"  {name:<{width}}  {100 * acc:6.2f}%  ({r['per_class_clips'][name]} clips)")
+        n = r["per_class_clips"][name]
+        click.echo(f"  {name:<{width}}  {100 * acc:6.2f}%  ({n} clip{'s' if n != 1 else ''})")
     if len(shown) > 40:
         click.echo(f"  ... {len(shown) - 40} more classes in --json")
 
