@@ -133,7 +133,7 @@ def pretext(folder: Path, clips, args, out: Path) -> dict:
 def _plan(row):
     from tsm_edge.data.shapes import ClipPlan
 
-    return ClipPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in row["plan"].items()})
+    return ClipPlan.from_json(row["plan"])
 
 
 def train(variant: str, clips, labels, args, out: Path) -> dict:

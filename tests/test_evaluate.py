@@ -37,17 +37,11 @@ def tiny8(tmp_path_factory) -> Path:
 
 def _geometry(plan: shapes.ClipPlan):
     """Centre, radius and angle of the moving shape in every frame, as ``render`` draws it."""
-    last = max(plan.frames - 1, 1)
-    for t in range(plan.frames):
-        u = t / last
-        c = (plan.start[0] + u * (plan.end[0] - plan.start[0]),
-             plan.start[1] + u * (plan.end[1] - plan.start[1]))
-        yield c, plan.radius * plan.scale_end ** u, plan.angle0 + plan.degrees_per_frame * t
+    return [plan.pose(t) for t in range(plan.frames)]
 
 
 def _plan(row) -> shapes.ClipPlan:
-    return shapes.ClipPlan(**{k: tuple(v) if isinstance(v, list) else v
-                              for k, v in row["plan"].items()})
+    return shapes.ClipPlan.from_json(row["plan"])
 
 
 def test_dataset_has_the_eight_classes_twins_and_ranges(shapes_set):

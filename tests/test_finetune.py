@@ -137,8 +137,7 @@ def test_single_frame_pretext_keeps_the_classifier_and_learns_geometry(small_set
     from tsm_edge.training.loop import decode_clips, pretrain_frames
 
     rows = shapes.read_clips_jsonl(small_set)
-    plans = [shapes.ClipPlan(**{k: tuple(v) if isinstance(v, list) else v
-                                for k, v in r["plan"].items()}) for r in rows]
+    plans = [shapes.ClipPlan.from_json(r["plan"]) for r in rows]
     clips = decode_clips([small_set / r["path"] for r in rows], 64, 2)
     geometry = [shapes.frame_geometry(p, 2) for p in plans]
     # the reversed twin's frames are the same frames, its geometry reversed

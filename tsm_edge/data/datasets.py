@@ -68,7 +68,7 @@ def load_dataset(spec: str | Path) -> Dataset:
                         "JSON")
     if (p / "annotations.csv").is_file():
         return _annotations(p)
-    if any((p / n).is_file() for n in SSV2_LABELS):
+    if _first_file(p, SSV2_LABELS):
         return _ssv2(p, None)
     raise UserError(f"--dataset {p} has neither annotations.csv nor a Something-Something v2 "
                     f"labels JSON ({' or '.join(SSV2_LABELS)})")
@@ -112,6 +112,11 @@ def _annotations(root: Path) -> Dataset:
     return Dataset(root, "annotations", tuple(order), tuple(clips))
 
 
+def _first_file(root: Path, names) -> Path | None:
+    """The first of ``names`` that is a file in ``root``."""
+    return next((root / n for n in names if (root / n).is_file()), None)
+
+
 def _load_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -120,7 +125,7 @@ def _load_json(path: Path):
 
 
 def _ssv2(root: Path, list_file: Path | None) -> Dataset:
-    labels_file = next((root / n for n in SSV2_LABELS if (root / n).is_file()), None)
+    labels_file = _first_file(root, SSV2_LABELS)
     if labels_file is None:
         raise UserError(f"{root} has no Something-Something v2 labels JSON "
                         f"({' or '.join(SSV2_LABELS)})")
@@ -134,7 +139,7 @@ def _ssv2(root: Path, list_file: Path | None) -> Dataset:
         raise UserError(f"{labels_file}: the indices must be integers (as numbers or "
                         "strings)") from None
     if list_file is None:
-        list_file = next((root / n for n in SSV2_LISTS if (root / n).is_file()), None)
+        list_file = _first_file(root, SSV2_LISTS)
         if list_file is None:
             raise UserError(f"{root} has no Something-Something v2 list JSON (one of "
                             f"{', '.join(SSV2_LISTS)}); or give the list file as --dataset")
@@ -181,16 +186,17 @@ def _some(names, n: int = 8) -> str:
     return ", ".join(repr(x) for x in names[:n]) + more
 
 
-def check_videos(dataset: Dataset) -> dict[str, int | None]:
-    """Every clip opens in PyAV and has a video stream; else the first that does not is the
-    error. Returns each clip's frame count as its container declares it (the stream's frame
-    count, else its duration times its frame rate; None when neither is known)."""
+def check_videos(clips) -> dict[str, int | None]:
+    """Every clip (``Clip``s, e.g. a dataset's ``clips``) opens in PyAV and has a video stream;
+    else the first that does not is the error. Returns each clip's frame count as its container
+    declares it (the stream's frame count, else its duration times its frame rate; None when
+    neither is known)."""
     try:
         import av
     except ImportError:
         raise UserError("evaluate needs PyAV to read videos: pip install av") from None
     declared = {}
-    for clip in dataset.clips:
+    for clip in clips:
         try:
             with av.open(str(clip.path)) as container:
                 stream = container.streams.video[0] if container.streams.video else None

@@ -24,7 +24,6 @@ cropped away.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -79,6 +78,19 @@ class ClipPlan:
     degrees_per_frame: float    # rotation speed, positive: clockwise on screen
     scale_end: float     # radius at the last frame / radius at the first
     seed: int
+
+    @classmethod
+    def from_json(cls, raw: dict) -> ClipPlan:
+        """A plan as ``clips.jsonl`` holds it (``asdict``, tuples written as lists)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+    def pose(self, t: int) -> tuple[tuple[float, float], float, float]:
+        """The moving shape in frame ``t``: centre (px), radius (px), angle (degrees)."""
+        u = t / max(self.frames - 1, 1)
+        centre = (self.start[0] + u * (self.end[0] - self.start[0]),
+                  self.start[1] + u * (self.end[1] - self.start[1]))
+        # geometric scaling: the same ratio every frame
+        return centre, self.radius * self.scale_end ** u, self.angle0 + self.degrees_per_frame * t
 
 
 def _color(rng, avoid=None, min_distance: float = 90.0) -> tuple[int, int, int]:
@@ -177,14 +189,9 @@ def render(plan: ClipPlan) -> np.ndarray:
         m = _mask(s, _polygon(str(rng.choice(SHAPES)), c, r, float(rng.uniform(0, 360)), ss), ss)
         frame = frame * (1 - m) + m * np.asarray(_color(rng, plan.background_color), np.float32)
     out = np.empty((plan.frames, s, s, 3), np.uint8)
-    last = max(plan.frames - 1, 1)
     color = np.asarray(plan.color, np.float32)
     for t in range(plan.frames):
-        u = t / last
-        centre = (plan.start[0] + u * (plan.end[0] - plan.start[0]),
-                  plan.start[1] + u * (plan.end[1] - plan.start[1]))
-        radius = plan.radius * plan.scale_end ** u  # geometric: the same ratio every frame
-        angle = plan.angle0 + plan.degrees_per_frame * t
+        centre, radius, angle = plan.pose(t)
         m = _mask(s, _polygon(plan.shape, centre, radius, angle, ss), ss)
         img = frame * (1 - m) + m * color
         if plan.noise_sigma:
@@ -277,18 +284,14 @@ def read_clips_jsonl(folder: str | Path) -> list[dict]:
 
 
 def annotations(folder: str | Path) -> list[tuple[str, str]]:
-    with open(Path(folder) / "annotations.csv", newline="") as f:
-        return [(r["path"], r["label"]) for r in csv.DictReader(f)]
+    """(relative path, label) of every clip, read and checked as ``evaluate`` reads them."""
+    from .datasets import load_dataset
+
+    return [(c.name, c.label) for c in load_dataset(folder).clips]
 
 
 def frame_geometry(plan: ClipPlan, stride: int = 1) -> np.ndarray:
     """The moving shape in frames 0, stride, 2 stride, ...: (T', 3) of centre x, centre y and
     radius, each as a fraction of the frame side (targets for a single-frame pretext task)."""
-    last = max(plan.frames - 1, 1)
-    rows = []
-    for t in range(0, plan.frames, stride):
-        u = t / last
-        rows.append((plan.start[0] + u * (plan.end[0] - plan.start[0]),
-                     plan.start[1] + u * (plan.end[1] - plan.start[1]),
-                     plan.radius * plan.scale_end ** u))
+    rows = [(c[0], c[1], r) for c, r, _ in map(plan.pose, range(0, plan.frames, stride))]
     return np.asarray(rows, np.float32) / plan.size

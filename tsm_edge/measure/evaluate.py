@@ -55,31 +55,35 @@ def clip_scores(logits: np.ndarray, rule: str) -> np.ndarray:
 class _Tally:
     """Top-1, top-5, per class and confusion for one classifier over the clips."""
 
-    def __init__(self, k: int):
-        self.k = k
-        self.top1 = []
-        self.top5 = []
-        self.pred: list[int | None] = []
-        self.confusion = np.zeros((k, k), np.int64)
+    def __init__(self, labels: list[str]):
+        self.labels = labels
+        self.truth: list[int] = []
+        self.top1: list[bool] = []
+        self.top5: list[bool] = []
+        self.confusion = np.zeros((len(labels), len(labels)), np.int64)
 
     def add(self, truth: int, scores: np.ndarray | None) -> None:
+        """One clip; ``scores`` None: it failed, and counts as wrong."""
+        self.truth.append(truth)
         if scores is None:
             self.top1.append(False)
             self.top5.append(False)
-            self.pred.append(None)
             return
         order = np.argsort(-scores, kind="stable")
         p = int(order[0])
         self.top1.append(p == truth)
         self.top5.append(truth in order[:5].tolist())
-        self.pred.append(p)
         self.confusion[truth, p] += 1
 
     def summary(self) -> dict:
         n = len(self.top1)
         acc = float(np.mean(self.top1)) if n else 0.0
+        right = np.asarray(self.top1, bool)
+        truth = np.asarray(self.truth, np.int64)
+        per_class = {name: (float(right[truth == j].mean()) if (truth == j).any() else None)
+                     for j, name in enumerate(self.labels)}
         return {"top1": acc, "top5": float(np.mean(self.top5)) if n else 0.0,
-                "stderr": math.sqrt(acc * (1 - acc) / n) if n else 0.0}
+                "stderr": math.sqrt(acc * (1 - acc) / n) if n else 0.0, "per_class": per_class}
 
 
 def _torch_refs(manifest, checkpoint):
@@ -146,14 +150,13 @@ def evaluate(artifact: str | Path, dataset: str | Path, *, rule: str = "mean-sof
                         f"artifact does not know (its labels: "
                         f"{', '.join(repr(x) for x in labels[:8])}"
                         f"{', ...' if len(labels) > 8 else ''})")
-    declared = check_videos(type(ds)(ds.root, ds.layout, ds.labels, tuple(clips)))
+    declared = check_videos(clips)
     refs, offline_direction = (_torch_refs(m, checkpoint) if "torch" in compare
                                else (None, None))
     stride = stride if stride is not None else m.input.preprocessing.stride
     prep = m.input.preprocessing.to_json()
-    k = len(labels)
-    main = _Tally(k)
-    others = {name: _Tally(k) for name in (("torch-online", "torch-offline") if refs else ())}
+    main = _Tally(labels)
+    others = {name: _Tally(labels) for name in (("torch-online", "torch-offline") if refs else ())}
     same = {name: [] for name in others}
     per_clip, failures = [], []
     frames_total, t0 = 0, time.perf_counter()
@@ -199,15 +202,11 @@ def evaluate(artifact: str | Path, dataset: str | Path, *, rule: str = "mean-sof
         if progress is not None:
             progress(i + 1, len(clips))
     elapsed = time.perf_counter() - t0
-    per_class = {}
-    for j, name in enumerate(labels):
-        idx = [n for n, c in enumerate(clips) if labels.index(c.label) == j]
-        per_class[name] = (float(np.mean([main.top1[n] for n in idx])) if idx else None)
     report = {
         "artifact": str(artifact), "model": m.model.name, "precision": m.precision,
         "dataset": {**ds.to_json(), "clips": len(clips)},
         "clips": len(clips), "frames": frames_total, **main.summary(),
-        "labels": labels, "per_class": per_class, "per_class_clips": {
+        "labels": labels, "per_class_clips": {
             name: sum(1 for c in clips if c.label == name) for name in labels},
         "confusion": main.confusion.tolist(),
         "confusion_axes": "rows: true label, columns: predicted label, in the order of labels",
@@ -217,11 +216,7 @@ def evaluate(artifact: str | Path, dataset: str | Path, *, rule: str = "mean-sof
     }
     if refs:
         report["compare"] = {
-            name: {**t.summary(), "same_prediction_as_artifact": float(np.mean(same[name])),
-                   "per_class": {lab: (float(np.mean([t.top1[n] for n, c in enumerate(clips)
-                                                      if c.label == lab]))
-                                       if report["per_class_clips"][lab] else None)
-                                 for lab in labels}}
+            name: {**t.summary(), "same_prediction_as_artifact": float(np.mean(same[name]))}
             for name, t in others.items()}
         report["compare_method"] = (
             "torch-online: the PyTorch model on the clip with the uni-directional shift in the "

@@ -93,7 +93,7 @@ def finetune(model: str, dataset: str | Path, output: str | Path, *, checkpoint:
     if out.parent and not out.parent.is_dir():
         raise UserError(f"-o {out}: folder {out.parent} does not exist")
     ds = load_dataset(dataset)
-    check_videos(ds)
+    check_videos(ds.clips)
     names = list(ds.labels)
     src = resolve.resolve_model(model, checkpoint=checkpoint, input_size=input_size, quiet=True,
                                 cache_channels="first",
