@@ -112,11 +112,14 @@ def targets(as_json: bool, tvm_tags: bool) -> None:
 @click.option("--frame-stride", type=int, default=None,
               help="The model was trained on every N-th video frame (finetune --stride): the "
                    "manifest says so, and run and evaluate read video that way by default.")
+@click.option("--cuda-arch", default=None,
+              help="CUDA presets: the GPU architecture, sm_XX (the 'cuda' preset reads it from "
+                   "nvidia-smi when a GPU is present).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Artifact folder.")
 def compile_cmd(model, checkpoint, num_classes, input_size, target, precision, tuning, schedules,
                 labels, seed, ndk, trained_shift, cache_channels, calibration, calibration_method,
                 output, model_file, shift_fraction, shift_place, input_type,
-                frame_stride) -> None:
+                frame_stride, cuda_arch) -> None:
     """Compile a model (registered, or your own with --model-file) into an artifact folder."""
     from ..compiler.api import compile as compile_model
 
@@ -132,7 +135,7 @@ def compile_cmd(model, checkpoint, num_classes, input_size, target, precision, t
                          trained_shift=trained_shift, cache_channels=cache_channels,
                          schedules=schedules, calibration=calibration,
                          calibration_method=calibration_method, input_type=input_type,
-                         frame_stride=frame_stride)
+                         frame_stride=frame_stride, cuda_arch=cuda_arch)
     from ..artifact.store import read_manifest
 
     m = read_manifest(path)
@@ -141,6 +144,42 @@ def compile_cmd(model, checkpoint, num_classes, input_size, target, precision, t
                f"{m.built_for.preset} -> {path}")
     if m.model.shift and m.model.shift.get("blocks"):
         click.echo(_shift_line(m.model.shift))
+
+
+@cli.command("prove")
+@model_options
+@click.option("--target", default="jetson-orin-nano", show_default=True,
+              help="A GPU preset (cuda or opencl): its build's schedules are the ones proven.")
+@click.option("--precision", default="fp32", show_default=True, help="fp32 | fp16.")
+@click.option("--cuda-arch", default=None, help="For the 'cuda' preset: sm_XX.")
+@click.option("--only", default=None, help="Only the fused operators whose name contains this.")
+@click.option("--json", "json_out", type=click.Path(), default=None)
+def prove_cmd(model, checkpoint, num_classes, input_size, seed, trained_shift, cache_channels,
+              target, precision, cuda_arch, only, json_out) -> None:
+    """Run every GPU kernel of a build on this CPU (OpenCL through PoCL) against the CPU."""
+    from ..compiler.prove import prove
+
+    def progress(i, n, p):
+        err = "" if p.max_rel_error is None else f" err {p.max_rel_error:.1e}"
+        click.echo(f"[{i:>3}/{n}] {p.status:<8}{p.name}{err}"
+                   + (f": {p.reason}" if p.reason else ""), err=True)
+
+    report = prove(model, target=target, precision=precision, only=only, seed=seed,
+                   cuda_arch=cuda_arch,
+                   progress=progress, checkpoint=checkpoint, num_classes=num_classes,
+                   input_size=input_size, trained_shift=trained_shift,
+                   cache_channels=cache_channels)
+    c = report.counts()
+    click.echo(f"{report.model} {report.input_size}px {report.precision} for {report.target} on "
+               f"{report.opencl_device}: {c['proven']} operators proven, {c['failed']} failed, "
+               f"{c['not-run']} not run ({report.seconds:.0f} s)")
+    for p in report.operators:
+        if p.status != "proven":
+            click.echo(f"  {p.status:<8}{p.name}: {p.reason}")
+    if json_out:
+        write_json(json_out, report.to_json())
+    if not report.ok:
+        sys.exit(1)
 
 
 def _shift_line(shift: dict) -> str:

@@ -50,13 +50,22 @@ def device_checks(exe, target, lib: Path, device_code: str, cuda: dict | None) -
         needs = (f"; the board's driver must support {cuda['nvcc']} (the nvcc that built the "
                  "fatbin)" if cuda and cuda.get("ok") else
                  "; the board must compile the embedded CUDA C when it loads the library "
-                 "(NVRTC or nvcc on the board)")
+                 "(NVRTC or nvcc on the board)") + CUDA_RUNTIME_NEEDS
         return {"device_arch": arches or [wanted], "board_needs": needs,
                 "device_compiler": (cuda or {}).get("nvcc") or (cuda or {}).get("reason")}
     if kind == "opencl":
         source = tvm_device.device_source(exe, "opencl")
         return {"opencl_syntax_check": opencl_syntax_check(source)}
     return {}
+
+
+# What any CUDA artifact needs of the machine that loads it (read from the pinned wheel's
+# libtvm_runtime_cuda.so: NEEDED libcudart.so.13 and libcuda.so.1).
+CUDA_RUNTIME_NEEDS = (
+    "; the TVM runtime must have CUDA: the pinned wheel's libtvm_runtime_cuda.so links "
+    "libcudart.so.13 (CUDA 13, NVIDIA driver R580 or newer); where the machine's CUDA major "
+    "version differs (JetPack 6 ships CUDA 12.x) build the TVM runtime of the same version from "
+    "source against that CUDA (cmake -DUSE_CUDA=ON, runtime only)")
 
 
 def opencl_syntax_check(source: str) -> str:
@@ -92,7 +101,8 @@ def compile(model: str, output: str | Path, *, target: str | dict = "host",
             schedules: str = "default", calibration: str | None = None,
             calibration_method: str = "max", model_file: str | None = None,
             shift_fraction=None, shift_place: str | None = None,
-            input_type: str = "float32", frame_stride: int | None = None) -> Path:
+            input_type: str = "float32", frame_stride: int | None = None,
+            cuda_arch: str | None = None) -> Path:
     """Compile an online TSM model into an artifact folder; returns its path.
 
     ``frame_stride``: the model was trained on every N-th frame (``finetune --stride``); the
@@ -113,14 +123,16 @@ def compile(model: str, output: str | Path, *, target: str | dict = "host",
                         "FILE.py:FUNCTION, one of the two")
     if model_file is None:
         get_model_info(model)  # fail fast on an unknown name, before TVM loads
-    preset = targets_mod.resolve_target(target)
+    preset = targets_mod.resolve_target(target).with_cuda_arch(cuda_arch)
     cuda = None
     if preset.device == "cuda" and preset.runnable in ("here", "board"):
         from .tvm import device_code as tvm_device
         from .tvm import target as tvm_target
 
         arch = (preset.tvm_target.get("arch") if isinstance(preset.tvm_target, dict) else None)
-        cuda = tvm_device.enable_cuda_device_code(arch or "sm_87")
+        if arch is None:  # a raw target or tag without an arch: TVM's own default
+            arch = str(tvm_target.make_target(preset.resolved_tvm_target()).attrs.get("arch"))
+        cuda = tvm_device.enable_cuda_device_code(arch)
         if not cuda["ok"]:
             log.warning("CUDA kernels will be embedded as CUDA C source (%s): the board must "
                         "compile them when it loads the library", cuda["reason"])

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -66,6 +67,29 @@ class TargetPreset:
             out["num-cores"] = len(os.sched_getaffinity(0))
         return out
 
+    def with_cuda_arch(self, arch: str | None) -> TargetPreset:
+        """The preset with its CUDA architecture settled: ``arch`` (``--cuda-arch``), else, for
+        a preset whose arch is ``detect``, the GPU that ``nvidia-smi`` finds here."""
+        spec = self.tvm_target
+        if self.device != "cuda" or not isinstance(spec, dict):
+            if arch is not None:
+                raise UserError(f"--cuda-arch {arch} is for CUDA targets; {self.name} is a "
+                                f"{self.device} target")
+            return self
+        if arch is not None and not re.fullmatch(r"sm_\d{2,3}[af]?", arch):
+            raise UserError(f"--cuda-arch {arch} is not valid; give sm_XX, e.g. {CUDA_ARCH_HINT}")
+        fixed = spec.get("arch")
+        if fixed not in (None, "detect"):
+            if arch is not None and arch != fixed:
+                raise UserError(f"--cuda-arch {arch}: target {self.name} is built for {fixed}; "
+                                "use the 'cuda' preset for another GPU")
+            return self
+        arch = arch or machine_cuda_arch()
+        if arch is None:
+            raise UserError(f"target {self.name} needs --cuda-arch sm_XX (e.g. "
+                            f"{CUDA_ARCH_HINT}): nvidia-smi finds no NVIDIA GPU on this machine")
+        return replace(self, tvm_target={**spec, "arch": arch})
+
     def resolved_host_triple(self) -> str:
         return native_triple() if self.host_triple == "native" else self.host_triple
 
@@ -92,6 +116,27 @@ class TargetPreset:
             raise UserError(f"target {self.name} needs the cross compiler {cc}, which is not on "
                             f"PATH{how}")
         return cc
+
+
+CUDA_ARCH_HINT = ("sm_90 for H100/H200, sm_89 for RTX 40xx and L4, sm_86 for RTX 30xx and A10, "
+                  "sm_80 for A100")
+
+
+def machine_cuda_arch() -> str | None:
+    """The compute capability of this machine's first NVIDIA GPU as sm_XX, or None (a probe)."""
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.match(r"\s*(\d+)\.(\d+)", out)
+    return f"sm_{match.group(1)}{match.group(2)}" if match else None
 
 
 def native_triple() -> str:
