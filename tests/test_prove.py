@@ -22,7 +22,7 @@ def device():
 @pytest.mark.parametrize("model,target", [
     ("tsm_mobilenetv2_tiny", "jetson-orin-nano"),  # dlight's CUDA rules, depthwise included
     ("tsm_resnet50_tiny", "mali-opencl"),          # the generic GPU pipeline for OpenCL
-    ("tsm_mobilenetv2_tiny", "adreno-opencl"),     # the Adreno pipeline
+    pytest.param("tsm_mobilenetv2_tiny", "adreno-opencl", marks=pytest.mark.slow),  # Adreno's
 ])
 def test_every_operator_of_a_tiny_gpu_build_is_proven_on_pocl(model, target, tmp_path):
     out = tmp_path / "proof.json"
@@ -161,20 +161,87 @@ def test_cuda_arch_errors_are_one_line(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
-@pytest.mark.needs("nvcc", why="the cuda preset's fatbin is built by nvcc")
-def test_cuda_preset_builds_a_fatbin_for_the_given_arch(tmp_path):
-    from tsm_edge.artifact.store import read_manifest
-
-    out = tmp_path / "cuda"
+@pytest.fixture(scope="module")
+def cuda_tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cuda") / "cuda"
     proc = run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "--target", "cuda",
                    "--cuda-arch", "sm_90", "-o", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    m = read_manifest(out)
+    return out
+
+
+@pytest.mark.needs("nvcc", why="the cuda preset's fatbin is built by nvcc")
+def test_cuda_preset_builds_a_fatbin_for_the_given_arch(cuda_tiny):
+    from tsm_edge.artifact.store import read_manifest
+
+    m = read_manifest(cuda_tiny)
     assert m.built_for.tvm_target["arch"] == "sm_90" and m.built_for.elf_machine == "x86_64"
     assert m.built_for.device_code == "fatbin"
     assert set(m.built_for.evidence["device_arch"]) == {"sm_90", "compute_90"}
     assert "libcudart.so.13" in m.runnable_reason and "R580" in m.runnable_reason
     assert "JetPack 6" in m.runnable_reason
+
+
+@pytest.mark.needs("nvcc", why="the cuda preset's fatbin is built by nvcc")
+def test_cuda_artifact_without_a_driver_is_one_clear_error(cuda_tiny, frames_npy):
+    from tsm_edge.compiler.targets import machine_cuda_arch
+
+    if machine_cuda_arch() is not None:
+        pytest.skip("this machine has an NVIDIA GPU: the artifact would run")
+    assert_user_error(run_cli("run", str(cuda_tiny), "--frames-npy", str(frames_npy)),
+                      "cuda")
+
+
+@pytest.mark.needs("nvcc", why="the cuda preset's fatbin is built by nvcc")
+def test_cuda_package_carries_tvms_cuda_runtime(cuda_tiny, tmp_path):
+    import tarfile
+
+    pkg = tmp_path / "cuda.tar.gz"
+    proc = run_cli("package", str(cuda_tiny), "--with-runtime", "-o", str(pkg))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = tarfile.open(pkg).getnames()
+    assert "_runtime/lib/libtvm_runtime_cuda.so" in names
+    assert "_runtime/lib/libtvm_runtime.so" in names
+    assert_user_error(run_cli("package", str(cuda_tiny), "--runtime-python", "3.12", "-o",
+                              str(tmp_path / "x.tar.gz")), "--runtime-python", "--with-runtime")
+
+
+@pytest.mark.slow
+@pytest.mark.needs("nvcc", why="the check carries CUDA artifacts built by nvcc")
+def test_travelling_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.py: prepared here, run --dry-run on the CPU: everything but the GPU."""
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"  # no wheel to fetch in a test
+    pkg = tmp_path / "check.tar.gz"
+    proc = subprocess.run([sys.executable, str(script), "prepare", "--model",
+                           "tsm_mobilenetv2_tiny", "--python", py, "--frames", "16", "-o",
+                           str(pkg)], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dest = tmp_path / "g"
+    dest.mkdir()
+    with tarfile.open(pkg) as tar:
+        tar.extractall(dest, filter="data")
+    out = tmp_path / "dry.json"
+    proc = subprocess.run([sys.executable, str(dest / "gpu_check.py"), "run", "--dry-run",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["ok"] and report["runtime"]["tvm_ffi"].startswith("bundled")
+    run = report["tsm_edge"]["host_fp32"]
+    assert run["copies_per_frame"] == {"copy_array": 1.0, "copy_to": 0.0, "to_numpy": 1.0,
+                                       "tensor": 0.0}
+    assert run["compare"]["max_rel_diff"] == 0.0 and run["cache_device_types"] == [1]
+    for name in ("cuda_fp32", "cuda_fp16"):
+        gpu = report["gpu_artifacts"][name]
+        assert gpu["device_code"] == "fatbin" and set(gpu["device_arch"]) == {"sm_90",
+                                                                              "compute_90"}
+    assert report["pytorch"]["fp32"]["compare"]["ok"]
 
 
 @pytest.mark.slow

@@ -316,7 +316,10 @@ def export(artifact, onnx_out, checkpoint) -> None:
 @click.option("--with-runtime", is_flag=True,
               help="Bundle the target's TVM runtime and a C++ runner: the board then needs "
                    "Python and numpy only (or nothing but glibc, for the C++ runner).")
-def package(artifact, output, with_runtime) -> None:
+@click.option("--runtime-python", default=None,
+              help="With --with-runtime: the board's CPython version (e.g. 3.12), when it is not "
+                   "the one this machine's TVM runtime wheels are built for (fetched with pip).")
+def package(artifact, output, with_runtime, runtime_python) -> None:
     """Pack an artifact with a standalone run.py (TVM runtime and numpy only)."""
     import tempfile
 
@@ -325,6 +328,9 @@ def package(artifact, output, with_runtime) -> None:
 
     bundle = None
     with tempfile.TemporaryDirectory(prefix="tsm-edge-package-") as work:
+        if runtime_python and not with_runtime:
+            raise UserError("--runtime-python goes with --with-runtime (it says which CPython "
+                            "the bundled runtime is for)")
         if with_runtime:
             from ..compiler.targets import list_presets
             from ..device.bundle import collect_runtime
@@ -335,7 +341,8 @@ def package(artifact, output, with_runtime) -> None:
                                      host_triple=m.built_for.host_triple or "",
                                      cross_compiler=getattr(preset, "cross_compiler", None),
                                      stock_os=preset.extra.get("stock_os") if preset else None,
-                                     work=Path(work))
+                                     work=Path(work), device=m.built_for.device,
+                                     python=runtime_python)
         path = build_package(artifact, output, runtime=bundle)
     click.echo(f"wrote {path} ({path.stat().st_size:,} bytes): unpack it on the board and run "
                "'python run.py --frames-npy F.npy --save-logits L.npy'")

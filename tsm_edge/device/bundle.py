@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -77,24 +78,80 @@ def _max_version(values: list[str]) -> str | None:
     return max(values, key=version_tuple) if values else None
 
 
+def ffi_site_for_python(arch: str, python: str) -> Path:
+    """A folder holding ``tvm_ffi`` (this machine's exact version) built for CPython ``python``
+    on ``arch``: its wheel fetched once with pip and unpacked under the user cache."""
+    import importlib.metadata
+    import shutil
+    import tempfile
+    import zipfile
+
+    from ..support.system import user_cache_dir
+
+    if not re.fullmatch(r"3\.\d{1,2}", python):
+        raise UserError(f"--runtime-python {python} is not valid; give a CPython version such as "
+                        "3.10, 3.11 or 3.12")
+    version = importlib.metadata.version("apache-tvm-ffi")
+    site = user_cache_dir() / "runtime-sites" / f"tvm_ffi-{version}-cp{python.replace('.', '')}-{arch}"
+    if (site / "tvm_ffi").is_dir():
+        return site
+    with tempfile.TemporaryDirectory(prefix="tsm-edge-wheel-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+               "--only-binary=:all:", "--platform", f"manylinux_2_28_{arch}", "--python-version",
+               python, f"apache-tvm-ffi=={version}", "-d", tmp]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        wheels = sorted(Path(tmp).glob("apache_tvm_ffi-*.whl"))
+        if res.returncode != 0 or not wheels:
+            why = (res.stderr.strip().splitlines() or ["no wheel downloaded"])[-1][:200]
+            raise UserError(f"no apache-tvm-ffi {version} wheel for CPython {python} on {arch} "
+                            f"could be fetched with pip ({why}); valid: a Python version that "
+                            "wheel is built for")
+        site.parent.mkdir(parents=True, exist_ok=True)
+        part = Path(tempfile.mkdtemp(prefix=site.name + ".", dir=site.parent))
+        with zipfile.ZipFile(wheels[0]) as z:
+            z.extractall(part)
+        try:
+            part.rename(site)
+        except OSError:  # another process unpacked it first
+            shutil.rmtree(part, ignore_errors=True)
+    return site
+
+
 def collect_runtime(arch: str, *, host_triple: str = "", cross_compiler: str | None,
                     stock_os: dict | None = None, build_runner: bool = True,
-                    work: Path) -> RuntimeBundle:
+                    work: Path, device: str = "cpu", python: str | None = None) -> RuntimeBundle:
     """The runtime files for ``arch``, their floors, and the C++ runner built for ``arch``;
-    with ``stock_os`` (a preset's), the floors also say which runner works there."""
+    with ``stock_os`` (a preset's), the floors also say which runner works there.
+
+    ``device="cuda"`` adds TVM's CUDA runtime library. ``python``: bundle ``tvm_ffi`` for that
+    CPython version (its wheel fetched with pip) instead of the one ``arch``'s site has.
+    """
     if "android" in host_triple:
         raise UserError(f"--with-runtime: the artifact is built for {host_triple}; the bundled "
                         "runtime comes from manylinux (glibc) wheels and Android's C library is "
                         "bionic. Package without --with-runtime and load model.so with a TVM "
                         "runtime built with the Android NDK")
     site = _site_of(arch)
-    ffi_dir, tvm_dir = site / "tvm_ffi", site / "tvm"
+    tvm_dir = site / "tvm"
+    ffi_site = site
+    if python is not None and python != _wheel_floors(site)["python"]:
+        ffi_site = ffi_site_for_python(arch, python)
+    ffi_dir = ffi_site / "tvm_ffi"
     runtime_lib = tvm_dir / "lib" / "libtvm_runtime.so"
     if not runtime_lib.is_file():
         raise UserError(f"{runtime_lib} is missing: the apache-tvm wheel for {arch} is incomplete")
     wheel = _wheel_floors(site)
+    if ffi_site != site:
+        wheel = dict(wheel, python=_wheel_floors(ffi_site)["python"])
     bundle = RuntimeBundle(arch=arch, python=wheel["python"] or "")
     bundle.files.append((runtime_lib, "_runtime/lib/libtvm_runtime.so"))
+    if device == "cuda":
+        cuda_lib = tvm_dir / "lib" / "libtvm_runtime_cuda.so"
+        if not cuda_lib.is_file():
+            raise UserError(f"{cuda_lib} is missing: the apache-tvm wheel for {arch} has no CUDA "
+                            "runtime; package without --with-runtime and use a TVM runtime "
+                            "built with CUDA on the board")
+        bundle.files.append((cuda_lib, "_runtime/lib/libtvm_runtime_cuda.so"))
     for path in sorted(ffi_dir.rglob("*")):
         rel = path.relative_to(ffi_dir)
         if path.is_file() and not set(rel.parts[:-1]) & SKIP_DIRS \
@@ -102,13 +159,14 @@ def collect_runtime(arch: str, *, host_triple: str = "", cross_compiler: str | N
             bundle.files.append((path, f"_runtime/site/tvm_ffi/{rel.as_posix()}"))
     bundle.files.append((site / "typing_extensions.py", "_runtime/site/typing_extensions.py"))
     for lic in [tvm_dir / "LICENSE", tvm_dir / "NOTICE", *sorted((tvm_dir / "licenses").glob("*")),
-                *sorted(site.glob("apache_tvm_ffi-*.dist-info/licenses/**/*")),
+                *sorted(ffi_site.glob("apache_tvm_ffi-*.dist-info/licenses/**/*")),
                 *sorted(site.glob("typing_extensions-*.dist-info/licenses/**/*"))]:
         if lic.is_file():
-            owner = "tvm" if lic.is_relative_to(tvm_dir) else lic.parts[len(site.parts)].split("-")[0]
+            root = ffi_site if lic.is_relative_to(ffi_site) else site
+            owner = "tvm" if lic.is_relative_to(tvm_dir) else lic.parts[len(root.parts)].split("-")[0]
             bundle.files.append((lic, f"_runtime/licenses/{owner}/{lic.name}"))
     if build_runner:
-        bundle.runner = build_cpp_runner(arch, site, cross_compiler, work)
+        bundle.runner = build_cpp_runner(arch, site, cross_compiler, work, ffi_site)
     needs = [elf_version_needs(src) for src, arc in bundle.files if arc.endswith(".so")]
     bundle.floors = {
         "arch": arch,
@@ -128,7 +186,8 @@ def collect_runtime(arch: str, *, host_triple: str = "", cross_compiler: str | N
     return bundle
 
 
-def build_cpp_runner(arch: str, site: Path, cross_compiler: str | None, work: Path) -> Path:
+def build_cpp_runner(arch: str, site: Path, cross_compiler: str | None, work: Path,
+                     ffi_site: Path | None = None) -> Path:
     """Compile ``tsm_edge_run.cc`` for ``arch`` against that architecture's runtime libraries;
     the binary finds them in the package (``$ORIGIN/../_runtime/...``)."""
     host = importlib.util.find_spec("tvm_ffi")
@@ -138,7 +197,8 @@ def build_cpp_runner(arch: str, site: Path, cross_compiler: str | None, work: Pa
         raise UserError(f"no C++ compiler for {arch}: the target preset names none")
     out = work / "tsm-edge-run"
     cmd = [compiler, "-O2", "-std=c++17", f"-I{include}", str(RUNNER_SOURCE), "-o", str(out),
-           f"-L{site / 'tvm' / 'lib'}", f"-L{site / 'tvm_ffi' / 'lib'}", "-ltvm_runtime",
+           f"-L{site / 'tvm' / 'lib'}", f"-L{(ffi_site or site) / 'tvm_ffi' / 'lib'}",
+           "-ltvm_runtime",
            "-ltvm_ffi",
            "-Wl,-rpath,$ORIGIN/../_runtime/lib:$ORIGIN/../_runtime/site/tvm_ffi/lib",
            "-Wl,--allow-shlib-undefined"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..support.tvm import global_func, runtime_ffi
+from ..support.tvm import global_func, load_device_runtime, runtime_ffi
 
 # --------------------------------------------------------------------------- runtime
 
@@ -31,8 +31,10 @@ def num_threads() -> int:
 
 
 def device(kind: str = "cpu", index: int = 0, session=None):
+    """A device of this process (TVM's runtime for ``kind`` loaded first), or of ``session``."""
     if session is not None:
         return session.device(kind, index)
+    load_device_runtime(kind)
     return runtime_ffi().device(kind, index)
 
 
@@ -181,7 +183,12 @@ def copy_to(src, dst) -> None:
 
 
 def to_numpy(t) -> np.ndarray:
-    """A numpy copy of a TVM tensor on the CPU (the VM reuses its output buffers)."""
+    """A numpy copy of a TVM tensor (the VM reuses its output buffers); a tensor on another
+    device (a GPU) is copied to the host first: numpy reads only host memory."""
+    if int(t.device.dlpack_device_type()) != 1:  # kDLCPU
+        host = empty(t.shape, str(t.dtype), runtime_ffi().device("cpu", 0))
+        copy_to(t, host)
+        t = host
     return np.from_dlpack(t).copy()
 
 

@@ -98,6 +98,68 @@ def runtime_ffi():
     return tvm_ffi
 
 
+DEVICE_RUNTIME_LIBS = {"cuda": "libtvm_runtime_cuda.so"}  # beside libtvm_runtime.so in the wheel
+CUDA_RUNTIME_SONAME = "libcudart.so.13"  # what the pinned wheel's libtvm_runtime_cuda.so links
+
+
+def _preload_cudart() -> None:
+    """Load libcudart.so.13 from a pip CUDA runtime (``nvidia/*/lib``, as torch's CUDA wheels
+    install it) when the dynamic linker cannot find it on its own."""
+    import ctypes
+    import glob
+    import sys
+
+    try:
+        ctypes.CDLL(CUDA_RUNTIME_SONAME, mode=ctypes.RTLD_GLOBAL)
+        return
+    except OSError:
+        pass
+    for folder in sys.path:
+        for path in sorted(glob.glob(os.path.join(folder, "nvidia", "*", "lib",
+                                                  CUDA_RUNTIME_SONAME))):
+            try:
+                _LOADED.append(ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL))
+                return
+            except OSError:
+                continue
+
+
+def load_device_runtime(kind: str) -> None:
+    """Load TVM's runtime library for device ``kind`` (CUDA: ``libtvm_runtime_cuda.so``, found
+    beside ``libtvm_runtime.so``), so that a library with device code loads and runs.
+
+    A no-op for the CPU, and where the device API is already registered.
+    """
+    import ctypes
+
+    from ..errors import UserError
+
+    name = DEVICE_RUNTIME_LIBS.get(kind)
+    ffi = runtime_ffi()
+    if name is None or ffi.get_global_func(f"device_api.{kind}", allow_missing=True) is not None:
+        return
+    if runtime_only():
+        folder = os.path.dirname(runtime_library())
+    else:
+        from tvm.base import _LOADED_LIBS
+
+        folder = os.path.dirname(os.path.realpath(_LOADED_LIBS["tvm_runtime"]._name))
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise UserError(f"this artifact runs on {kind} and {folder} has no {name}: use a TVM "
+                        f"runtime built with {kind} (the apache-tvm wheel, or a package made "
+                        "with --with-runtime from this artifact)")
+    if kind == "cuda":
+        _preload_cudart()
+    try:
+        _LOADED.append(ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL))
+    except OSError as exc:
+        need = (f" ({CUDA_RUNTIME_SONAME}: the CUDA 13 runtime, e.g. pip install "
+                "nvidia-cuda-runtime, with an NVIDIA driver R580 or newer)" if kind == "cuda"
+                else "")
+        raise UserError(f"cannot load TVM's {kind} runtime {path}: {exc}{need}") from None
+
+
 def global_func(name: str, allow_missing: bool = False):
     """A function of TVM's registry (the runtime loaded as ``runtime_ffi`` does)."""
     return runtime_ffi().get_global_func(name, allow_missing=allow_missing)
