@@ -107,7 +107,9 @@ def test_a_wrong_index_fails_the_proof(device):
     assert "largest difference" in proof.reason
 
 
-def test_float16_operators_are_proven_or_listed_with_the_reason(device):
+def test_float16_schedules_are_proven_natively_or_over_float32_storage(device):
+    """Without cl_khr_fp16 the float16 build's schedule runs over float32 storage (same
+    indexing, extents and barriers), and the proof says so; it is never silently skipped."""
     from tsm_edge.compiler.prove import gpu_step_module, prove_operator
     from tsm_edge.compiler.targets import resolve_target
     from tsm_edge.compiler.tvm import kernels
@@ -117,13 +119,24 @@ def test_float16_operators_are_proven_or_listed_with_the_reason(device):
     ops = kernels.gpu_operators(gpu_step_module(resolve_model("tsm_mobilenetv2_tiny"), "fp16"),
                                 make_target(resolve_target("jetson-orin-nano")
                                             .resolved_tvm_target()))
-    half = [o for o in ops if any(b.dtype == "float16" for b in o.inputs + o.outputs)]
+    half = [o for o in ops if "conv2d" in o.name and
+            any(b.dtype == "float16" for b in o.inputs + o.outputs)]
     assert half
     proof = prove_operator(half[0], device)
+    assert proof.status == "proven", proof
     if "cl_khr_fp16" in device.extensions:
-        assert proof.status == "proven", proof
+        assert proof.storage is None
     else:
-        assert proof.status == "not-run" and "cl_khr_fp16" in proof.reason
+        assert "float32 for float16" in proof.storage
+        plain = prove_operator(half[0], device, widen_fp16=False)
+        assert plain.status == "not-run" and "cl_khr_fp16" in plain.reason
+        widened = kernels.widened(half[0], "float16", "float32")
+        assert "float16" not in widened.scheduled.script()
+        # the same thread bindings and extents: the schedule is the float16 build's
+        def bindings(f):
+            return re.findall(r"T\.thread_binding\([^)]*\)[^)]*\)", f.script())
+
+        assert bindings(widened.scheduled) == bindings(half[0].scheduled)
 
 
 def test_prove_refuses_a_cpu_target_and_a_bad_precision():

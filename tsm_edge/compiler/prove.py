@@ -30,6 +30,7 @@ class OperatorProof:
     name: str
     status: str  # "proven", "failed" or "not-run"
     kernels: int = 0
+    storage: str | None = None  # "float32 for float16": the schedule run with wider storage
     launches: list[dict] = field(default_factory=list)  # kernel, grid, block
     max_rel_error: float | None = None
     unwritten: int = 0  # output elements still NaN after the kernels ran
@@ -126,14 +127,29 @@ def _random(shape, dtype: str, rng) -> np.ndarray:
     return rng.integers(-8, 8, shape).astype(dtype)
 
 
-def prove_operator(op, device: OpenCLDevice, seed: int = 0) -> OperatorProof:
-    """One fused operator (``tvm.kernels.Operator``) proven on ``device``."""
+def prove_operator(op, device: OpenCLDevice, seed: int = 0, *,
+                   widen_fp16: bool = True) -> OperatorProof:
+    """One fused operator (``tvm.kernels.Operator``) proven on ``device``.
+
+    A float16 operator on a device without ``cl_khr_fp16`` is run, with ``widen_fp16``, as
+    the same schedule over float32 storage (``kernels.widened``): its indexing, extents,
+    barriers and reductions are the float16 build's, its rounding is not. The proof says so.
+    """
     from .tvm import kernels
 
     t0 = time.perf_counter()
     result = OperatorProof(op.name, "not-run")
     dtypes = {b.dtype for b in op.inputs + op.outputs}
     why = device.unsupported(dtypes)
+    if why is not None and widen_fp16 and "float16" in dtypes:
+        try:
+            op = kernels.widened(op, "float16", "float32")
+        except Exception as exc:  # the schedule's text does not parse back as float32
+            result.reason = f"{why}; as float32 it does not parse ({str(exc)[:200]})"
+            return result
+        result.storage = "float32 for float16 (this OpenCL device has no cl_khr_fp16)"
+        dtypes = {b.dtype for b in op.inputs + op.outputs}
+        why = device.unsupported(dtypes)
     if why is not None:
         result.reason = why
         return result
@@ -175,6 +191,8 @@ def prove_operator(op, device: OpenCLDevice, seed: int = 0) -> OperatorProof:
             errors.append(float(np.count_nonzero(have != want)))
     result.max_rel_error = max(errors) if errors else 0.0
     tol = RTOL.get(min(dtypes & set(RTOL), default="float32"), RTOL["float32"])
+    if result.storage:
+        result.reason = result.storage
     if result.unwritten > 0:
         result.status = "failed"
         result.reason = f"{result.unwritten} output elements were never written"
@@ -203,7 +221,7 @@ def gpu_step_module(source, precision: str = "fp32"):
 
 def prove(model: str, *, target: str = "jetson-orin-nano", precision: str = "fp32",
           only: str | None = None, seed: int = 0, progress=None, cuda_arch: str | None = None,
-          **model_options) -> ProofReport:
+          widen_fp16: bool = True, **model_options) -> ProofReport:
     """Prove every fused operator of ``model``'s GPU build for preset ``target`` on PoCL.
 
     ``model_options`` (``input_size``, ``num_classes``, ``checkpoint``, ...) go to
@@ -233,7 +251,7 @@ def prove(model: str, *, target: str = "jetson-orin-nano", precision: str = "fp3
             raise UserError(f"--only {only} matches no fused operator of this build")
     proofs = []
     for i, op in enumerate(ops):
-        proofs.append(prove_operator(op, device, seed=seed))
+        proofs.append(prove_operator(op, device, seed=seed, widen_fp16=widen_fp16))
         if progress is not None:
             progress(i + 1, len(ops), proofs[-1])
     return ProofReport(model=source.name, input_size=source.input_size, target=preset.name,

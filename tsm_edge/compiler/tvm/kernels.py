@@ -110,6 +110,23 @@ def gpu_operators(mod, target) -> list[Operator]:
     return sorted(ops, key=lambda o: o.name)
 
 
+def widened(op: Operator, narrow: str, wide: str) -> Operator:
+    """``op`` with every ``narrow`` dtype (buffers, constants, casts) made ``wide``: the same
+    schedule over wider storage, for a device without ``narrow`` arithmetic."""
+    import tvm.script
+
+    def widen(func):
+        text = func.script().replace(f'"{narrow}"', f'"{wide}"').replace(
+            f"T.{narrow}(", f"T.{wide}(")
+        return tvm.script.from_source(text)
+
+    def buffers(bs):
+        return tuple(Buffer(b.name, b.shape, wide if b.dtype == narrow else b.dtype) for b in bs)
+
+    return Operator(op.name, widen(op.scheduled), widen(op.plain), buffers(op.inputs),
+                    buffers(op.outputs))
+
+
 def is_gpu_scheduled(func) -> bool:
     """Whether the PrimFunc binds loops to GPU threads (dlight leaves none unbound)."""
     return "thread_binding" in func.script() or "launch_thread" in func.script()
