@@ -161,8 +161,9 @@ def prove_cmd(model, checkpoint, num_classes, input_size, seed, trained_shift, c
 
     def progress(i, n, p):
         err = "" if p.max_rel_error is None else f" err {p.max_rel_error:.1e}"
-        click.echo(f"[{i:>3}/{n}] {p.status:<8}{p.name}{err}"
-                   + (f": {p.reason}" if p.reason else ""), err=True)
+        note = p.reason or (f"(storage {p.storage})" if p.storage else "")
+        click.echo(f"[{i:>3}/{n}] {p.status:<8}{p.name}{err}" + (f": {note}" if note else ""),
+                   err=True)
 
     report = prove(model, target=target, precision=precision, only=only, seed=seed,
                    cuda_arch=cuda_arch,
@@ -170,9 +171,11 @@ def prove_cmd(model, checkpoint, num_classes, input_size, seed, trained_shift, c
                    input_size=input_size, trained_shift=trained_shift,
                    cache_channels=cache_channels)
     c = report.counts()
+    wide = sum(1 for p in report.operators if p.status == "proven" and p.storage)
     click.echo(f"{report.model} {report.input_size}px {report.precision} for {report.target} on "
-               f"{report.opencl_device}: {c['proven']} operators proven, {c['failed']} failed, "
-               f"{c['not-run']} not run ({report.seconds:.0f} s)")
+               f"{report.opencl_device}: {c['proven']} operators proven"
+               + (f" ({wide} over float32 storage)" if wide else "")
+               + f", {c['failed']} failed, {c['not-run']} not run ({report.seconds:.0f} s)")
     for p in report.operators:
         if p.status != "proven":
             click.echo(f"  {p.status:<8}{p.name}: {p.reason}")

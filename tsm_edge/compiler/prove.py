@@ -135,10 +135,16 @@ def prove_operator(op, device: OpenCLDevice, seed: int = 0, *,
     the same schedule over float32 storage (``kernels.widened``): its indexing, extents,
     barriers and reductions are the float16 build's, its rounding is not. The proof says so.
     """
-    from .tvm import kernels
-
     t0 = time.perf_counter()
     result = OperatorProof(op.name, "not-run")
+    _prove(op, device, seed, widen_fp16, result)
+    result.seconds = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def _prove(op, device: OpenCLDevice, seed: int, widen_fp16: bool, result: OperatorProof) -> None:
+    from .tvm import kernels
+
     dtypes = {b.dtype for b in op.inputs + op.outputs}
     why = device.unsupported(dtypes)
     if why is not None and widen_fp16 and "float16" in dtypes:
@@ -146,21 +152,21 @@ def prove_operator(op, device: OpenCLDevice, seed: int = 0, *,
             op = kernels.widened(op, "float16", "float32")
         except Exception as exc:  # the schedule's text does not parse back as float32
             result.reason = f"{why}; as float32 it does not parse ({str(exc)[:200]})"
-            return result
+            return
         result.storage = "float32 for float16 (this OpenCL device has no cl_khr_fp16)"
         dtypes = {b.dtype for b in op.inputs + op.outputs}
         why = device.unsupported(dtypes)
     if why is not None:
         result.reason = why
-        return result
+        return
     if not kernels.is_gpu_scheduled(op.scheduled):
         result.status, result.reason = "failed", "the GPU build left it unscheduled (no thread binding)"
-        return result
+        return
     try:
         source, launches = kernels.opencl_kernels(op.scheduled, op.name)
     except Exception as exc:  # the schedule has no OpenCL form (e.g. a CUDA-only intrinsic)
         result.reason = "no OpenCL build: " + (str(exc).strip().splitlines() or ["?"])[-1][:300]
-        return result
+        return
     result.kernels = len(launches)
     result.launches = [{"kernel": ln.kernel, "grid": list(ln.grid), "block": list(ln.block)}
                        for ln in launches]
@@ -176,7 +182,7 @@ def prove_operator(op, device: OpenCLDevice, seed: int = 0, *,
     except Exception as exc:  # the OpenCL compiler or the launch refused the kernel
         result.status = "failed"
         result.reason = "OpenCL: " + (str(exc).strip().splitlines() or ["?"])[0][:300]
-        return result
+        return
     errors = []
     for b, want in zip(op.outputs, expected):
         have = got[b.name]
@@ -191,8 +197,6 @@ def prove_operator(op, device: OpenCLDevice, seed: int = 0, *,
             errors.append(float(np.count_nonzero(have != want)))
     result.max_rel_error = max(errors) if errors else 0.0
     tol = RTOL.get(min(dtypes & set(RTOL), default="float32"), RTOL["float32"])
-    if result.storage:
-        result.reason = result.storage
     if result.unwritten > 0:
         result.status = "failed"
         result.reason = f"{result.unwritten} output elements were never written"
@@ -202,8 +206,6 @@ def prove_operator(op, device: OpenCLDevice, seed: int = 0, *,
                          f"magnitude (tolerance {tol:g})")
     else:
         result.status = "proven"
-    result.seconds = round(time.perf_counter() - t0, 3)
-    return result
 
 
 def gpu_step_module(source, precision: str = "fp32"):
