@@ -53,6 +53,21 @@ TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}  # largest |difference| / largest |refe
 # --------------------------------------------------------------------------- prepare (here)
 
 
+def make_frames(seed: int, count: int, size: int):
+    """The check's frames, made from the seed on either machine (64 frames at 224 would be 38 MB
+    of incompressible data to carry); ``frames_digest`` proves both sides made the same."""
+    import numpy as np
+
+    return np.random.default_rng(seed).standard_normal((count, 3, size, size)).astype(np.float32)
+
+
+def frames_digest(frames) -> str:
+    import hashlib
+
+    return hashlib.sha256(frames.tobytes()).hexdigest()
+
+
+
 def prepare(args) -> None:
     import numpy as np
 
@@ -74,11 +89,9 @@ def prepare(args) -> None:
             print(f"compiled {name}", file=sys.stderr)
         m = tsm_edge.read_manifest(root / "artifacts" / "host_fp32")
         size = m.input.shape[-1]
-        rng = np.random.default_rng(args.seed)
-        frames = rng.standard_normal((args.frames, 3, size, size)).astype(np.float32)
+        frames = make_frames(args.seed, args.frames, size)
         session = StreamSession(root / "artifacts" / "host_fp32")
         reference = np.stack([session.step(f) for f in frames])
-        np.save(root / "frames.npy", frames)
         np.save(root / "reference_logits.npy", reference)
         import torch
 
@@ -101,10 +114,11 @@ def prepare(args) -> None:
         shutil.copy2(Path(__file__), root / "gpu_check.py")
         info = {"model": args.model, "input_size": size, "num_classes": m.model.num_classes,
                 "seed": args.seed, "frames": args.frames, "cuda_arch": args.cuda_arch,
+                "frames_sha256": frames_digest(frames),
                 "runtime_python": target_bundle.python, "runtime_floors": target_bundle.floors,
                 "tool_versions": m.tool_versions,
                 "artifacts": {n: f"artifacts/{n}" for n in ARTIFACTS},
-                "reference": "host_fp32 artifact, caches carried, frames.npy in order"}
+                "reference": "host_fp32 artifact, caches carried, the seeded frames in order"}
         (root / PREPARED).write_text(json.dumps(info, indent=2))
         tmp_out = out.with_name(out.name + ".part")
         with tarfile.open(tmp_out, "w:gz") as tar:
@@ -290,7 +304,11 @@ def run(args) -> int:
     report: dict = {"prepared": info, "dry_run": args.dry_run, "runtime": used,
                     "machine": os.uname().nodename, "cpu_count": os.cpu_count()}
     report["driver"] = driver_check(info["cuda_arch"])
-    frames = np.load(HERE / "frames.npy")
+    frames = make_frames(info["seed"], info["frames"], info["input_size"])
+    if frames_digest(frames) != info["frames_sha256"]:
+        print(f"error: the frames made from seed {info['seed']} here differ from those prepared "
+              f"(numpy {np.__version__} draws another stream); nothing to compare", file=sys.stderr)
+        return 2
     reference = np.load(HERE / "reference_logits.npy")
     if args.dry_run:
         runs = {"host_fp32": "fp32"}
