@@ -122,3 +122,58 @@ def test_raw_tvm_targets_still_work():
     assert raw.runnable == "here" and raw.device == "cpu"
     proc = run_cli("targets", "--json")
     assert {t["name"] for t in json.loads(proc.stdout)} >= {"host", "rpi4-aarch64"}
+
+
+# --------------------------------------------------------------------------- boards bought now
+
+
+def _disassembly(path, tool="objdump") -> str:
+    return subprocess.run([tool, "-d", "--no-show-raw-insn", str(path)], capture_output=True,
+                          text=True, check=True).stdout
+
+
+@pytest.mark.needs("objdump", why="reads the instructions the library holds")
+def test_portable_x86_preset_uses_x86_64_v3_only_and_runs_here(tmp_path, frames_npy):
+    """One artifact for unknown x86 boxes: AVX2/FMA code, no AVX-512, the same logits as the
+    host build on this machine."""
+    import numpy as np
+
+    from tsm_edge.support.platform import cpu_flags
+
+    art = tsm_edge.compile("tsm_mobilenetv2_tiny", tmp_path / "v3", target="x86-64-v3")
+    m = tsm_edge.read_manifest(art)
+    assert elf_machine(art / "model.so") == "x86_64" and m.built_for.tvm_target["mcpu"] == \
+        "x86-64-v3"
+    feats = set(m.built_for.cpu_features)
+    assert {"avx2", "fma", "f16c"} <= feats and not any(f.startswith("avx512") for f in feats)
+    code = _disassembly(art / "model.so")
+    assert "ymm" in code and "zmm" not in code  # 256-bit vectors, never 512
+    flags = cpu_flags() or set()
+    if not {"avx2", "fma", "f16c"} <= flags:
+        pytest.skip("this CPU is below x86-64-v3: the artifact would be refused here")
+    frames = np.load(frames_npy)
+    host = tsm_edge.compile("tsm_mobilenetv2_tiny", tmp_path / "host")
+    a, b = tsm_edge.StreamSession(art), tsm_edge.StreamSession(host)
+    for f in frames:
+        np.testing.assert_allclose(a.step(f), b.step(f), rtol=1e-4, atol=1e-5)
+
+
+@needs_cross
+@pytest.mark.needs("aarch64-linux-gnu-objdump", why="reads the instructions the library holds")
+def test_rpi5_preset_is_cortex_a76_with_dot_product_and_half_arithmetic(tmp_path):
+    from tsm_edge.compiler.api import int8_isa
+    from tsm_edge.compiler.tvm.target import make_target
+
+    art = tsm_edge.compile("tsm_mobilenetv2_tiny", tmp_path / "rpi5", target="rpi5-aarch64",
+                           precision="fp16")
+    m = tsm_edge.read_manifest(art)
+    assert elf_machine(art / "model.so") == "aarch64"
+    assert {"neon", "dotprod", "fullfp16"} <= set(m.built_for.cpu_features)
+    code = _disassembly(art / "model.so", "aarch64-linux-gnu-objdump")
+    # fp16 arithmetic in half-precision vector lanes (v.8h / v.4h), not only conversions
+    assert any(op in code for op in ("fmla\tv", "fmul\tv")) and ".8h" in code
+    rpi5 = resolve_target("rpi5-aarch64")
+    assert int8_isa(make_target(rpi5.resolved_tvm_target()), rpi5.name).name == "neon-dotprod"
+    rpi4 = resolve_target("rpi4-aarch64")
+    with pytest.raises(UserError, match="dotprod"):
+        int8_isa(make_target(rpi4.resolved_tvm_target()), rpi4.name)
