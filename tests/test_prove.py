@@ -271,3 +271,24 @@ def test_full_models_gpu_builds_proven_on_pocl(model, size, target, tmp_path):
     assert proc.returncode == 0, [o for o in report["operators"] if o["status"] != "proven"]
     assert report["counts"]["failed"] == 0 and report["counts"]["not-run"] == 0
     assert np.isfinite([o["max_rel_error"] for o in report["operators"]]).all()
+
+
+def test_tensor_core_operators_are_listed_with_the_reason(device):
+    """A schedule with CUDA-only tensor-core intrinsics (dlight's fp16 Matmul above 64
+    channels, e.g. ResNet-50's) is not run and says why."""
+    from tvm.script import tirx as T
+
+    from tsm_edge.compiler.prove import prove_operator
+    from tsm_edge.compiler.tvm.kernels import Buffer, Operator
+
+    @T.prim_func
+    def mma(a: T.Buffer((16,), "float32"), b: T.Buffer((16,), "float32")):
+        for i in T.thread_binding(16, thread="threadIdx.x"):
+            b[i] = a[i]
+        T.evaluate(T.call_extern("int32", "tvm_mma_sync"))
+
+    op = Operator("fused_conv2d_mma", mma, mma, (Buffer("a", (16,), "float32"),),
+                  (Buffer("b", (16,), "float32"),))
+    proof = prove_operator(op, device)
+    assert proof.status == "not-run" and "tvm_mma_sync" in proof.reason
+    assert "tensor cores" in proof.reason

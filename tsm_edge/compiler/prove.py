@@ -22,6 +22,9 @@ from ..errors import UserError
 log = logging.getLogger("tsm_edge")
 
 RTOL = {"float32": 1e-4, "float16": 2e-2}  # of the output's largest magnitude
+# CUDA-only intrinsics a GPU schedule may use, which have no OpenCL form
+CUDA_ONLY = ("tvm_fill_fragment", "tvm_load_matrix_sync", "tvm_mma_sync", "tvm_store_matrix_sync",
+             "ptx_mma", "ptx_ldmatrix", "ptx_cp_async", "mma_store", "mma_fill")
 POCL_INSTALL = "pip install pyopencl pocl-binary-distribution"
 
 
@@ -158,6 +161,12 @@ def _prove(op, device: OpenCLDevice, seed: int, widen_fp16: bool, result: Operat
         why = device.unsupported(dtypes)
     if why is not None:
         result.reason = why
+        return
+    script = op.scheduled.script()
+    cuda_only = sorted({name for name in CUDA_ONLY if name in script})
+    if cuda_only:
+        result.reason = (f"CUDA-only intrinsics ({', '.join(cuda_only)}: tensor cores) have no "
+                         "OpenCL form")
         return
     if not kernels.is_gpu_scheduled(op.scheduled):
         result.status, result.reason = "failed", "the GPU build left it unscheduled (no thread binding)"
