@@ -27,7 +27,7 @@ def test_presets_are_complete_and_hosts_explicit():
     presets = list_presets()
     for name in ("host", "rpi4-aarch64", "jetson-nano-cpu", "jetson-orin-nano",
                  "jetson-orin-nano-cpu", "android-arm64", "mali-opencl", "adreno-opencl",
-                 "jetson-nano"):
+                 "jetson-nano", "cuda", "rpi5-aarch64", "x86-64-v3"):
         assert name in presets, name
     for p in presets.values():
         spec = p.resolved_tvm_target()
