@@ -261,7 +261,6 @@ def test_travelling_gpu_check_dry_run(tmp_path):
 @pytest.mark.parametrize("model,size,target", [
     ("tsm_mobilenetv2", 64, "jetson-orin-nano"),
     ("tsm_resnet50", 64, "jetson-orin-nano"),
-    ("tsm_mobilenetv2", 64, "mali-opencl"),
 ])
 def test_full_models_gpu_builds_proven_on_pocl(model, size, target, tmp_path):
     out = tmp_path / "proof.json"
