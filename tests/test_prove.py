@@ -3,6 +3,7 @@ a broken schedule caught, and the desktop ``cuda`` preset."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 
@@ -21,7 +22,7 @@ def device():
 
 @pytest.mark.parametrize("model,target", [
     ("tsm_mobilenetv2_tiny", "jetson-orin-nano"),  # dlight's CUDA rules, depthwise included
-    ("tsm_resnet50_tiny", "mali-opencl"),          # the generic GPU pipeline for OpenCL
+    pytest.param("tsm_resnet50_tiny", "mali-opencl", marks=pytest.mark.slow),  # generic OpenCL
     pytest.param("tsm_mobilenetv2_tiny", "adreno-opencl", marks=pytest.mark.slow),  # Adreno's
 ])
 def test_every_operator_of_a_tiny_gpu_build_is_proven_on_pocl(model, target, tmp_path):
@@ -42,7 +43,9 @@ def test_every_operator_of_a_tiny_gpu_build_is_proven_on_pocl(model, target, tmp
     assert "PoCL" in report["opencl_device"] or "Portable" in report["opencl_device"]
 
 
-def _one_operator(model="tsm_mobilenetv2_tiny", target="jetson-orin-nano", pattern="conv2d"):
+@functools.cache
+def _operators(model: str, target: str):
+    """The GPU build's fused operators, built once per test session (each test copies one)."""
     from tsm_edge.compiler.prove import gpu_step_module
     from tsm_edge.compiler.targets import resolve_target
     from tsm_edge.compiler.tvm import kernels
@@ -50,9 +53,12 @@ def _one_operator(model="tsm_mobilenetv2_tiny", target="jetson-orin-nano", patte
     from tsm_edge.models.resolve import resolve_model
 
     preset = resolve_target(target)
-    ops = kernels.gpu_operators(gpu_step_module(resolve_model(model)),
-                                make_target(preset.resolved_tvm_target()))
-    return next(o for o in ops if re.search(pattern, o.name))
+    return tuple(kernels.gpu_operators(gpu_step_module(resolve_model(model)),
+                                       make_target(preset.resolved_tvm_target())))
+
+
+def _one_operator(model="tsm_mobilenetv2_tiny", target="jetson-orin-nano", pattern="conv2d"):
+    return next(o for o in _operators(model, target) if re.search(pattern, o.name))
 
 
 def _rescheduled(op, edit):
