@@ -26,6 +26,11 @@ RTOL = {"float32": 1e-4, "float16": 2e-2}  # of the output's largest magnitude
 CUDA_ONLY = ("tvm_fill_fragment", "tvm_load_matrix_sync", "tvm_mma_sync", "tvm_store_matrix_sync",
              "ptx_mma", "ptx_ldmatrix", "ptx_cp_async", "mma_store", "mma_fill")
 POCL_INSTALL = "pip install pyopencl pocl-binary-distribution"
+# PoCL compiles kernels for the host CPU with its own LLVM; an LLVM older than the CPU (the
+# pip wheel's LLVM 14 on Zen 4) names it "generic" and every build fails. Debian's PoCL (LLVM 15,
+# with its CPU-selection patch) builds there.
+POCL_DEBIAN = "apt-get install pocl-opencl-icd"
+_PROBE = "__kernel void tsm_edge_probe(__global float* a) { a[get_global_id(0)] += 1.0f; }"
 
 
 @dataclass
@@ -72,6 +77,26 @@ class ProofReport:
         return data
 
 
+def _first_that_builds(cl, devices):
+    """(device, context, [why each earlier device was passed over]): the first device that
+    builds a one-line kernel; UserError naming each device's build error where none does."""
+    skipped = []
+    for device in devices:
+        name = f"{device.platform.name.strip()} {device.platform.version.strip()}: " \
+               f"{device.name.strip()}"
+        try:
+            context = cl.Context([device])
+            cl.Program(context, _PROBE).build()
+        except Exception as exc:  # noqa: BLE001 - any build failure passes the device over
+            lines = [ln.strip() for ln in str(exc).splitlines() if "error" in ln.lower()]
+            skipped.append(f"{name} cannot build a kernel ({lines[-1] if lines else exc})")
+            continue
+        return device, context, skipped
+    raise UserError("no OpenCL device here can build a kernel: " + "; ".join(skipped)
+                    + f". Where PoCL's LLVM is older than this CPU (it then says 'unknown "
+                    f"target CPU'), Debian's PoCL builds: {POCL_DEBIAN}")
+
+
 class OpenCLDevice:
     """PyOpenCL on the first OpenCL device found (PoCL's CPU device where installed)."""
 
@@ -86,8 +111,9 @@ class OpenCLDevice:
             raise UserError(f"no OpenCL device found; install PoCL's CPU device with: "
                             f"{POCL_INSTALL}")
         self.cl = cl
-        self.device = devices[0]
-        self.context = cl.Context([self.device])
+        self.device, self.context, self.skipped = _first_that_builds(cl, devices)
+        for why in self.skipped:
+            log.warning("OpenCL: %s; using the next device", why)
         self.queue = cl.CommandQueue(self.context)
         self.extensions = set(self.device.extensions.split())
 
