@@ -56,3 +56,17 @@ def frames_npy(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_video(tmp_path_factory) -> Path:
     return write_synthetic_video(tmp_path_factory.mktemp("video") / "shapes.mp4")
+
+
+@pytest.fixture(scope="session")
+def calibration(tmp_path_factory, synthetic_video) -> Path:
+    """A calibration of the tiny MobileNetV2 on the synthetic video (int8 builds)."""
+    from tsm_edge.compiler.quantize import calibrate
+    from tsm_edge.compiler.quantize import calibration as calibration_file
+
+    path = tmp_path_factory.mktemp("calib") / "tiny.json"
+    calib = calibrate.calibrate("tsm_mobilenetv2_tiny",
+                                sources=[calibrate.video_stream(synthetic_video)],
+                                max_frames=40)
+    calibration_file.write_calibration(calib, path)
+    return path

@@ -126,3 +126,58 @@ def to_official(model, family):
         k = re.sub(r"^(fc|classifier)\.", "new_fc.", k)
         out["module." + (k if k.startswith("new_fc.") else "base_model." + k)] = v
     return {"epoch": 50, "arch": family, "state_dict": out, "best_prec1": 71.2}
+
+
+# --------------------------------------------------------------------------- int8 kernels
+
+
+def int8_conv_module(isa, target_spec: dict, shape, kernel, out_channels, strides, padding):
+    """One integer convolution scheduled by the int8 rule for ``target_spec``: (module, target,
+    what the rule did)."""
+    import tvm
+
+    from tsm_edge.compiler import schedules
+    from tsm_edge.compiler.quantize import int8
+
+    func = int8.conv_prim_func(isa, shape, kernel, out_channels, strides, padding)
+    target = tvm.target.Target(target_spec)
+    sch, what = schedules.schedule_primfunc(func, target)
+    assert what is not None and what["rule"] == "convolution-int8", what
+    mod = tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")})
+    return mod, target, what
+
+
+def int8_reference(x_stored, w_hwio, strides, padding, zero_point):
+    """Integer convolution in numpy: padded with the zero point, summed in int64."""
+    pt, pl, pb, pr = padding
+    x = np.pad(x_stored.astype(np.int64), ((0, 0), (pt, pb), (pl, pr), (0, 0)),
+               constant_values=zero_point)
+    kh, kw, _c, o = w_hwio.shape
+    sh, sw = strides
+    ho = (x.shape[1] - kh) // sh + 1
+    wo = (x.shape[2] - kw) // sw + 1
+    out = np.zeros((1, ho, wo, o), np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            patch = x[:, i:i + sh * ho:sh, j:j + sw * wo:sw, :]
+            out += np.einsum("nhwc,co->nhwo", patch, w_hwio[i, j].astype(np.int64))
+    return out
+
+
+def extreme_operands(isa, shape, kernel, out_channels, seed=0):
+    """(stored input, HWIO int8 weights) with the ranges' extremes: a corner of the input at
+    the largest stored magnitude (255 unsigned, -127 signed), the first two output channels'
+    weights at +-weight_max (the worst case for an int16 pair: 255 * 63 * 2, 127 * 127 * 2)."""
+    rng = np.random.default_rng(seed)
+    if isa.data_dtype == "uint8":
+        x = rng.integers(0, 256, shape).astype(np.uint8)
+        x.flat[:64] = 255
+    else:
+        x = rng.integers(-127, 128, shape).astype(np.int8)
+        x.flat[:64] = -127
+        x.flat[64:128] = 127
+    w = rng.integers(-isa.weight_max, isa.weight_max + 1,
+                     (*kernel, shape[-1], out_channels)).astype(np.int8)
+    w[..., 0] = isa.weight_max
+    w[..., 1] = -isa.weight_max
+    return x, w

@@ -144,3 +144,13 @@ def test_damaged_artifacts(artifact_copy, frames_npy):
     assert_user_error(run_cli("bench", str(artifact_copy)), "model.so", "missing")
     (artifact_copy / "manifest.json").write_text("[1, 2")
     assert_user_error(run_cli("inspect", str(artifact_copy)), "not valid JSON")
+
+
+@pytest.mark.needs("qemu-aarch64-static", why="the emulated core is one of qemu's models")
+def test_emulate_cpu_choice_errors_are_one_line():
+    """A core qemu does not model, or a preset that is not an aarch64 CPU, is one error line
+    listing what would do; nothing is provisioned or started first."""
+    proc = run_cli("device", "emulate", "--cpu", "cortex-a99", timeout=60)
+    assert_user_error(proc, "--cpu cortex-a99", "cortex-a72", "cortex-a57", "cortex-a76")
+    proc = run_cli("device", "emulate", "--target", "x86-64-v3", timeout=60)
+    assert_user_error(proc, "x86-64-v3", "not an aarch64 CPU preset", "rpi4-aarch64")

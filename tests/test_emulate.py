@@ -312,3 +312,105 @@ def test_int8_dotprod_build_runs_on_the_device(server, tmp_path_factory, synthet
 
     del stream, remote
     gc.collect()
+
+
+# --------------------------------------------------------------------------- int8 per core
+
+# Each aarch64 int8 family on the core of a board that has it, emulated as that core: qemu then
+# traps (SIGILL) an instruction the core lacks, as the board would.
+CORES = [("rpi4-aarch64", "cortex-a72", "neon"), ("jetson-nano-cpu", "cortex-a57", "neon"),
+         ("rpi5-aarch64", "cortex-a76", "neon-dotprod")]
+
+
+def _int8_kernels(tmp_path, isa_name, mcpu):
+    """Exported aarch64 libraries of the integer convolution cases, with extreme operands and
+    numpy's integer result for each."""
+    import tvm
+    from test_int8 import CASES
+
+    from tsm_edge.compiler.quantize import int8
+    from tsm_edge.compiler.quantize.isa import ISAS
+
+    from helpers import extreme_operands, int8_conv_module, int8_reference
+
+    isa = ISAS[isa_name]
+    spec = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": mcpu}
+    out = []
+    for i, (shape, kernel, o, strides, padding) in enumerate(CASES):
+        mod, target, _ = int8_conv_module(isa, spec, shape, kernel, o, strides, padding)
+        path = tmp_path / f"conv_{isa_name}_{i}.so"
+        tvm.compile(mod, target=target).export_library(str(path), cc="aarch64-linux-gnu-g++")
+        x, w = extreme_operands(isa, shape, kernel, o, seed=i)
+        out.append((path, x, int8.pack_weights(w, isa.lanes),
+                    int8_reference(x, w, strides, padding, isa.zero_point)))
+    return out
+
+
+def _run_kernels(host, port, kernels):
+    """Each library run once on the device; returns the int32 outputs."""
+    import gc
+
+    import tvm
+
+    remote = rpc.connect(host, port, session_timeout=SESSION_TIMEOUT, timeout=60)
+    dev = remote.cpu()
+    got = []
+    for path, x, w, want in kernels:
+        remote.upload(str(path))
+        f = remote.load_module(path.name)
+        out = tvm.runtime.tensor(np.zeros(want.shape, np.int32), dev)
+        f(tvm.runtime.tensor(x, dev), tvm.runtime.tensor(w, dev), out)
+        got.append(out.numpy())
+        del f, out
+    del dev, remote
+    gc.collect()
+    return got
+
+
+@pytest.mark.needs("aarch64-linux-gnu-g++", "aarch64-linux-gnu-objdump",
+                   why="the board's libraries are cross-built, then disassembled")
+@pytest.mark.parametrize("preset,core,family", CORES)
+def test_int8_on_each_boards_own_core(device_dir, tmp_path, calibration, preset, core, family):
+    """The int8 build of each aarch64 board: its integer convolutions counted in the manifest,
+    its code free of instructions the core lacks, `verify --rpc` passing on the emulated core;
+    each integer kernel bit-exact against numpy's integer convolution at the value extremes; and
+    on an Armv8.0 core, an sdot kernel traps, which is what makes the first two mean something."""
+    import subprocess
+
+    import tsm_edge
+
+    from helpers import run_cli
+
+    art = tsm_edge.compile(MODEL, tmp_path / preset, target=preset, precision="int8",
+                           calibration=str(calibration))
+    detail = tsm_edge.read_manifest(art)["precision_detail"]
+    assert detail["isa"] == family and detail["integer_convolutions"] >= 10, detail
+    code = subprocess.run(["aarch64-linux-gnu-objdump", "-d", "--no-show-raw-insn",
+                           str(art / "model.so")], capture_output=True, text=True,
+                          check=True).stdout
+    # "   1db60:\tsmull\tv29.8h, v26.8b, v24.8b": address, mnemonic, operands
+    mnemonics = {ln.split("\t")[1].split()[0] for ln in code.splitlines()
+                 if ln.count("\t") >= 1 and ln.split("\t")[0].strip().endswith(":")
+                 and ln.split("\t")[1].strip()}
+    if family == "neon":
+        assert {"smull", "addp", "sadalp"} <= mnemonics
+        assert not mnemonics & {"sdot", "udot", "usdot", "smmla"}, mnemonics
+    else:
+        assert "sdot" in mnemonics
+    kernels = _int8_kernels(tmp_path, family, core)
+    (tmp_path / "trap").mkdir()
+    trap = [] if family == "neon-dotprod" else _int8_kernels(tmp_path / "trap", "neon-dotprod",
+                                                             "cortex-a76")[:1]
+    port = rpc.free_port()
+    with emulator.running_server(port, cache_dir=device_dir, cpu=core, timeout=300) as server:
+        proc = run_cli("verify", str(art), "--rpc", f"127.0.0.1:{port}", "--frames",
+                       str(FRAMES), timeout=1200)
+        assert proc.returncode == 0 and "PASS" in proc.stdout, proc.stdout + proc.stderr
+        for got, (_path, _x, _w, want) in zip(_run_kernels("127.0.0.1", port, kernels),
+                                               kernels):
+            np.testing.assert_array_equal(got, want)
+        if trap:
+            with pytest.raises(Exception):  # noqa: B017 - the worker dies; TVM's error varies
+                _run_kernels("127.0.0.1", port, trap)
+            time.sleep(1)
+            assert "error code -4" in server.log_path.read_text()  # -SIGILL

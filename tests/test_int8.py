@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import platform
 
 import numpy as np
 import pytest
 
-from helpers import run_cli
+from helpers import extreme_operands, int8_conv_module, int8_reference, run_cli
 
 X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
 TARGETS = {  # ISA -> a TVM target whose CPU has it
@@ -15,78 +16,65 @@ TARGETS = {  # ISA -> a TVM target whose CPU has it
     "avx512bw": dict(X86, mcpu="skylake-avx512"),
     "avx512-vnni": dict(X86, mcpu="cascadelake"),
     "neon-dotprod": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"},
+    "neon": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"},
 }
 INSTRUCTIONS = {"avx2": ("vpmaddubsw", "ymm"), "avx512bw": ("vpmaddubsw", "zmm"),
-                "avx512-vnni": ("vpdpbusd", "zmm"), "neon-dotprod": ("sdot", "v")}
+                "avx512-vnni": ("vpdpbusd", "zmm"), "neon-dotprod": ("sdot", "v"),
+                "neon": ("smull", "v")}
+# Instructions a family's build must not contain: the CPU it is for lacks them (an Armv8.0 core
+# traps sdot; an AVX2 CPU has no zmm registers; without VNNI there is no vpdpbusd).
+FORBIDDEN = {"avx2": ("zmm", "vpdpbusd"), "avx512bw": ("vpdpbusd",), "avx512-vnni": (),
+             "neon-dotprod": (), "neon": ("sdot", "udot", "smmla")}
 # What each family computes with, from the instructions themselves: int32 lanes per vector
 # (256- or 512-bit x86, 128-bit Neon) and the weight bits. vpmaddubsw sums two u8 x s8 products
 # in a saturating int16, so weights stay within +-63 (7 bits: 2 * 255 * 63 < 32767); vpdpbusd
 # and sdot accumulate straight into int32 and take all 8 bits (+-127).
-LANES = {"avx2": 8, "avx512bw": 16, "avx512-vnni": 16, "neon-dotprod": 4}
-WEIGHT_BITS = {"avx2": 7, "avx512bw": 7, "avx512-vnni": 8, "neon-dotprod": 8}
+LANES = {"avx2": 8, "avx512bw": 16, "avx512-vnni": 16, "neon-dotprod": 4, "neon": 4}
+WEIGHT_BITS = {"avx2": 7, "avx512bw": 7, "avx512-vnni": 8, "neon-dotprod": 8, "neon": 8}
 # The kernel's CPU flags (/proc/cpuinfo) that each family needs, best first: a second source
 # beside LLVM's, so a wrong host CPU or feature table shows up as a disagreement.
 CPUINFO_FLAGS = [("avx512-vnni", {"avx512_vnni", "avx512bw"}), ("avx512bw", {"avx512bw"}),
-                 ("avx2", {"avx2"}), ("neon-dotprod", {"asimddp"})]
+                 ("avx2", {"avx2"}), ("neon-dotprod", {"asimddp"}), ("neon", {"asimd"})]
 
 
-def _conv_module(isa, shape, kernel, out_channels, strides, padding):
-    import tvm
-
-    from tsm_edge.compiler import schedules
-    from tsm_edge.compiler.quantize import int8
-
-    func = int8.conv_prim_func(isa, shape, kernel, out_channels, strides, padding)
-    target = tvm.target.Target(TARGETS[isa.name])
-    sch, what = schedules.schedule_primfunc(func, target)
-    assert what is not None and what["rule"] == "convolution-int8", what
-    mod = tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")})
-    return mod, target, what
-
-
-def _reference(x_stored, w_hwio, strides, padding, zero_point):
-    """Integer convolution in numpy: padded with the zero point, summed in int64."""
-    pt, pl, pb, pr = padding
-    x = np.pad(x_stored.astype(np.int64), ((0, 0), (pt, pb), (pl, pr), (0, 0)),
-               constant_values=zero_point)
-    kh, kw, _c, o = w_hwio.shape
-    sh, sw = strides
-    ho = (x.shape[1] - kh) // sh + 1
-    wo = (x.shape[2] - kw) // sw + 1
-    out = np.zeros((1, ho, wo, o), np.int64)
-    for i in range(kh):
-        for j in range(kw):
-            patch = x[:, i:i + sh * ho:sh, j:j + sw * wo:sw, :]
-            out += np.einsum("nhwc,co->nhwo", patch, w_hwio[i, j].astype(np.int64))
-    return out
-
-
-@pytest.mark.parametrize("case", [
+CASES = [
     ((1, 14, 14, 32), (1, 1), 48, (1, 1), (0, 0, 0, 0)),    # pointwise
     ((1, 15, 15, 16), (3, 3), 32, (2, 2), (1, 1, 1, 1)),    # strided 3x3, odd size
     ((1, 8, 8, 64), (3, 3), 16, (1, 1), (1, 1, 1, 1)),      # 3x3, few output channels
-])
-def test_integer_convolution_is_exact_on_this_cpu(case):
-    """The tensorized convolution (AVX2 here) equals numpy's integer convolution exactly, at
-    the extremes of the value ranges too (no int16 saturation with 7-bit weights)."""
+]
+
+
+def _cpu_lacks(name):
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    need = dict(CPUINFO_FLAGS)[name]
+    return not need <= flags
+
+
+@pytest.mark.parametrize("name", ["avx2", "avx512bw", "avx512-vnni"])
+@pytest.mark.parametrize("case", CASES)
+def test_integer_convolution_is_exact_on_this_cpu(name, case):
+    """Each x86 path this CPU has equals numpy's integer convolution exactly, at the extremes of
+    the value ranges too (no int16 saturation with 7-bit weights). The Arm paths run on the
+    emulated board with the core's own qemu model (tests/test_emulate.py)."""
     import tvm
 
     from tsm_edge.compiler.quantize import int8
     from tsm_edge.compiler.quantize import isa as isas
 
-    isa = isas.isa_for(tvm.target.Target(TARGETS["avx2"]))
-    assert isa.name == "avx2"
+    if platform.machine() != "x86_64" or _cpu_lacks(name):
+        pytest.skip(f"this CPU has no {name} (/proc/cpuinfo flags); it runs where it does")
+    isa = isas.isa_for(tvm.target.Target(TARGETS[name]))
+    assert isa.name == name
     shape, kernel, o, strides, padding = case
-    mod, target, what = _conv_module(isa, shape, kernel, o, strides, padding)
+    mod, target, what = int8_conv_module(isa, TARGETS[isa.name], shape, kernel, o, strides, padding)
     exe = tvm.compile(mod, target=target)
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, shape).astype(np.uint8)
-    x.flat[:64] = 255  # the worst case for vpmaddubsw: 255 * 63 + 255 * 63
-    w = rng.integers(-isa.weight_max, isa.weight_max + 1,
-                     (*kernel, shape[-1], o)).astype(np.int8)
-    w[..., 0] = isa.weight_max
-    w[..., 1] = -isa.weight_max
-    want = _reference(x, w, strides, padding, isa.zero_point)
+    x, w = extreme_operands(isa, shape, kernel, o)
+    want = int8_reference(x, w, strides, padding, isa.zero_point)
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros(want.shape, np.int32), dev)
     exe(tvm.runtime.tensor(x, dev), tvm.runtime.tensor(int8.pack_weights(w, isa.lanes), dev), out)
@@ -96,35 +84,43 @@ def test_integer_convolution_is_exact_on_this_cpu(case):
 
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_each_isa_lowers_to_its_instruction(name):
-    """Every supported family compiles to its integer instruction (assembly checked); the
-    boards' own are only compiled here, the AVX2 one also runs (above)."""
+    """Every supported family compiles to its integer instruction, and not to one its CPU
+    lacks (assembly checked); the x86 ones also run above, the Arm ones on the emulated board."""
     import tvm
 
     from tsm_edge.compiler.quantize import isa as isas
 
     isa = isas.isa_for(tvm.target.Target(TARGETS[name]))
     assert isa is not None and isa.name == name
-    mod, target, _ = _conv_module(isa, (1, 8, 8, 32), (3, 3), 32, (1, 1), (1, 1, 1, 1))
+    mod, target, _ = int8_conv_module(isa, TARGETS[isa.name], (1, 8, 8, 32), (3, 3), 32, (1, 1),
+                                      (1, 1, 1, 1))
     exe = tvm.compile(mod, target=target)
     asm = "".join(str(m.inspect_source("asm")) for m in [exe.mod, *exe.mod.imports])
     mnemonic, register = INSTRUCTIONS[name]
     lines = [ln for ln in asm.splitlines() if mnemonic in ln]
     assert len(lines) >= 16, f"{mnemonic} appears {len(lines)} times"
     assert any(register in ln for ln in lines)
+    code = [ln.split("//")[0] for ln in asm.splitlines() if ln.startswith("\t")]
+    for bad in FORBIDDEN[name]:
+        assert not any(bad in ln for ln in code), f"{bad} in the {name} build"
 
 
-def test_no_dot_product_means_no_int8():
-    """A CPU without an integer dot product (Cortex-A72: Armv8.0) gets no int8 build."""
+def test_armv8_0_gets_smull_and_a_cpu_without_integer_vectors_gets_no_int8():
+    """Cortex-A72 and A57 (Armv8.0, no dot product) get the smull family; an x86-64 CPU
+    without AVX2 (baseline SSE2) has no integer instruction tsm-edge lowers to: refused."""
     import tvm
 
     from tsm_edge.compiler.quantize import isa as isas
     from tsm_edge.errors import UserError
 
-    a72 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu",
-                             "mcpu": "cortex-a72"})
-    assert isas.isa_for(a72) is None
-    with pytest.raises(UserError, match="no integer dot-product instruction"):
-        isas.check_target(a72, "rpi4-aarch64")
+    for core in ("cortex-a72", "cortex-a57", "cortex-a53"):
+        target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+                                    "mcpu": core})
+        assert isas.check_target(target, core).name == "neon"
+    sse2 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"})
+    assert isas.isa_for(sse2) is None
+    with pytest.raises(UserError, match="no integer multiply-accumulate instruction"):
+        isas.check_target(sse2, "x86-64")
 
 
 def test_weight_quantization_and_packing():
@@ -147,19 +143,6 @@ def test_weight_quantization_and_packing():
 
 
 # --------------------------------------------------------------------------- the whole step
-
-
-@pytest.fixture(scope="module")
-def calibration(tmp_path_factory, synthetic_video):
-    from tsm_edge.compiler.quantize import calibrate
-    from tsm_edge.compiler.quantize import calibration as calibration_file
-
-    path = tmp_path_factory.mktemp("calib") / "tiny.json"
-    calib = calibrate.calibrate("tsm_mobilenetv2_tiny",
-                                sources=[calibrate.video_stream(synthetic_video)],
-                                max_frames=40)
-    calibration_file.write_calibration(calib, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -321,7 +304,6 @@ def test_int8_caches_hold_the_quantized_block_input(tiny_int8, tiny_mnv2, synthe
             assert err < 0.1 * limit, (name, err, limit)
 
 
-@pytest.mark.needs("aarch64-linux-gnu-g++", why="rpi4-aarch64 is refused after its preset resolves")
 def test_int8_cli_errors(tmp_path, calibration):
     out = tmp_path / "a"
     r = run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "--precision", "int8", "-o",
@@ -330,9 +312,10 @@ def test_int8_cli_errors(tmp_path, calibration):
     r = run_cli("compile", "--model", "tsm_resnet50_tiny", "--precision", "int8",
                 "--calibration", str(calibration), "-o", str(out))
     assert r.returncode == 2 and "calibration" in r.stderr and "tsm_resnet50_tiny" in r.stderr
+    sse2 = json.dumps({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"})
     r = run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "--precision", "int8",
-                "--calibration", str(calibration), "--target", "rpi4-aarch64", "-o", str(out))
-    assert r.returncode == 2 and "dot-product" in r.stderr
+                "--calibration", str(calibration), "--target", sse2, "-o", str(out))
+    assert r.returncode == 2 and "no integer multiply-accumulate" in r.stderr, r.stderr
     r = run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "--precision", "fp16",
                 "--calibration", str(calibration), "-o", str(out))
     assert r.returncode == 2 and "--calibration is for --precision int8" in r.stderr

@@ -91,8 +91,8 @@ def targets(as_json: bool, tvm_tags: bool) -> None:
 @click.option("--precision", default=None,
               help="fp32 | fp16 | int8 (default: the preset's). fp16: float16 weights, "
                    "activations and caches, float32 accumulation, pooling and classifier. "
-                   "int8 (needs --calibration): integer convolutions on the CPU's dot-product "
-                   "instructions, int8 caches.")
+                   "int8 (needs --calibration): integer convolutions on the CPU's integer "
+                   "multiply-add instructions (x86 AVX2 and up, any AArch64 core), int8 caches.")
 @click.option("--tuning", default="auto", show_default=True, help="auto | none.")
 @click.option("--schedules", default="default", show_default=True,
               help="CPU schedules for operators without tuning records: default (tsm-edge's "

@@ -250,7 +250,7 @@ def precision_detail(precision: str, census: dict, int8: dict | None = None) -> 
 
 
 def int8_isa(target, preset_name: str):
-    """The integer dot-product family int8 compiles to on ``target``; else UserError saying
+    """The integer multiply-add family int8 compiles to on ``target``; else UserError saying
     why not (a GPU target, or a CPU without one)."""
     from .quantize import isa as isas
 

@@ -248,8 +248,8 @@ def _upstream_inline(sch, block) -> None:
 
 def _schedule_conv_int8(sch, conv, cpu: CpuShape, isa) -> dict:
     """Integer convolution (n, y, x, f | ry, rx, rco, rci): the register tile of the float rule,
-    with the innermost L output channels x 4 input channels on the target's dot-product
-    instruction (``quantize.isa.ISAS``)."""
+    with the innermost L output channels x 4 input channels on the target's integer multiply-add
+    instructions (``quantize.isa.ISAS``)."""
     from .quantize.isa import register_intrinsic
 
     intrin = register_intrinsic(isa)

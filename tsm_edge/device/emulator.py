@@ -33,6 +33,7 @@ network is trusted.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -79,6 +80,8 @@ DEB_PACKAGES = (
     "libkeyutils1",
 )
 WHEEL_PLATFORM = "manylinux_2_28_aarch64"  # pip also accepts older manylinux tags
+#: qemu-user's default CPU: every feature it emulates (dot product, fp16 arithmetic, SVE ...).
+DEFAULT_CPU = "max"
 Log = Callable[[str], None]
 
 
@@ -151,6 +154,35 @@ def find_qemu() -> str:
         raise UserError(f"{QEMU} is not installed; the emulated aarch64 device needs the Debian "
                         f"package {QEMU_PACKAGE} (apt-get install {QEMU_PACKAGE})")
     return path
+
+
+@functools.cache
+def _cpu_list(qemu: str) -> tuple[str, ...]:
+    res = _run([qemu, "-cpu", "help"], timeout=60)
+    return tuple(ln.split()[0] for ln in res.stdout.splitlines()[1:] if ln.strip())
+
+
+def qemu_cpus(qemu: str | None = None) -> list[str]:
+    """The CPU models this qemu-aarch64 emulates (``-cpu help``), e.g. cortex-a72, max."""
+    return list(_cpu_list(qemu or find_qemu()))
+
+
+def check_cpu(cpu: str, qemu: str | None = None) -> str:
+    """``cpu`` if this qemu emulates it, else a UserError listing the ones it does."""
+    cpus = qemu_cpus(qemu)
+    if cpu not in cpus:
+        raise UserError(f"--cpu {cpu} is not a CPU {QEMU} emulates; valid: {', '.join(cpus)}")
+    return cpu
+
+
+def cpu_for_preset(preset) -> str | None:
+    """The qemu CPU model of an aarch64 preset's core (its ``mcpu``), or None where qemu has
+    no model of that core (then the emulation is ``max``, which has every feature)."""
+    target = preset.tvm_target if isinstance(preset.tvm_target, dict) else {}
+    mcpu = str(target.get("mcpu", ""))
+    if not str(target.get("mtriple", "")).startswith("aarch64") or not mcpu:
+        return None
+    return mcpu if mcpu in qemu_cpus() else None
 
 
 def _need_tool(tool: str, package: str) -> str:
@@ -467,7 +499,7 @@ def guest_env(extra: dict | None = None) -> dict:
     """The environment for qemu: the host's, less what would mislead the aarch64 process."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "LD_LIBRARY_PATH",
-                        "LD_PRELOAD", "VIRTUAL_ENV", "QEMU_LD_PREFIX")}
+                        "LD_PRELOAD", "VIRTUAL_ENV", "QEMU_LD_PREFIX", "QEMU_CPU")}
     env.update(extra or {})
     return env
 
@@ -552,17 +584,21 @@ def device_info(cache_dir: Path | None = None) -> dict:
 
 def start_server(port: int = DEFAULT_PORT, host: str = LOOPBACK, tracker: str | None = None,
                  key: str | None = None, cache_dir: Path | None = None, *,
-                 log: Log = print) -> subprocess.Popen:
+                 cpu: str = DEFAULT_CPU, log: Log = print) -> subprocess.Popen:
     """Start the emulated device's TVM RPC server; returns its process (own process group).
 
-    ``tracker`` ("HOST:PORT") registers the server under ``key``. The server is provisioned
-    first if needed. Its output goes to ``proc.log_path``. Pair with ``wait_ready`` and
-    ``stop_server`` (or use ``running_server``).
+    ``tracker`` ("HOST:PORT") registers the server under ``key``. ``cpu`` is the qemu CPU model
+    the server and its workers run on (``QEMU_CPU``, inherited by every process the launcher
+    starts): a board's own core (cortex-a72) makes qemu trap an instruction that core lacks
+    (SIGILL), as the board would. The server is provisioned first if needed. Its output goes
+    to ``proc.log_path``. Pair with ``wait_ready`` and ``stop_server`` (or use
+    ``running_server``).
     """
     if tracker and not key:
         raise UserError("a server registered with a tracker needs a key (e.g. --key rpi4)")
     lay = layout(provision(cache_dir, log=log))
     qemu = find_qemu()
+    check_cpu(cpu, qemu)
     check_port_free(host, port)
     lay.logs.mkdir(parents=True, exist_ok=True)
     log_path = lay.logs / f"rpc_server-{port}.log"
@@ -580,7 +616,7 @@ def start_server(port: int = DEFAULT_PORT, host: str = LOOPBACK, tracker: str | 
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
                                 stderr=subprocess.STDOUT, start_new_session=True,
-                                env=guest_env(), cwd=lay.cache_dir)
+                                env=guest_env({"QEMU_CPU": cpu}), cwd=lay.cache_dir)
     finally:
         logf.close()
     proc.log_path = log_path  # type: ignore[attr-defined]
@@ -588,15 +624,17 @@ def start_server(port: int = DEFAULT_PORT, host: str = LOOPBACK, tracker: str | 
     proc.rpc_address = (host, port)  # type: ignore[attr-defined]
     proc.rpc_tracker = tracker  # type: ignore[attr-defined]
     proc.rpc_key = key  # type: ignore[attr-defined]
+    proc.cpu = cpu  # type: ignore[attr-defined]
     return proc
 
 
 @contextlib.contextmanager
 def running_server(port: int = DEFAULT_PORT, host: str = LOOPBACK, tracker: str | None = None,
                    key: str | None = None, cache_dir: Path | None = None, *,
-                   timeout: float = 180.0, log: Log = print) -> Iterator[subprocess.Popen]:
+                   cpu: str = DEFAULT_CPU, timeout: float = 180.0,
+                   log: Log = print) -> Iterator[subprocess.Popen]:
     """``start_server`` + ``wait_ready``, always stopped on exit."""
-    proc = start_server(port, host, tracker, key, cache_dir, log=log)
+    proc = start_server(port, host, tracker, key, cache_dir, cpu=cpu, log=log)
     try:
         proc.ready_seconds = wait_ready(host, port, timeout, proc=proc)  # type: ignore
         yield proc

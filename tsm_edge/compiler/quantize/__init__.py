@@ -1,3 +1,3 @@
 """int8: calibration on real frames (``calibrate``), its file format (``calibration``), the
-integer dot-product instructions per ISA (``isa``) and the quantized step (``int8``).
+integer multiply-add instructions per ISA (``isa``) and the quantized step (``int8``).
 """

@@ -1,4 +1,4 @@
-"""Int8: integer convolutions on the target's dot-product instructions, and int8 caches.
+"""Int8: integer convolutions on the target's integer multiply-add instructions, and int8 caches.
 
 What ``compile --precision int8 --calibration CALIB`` changes in the step (after the CPU layout
 pass, so activations are NHWC and weights HWIO constants):
@@ -10,7 +10,9 @@ pass, so activations are NHWC and weights HWIO constants):
   int32, and the result is scaled back to float32 before the bias and activation;
 - the int32 products run on the target's instruction, through a tensorized inner block of L
   output channels by 4 input channels (``ISAS``): AVX2 ``vpmaddubsw`` + ``vpmaddwd``, AVX-512BW
-  the same on 512 bits, AVX-512 VNNI ``vpdpbusd``, Armv8.2 dot product ``sdot``. x86's
+  the same on 512 bits, AVX-512 VNNI ``vpdpbusd``, Armv8.2 dot product ``sdot``, and on
+  Armv8.0 cores without it (Cortex-A53/A57/A72) ``smull`` into int16 pairs summed by ``addp``
+  and widened into int32 by ``sadalp``. x86's
   instructions multiply unsigned by signed bytes, so on x86 the quantized activation is stored
   with zero point 128 (``uint8``) and a per-channel correction ``128 * sum(w)`` is subtracted from
   the int32 result; ``vpmaddubsw`` adds two products into a saturating int16, so without VNNI the
@@ -128,7 +130,7 @@ class Storage:
 def input_storage(plan: ConvPlan, isa: Isa) -> Storage:
     """A convolution input's storage. x86's instructions take unsigned bytes: a non-negative
     input uses all 256 levels (zero point 0), a signed one is symmetric int8 + 128. Arm's sdot
-    takes signed bytes: symmetric int8."""
+    and smull take signed bytes: symmetric int8 (+-127, so two smull products fit an int16)."""
     t = max(plan.threshold, 1e-30)
     if isa.data_dtype == "uint8" and plan.nonnegative:
         return Storage(t / 255.0, 0, "uint8", 0, 255)

@@ -1,5 +1,5 @@
-"""Integer dot-product instructions per ISA (AVX2, AVX-512BW, AVX-512 VNNI, Armv8.2 sdot)
-and their tensor intrinsics.
+"""Integer multiply-accumulate instructions per ISA (AVX2, AVX-512BW, AVX-512 VNNI, Armv8.2
+sdot, Armv8.0 smull) and their tensor intrinsics.
 """
 
 from __future__ import annotations
@@ -39,11 +39,17 @@ ISAS = {
                 "vpmaddubsw + vpmaddwd (AVX2)"),
     "neon-dotprod": Isa("neon-dotprod", 4, "int8", 0, 127, "tsm_edge_dot_4x4_sdot",
                         "sdot (Armv8.2 dot product)"),
+    # Armv8.0 (Cortex-A53/A57/A72): no dot product. smull multiplies signed bytes into int16
+    # lanes; addp sums adjacent pairs (two products: 2 * 127 * 127 < 32767 with symmetric
+    # activations and +-127 weights, so no saturation); sadalp widens pairs into int32.
+    "neon": Isa("neon", 4, "int8", 0, 127, "tsm_edge_dot_4x4_smull",
+                "smull + addp + sadalp (Armv8.0 NEON)"),
 }
 
 
 def isa_for(target) -> Isa | None:
-    """The best integer dot-product family the target's CPU has; None where it has none."""
+    """The best integer multiply-accumulate family the target's CPU has; None where it has none
+    (NEON is part of every AArch64 CPU, so an aarch64 target always has one)."""
     from tvm.target import codegen
 
     host = target.host if getattr(target, "host", None) is not None else target
@@ -57,22 +63,26 @@ def isa_for(target) -> Isa | None:
         return ISAS["avx512bw"]
     if "avx2" in feats:
         return ISAS["avx2"]
-    if (triple.startswith("aarch64") or "neon" in feats) and "dotprod" in feats:
+    aarch64 = triple.startswith("aarch64") or "neon" in feats
+    if aarch64 and "dotprod" in feats:
         return ISAS["neon-dotprod"]
+    if aarch64:
+        return ISAS["neon"]
     return None
 
 
 def check_target(target, preset_name: str) -> Isa:
-    """The target's Isa, or a UserError saying plainly that it has no integer dot product."""
+    """The target's Isa, or a UserError saying plainly that it has no integer instruction."""
     isa = isa_for(target)
     if isa is None:
         host = target.host if getattr(target, "host", None) is not None else target
         cpu = host.attrs.get("mcpu", "") or host.attrs.get("mtriple", "") or host.kind.name
         raise UserError(
             f"--precision int8 for target {preset_name} ({cpu}): its CPU has no integer "
-            "dot-product instruction tsm-edge lowers to (x86 AVX2, AVX-512BW or AVX-512 VNNI; "
-            "Armv8.2 'dotprod', e.g. Cortex-A55/A76/A78). Int8 here would be float arithmetic "
-            "on int8 storage, not faster; valid precisions for this target: fp32, fp16")
+            "multiply-accumulate instruction tsm-edge lowers to (x86 AVX2, AVX-512BW or AVX-512 "
+            "VNNI; any AArch64 CPU: NEON smull, Armv8.2 sdot). Int8 here would be float "
+            "arithmetic on int8 storage, not faster; valid precisions for this target: fp32, "
+            "fp16")
     return isa
 
 
@@ -164,6 +174,36 @@ def _intrinsic(isa: Isa):
                                                             dtype="int32"), L),
                                   dtype=data_vec),
                     B.vload([0, 0], dtype=weights_vec), dtype=vec)
+    elif isa.name == "neon":
+        # A's 4 bytes twice (8 bytes) against two output channels' 4 bytes each: smull gives
+        # int16 products [i0k0..i0k3, i1k0..i1k3] (and i2, i3 from B's second half); addp sums
+        # adjacent pairs into one int16x8 [i0 k01, i0 k23, i1 k01, ..., i3 k23]; saddlp widens
+        # its pairs into int32x4 [i0, i1, i2, i3], added to C (LLVM folds the add: sadalp).
+        smull, addp, saddlp = ("llvm.aarch64.neon.smull.v8i16", "llvm.aarch64.neon.addp.v8i16",
+                               "llvm.aarch64.neon.saddlp.v4i32.v8i16")
+
+        @T.prim_func(s_tir=True)
+        def impl(A: T.Buffer((4,), dt, offset_factor=1),
+                 B: T.Buffer((L, 4), "int8", offset_factor=1),
+                 C: T.Buffer((L,), "int32", offset_factor=1, scope="local")) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:L], A[0:4], B[0:L, 0:4])
+                T.writes(C[0:L])
+                C[T.ramp(T.int32(0), 1, L)] = C.vload([0], dtype=vec) + T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(saddlp), T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id(addp),
+                        T.call_llvm_pure_intrin(
+                            T.llvm_lookup_intrinsic_id(smull),
+                            T.reinterpret(T.broadcast(T.reinterpret(
+                                A.vload([0], data4), dtype="int32"), 2), dtype="int8x8"),
+                            B.vload([0, 0], dtype="int8x8"), dtype="int16x8"),
+                        T.call_llvm_pure_intrin(
+                            T.llvm_lookup_intrinsic_id(smull),
+                            T.reinterpret(T.broadcast(T.reinterpret(
+                                A.vload([0], data4), dtype="int32"), 2), dtype="int8x8"),
+                            B.vload([2, 0], dtype="int8x8"), dtype="int16x8"),
+                        dtype="int16x8"),
+                    dtype=vec)
     else:
         raise InternalError(f"no intrinsic for {isa.name}")
     return desc, impl
