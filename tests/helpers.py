@@ -19,6 +19,7 @@ TOOL_PACKAGES = {
     "nvcc": "nvidia-cuda-toolkit",
     "cc": "gcc",
     "readelf": "binutils",
+    "/usr/lib/llvm-16/bin/llvm-mca": "llvm-16",
 }
 
 

@@ -326,3 +326,28 @@ def test_int8_cli_errors(tmp_path, calibration):
     assert not out.exists()
     for line in r.stderr.strip().splitlines():
         assert line.startswith("error:")
+
+
+@pytest.mark.needs("/usr/lib/llvm-16/bin/llvm-mca",
+                   why="benchmarks/arm_mca.py costs the Arm loops with LLVM 16's models "
+                       "(Debian package llvm-16)")
+def test_arm_mca_costs_the_hottest_loops(tmp_path):
+    """benchmarks/arm_mca.py --quick: the A72's fp32 loop is fmla and its int8 loop smull, each
+    with a positive cost per multiply-add; the JSON carries what llvm-mca ran."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "arm_mca.py"
+    out = tmp_path / "mca.json"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["core"] == "cortex-a72" and row["int8_family"] == "neon"
+    assert set(row["fp32"]["multiplies"]) == {"fmla"}
+    assert set(row["int8"]["multiplies"]) == {"smull"}
+    for p in ("fp32", "int8"):
+        assert row[p]["macs_per_iteration"] > 0 and row[p]["cycles_per_mac"] > 0
+    assert row["int8_over_fp32"] == pytest.approx(
+        row["int8"]["cycles_per_mac"] / row["fp32"]["cycles_per_mac"])

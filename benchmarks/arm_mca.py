@@ -1,0 +1,193 @@
+"""Cycles per multiply-add of the aarch64 convolution kernels under llvm-mca, int8 beside fp32.
+
+This machine cannot time an Arm core, so the inner loops are costed by LLVM's own scheduling
+models: for each core, the integer convolution (the family that core has: Armv8.0 ``smull`` +
+``addp`` + ``sadalp``, Armv8.2 ``sdot``) and the float32 convolution of the same shape, each
+scheduled by tsm-edge's default rules and compiled for that core; the hottest innermost loop
+(the one with the most multiply instructions) is cut out of the assembly and handed to
+``llvm-mca -mcpu=CORE``; cycles per iteration / multiply-adds per iteration is the figure.
+
+A loop of several blocks (the float 3x3 rule tests the padding inside its loop) is costed as if
+every block ran each iteration: its multiply-adds and cycles both count every arm, so the ratio
+is a blend of the arms; ``branches_per_iteration`` in the JSON says which rows are such loops.
+
+Multiply-adds per instruction: ``fmla v.4s`` 4, ``smull v.8h`` 8 (eight products, summed by the
+``addp`` / ``sadalp`` that follow), ``sdot v.4s`` 16.
+
+What the model knows is printed beside each core: LLVM 14 to 16 give cortex-a72 and cortex-a76 the
+Cortex-A57 model (``A57Unit*`` resources), so those rows are the A57 pipeline's costs for the
+instructions each core's build contains.
+
+    python benchmarks/arm_mca.py --json benchmarks/results/arm_mca.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CORES = {"cortex-a57": "neon", "cortex-a72": "neon", "cortex-a76": "neon-dotprod"}
+# (name, NHWC input, kernel, output channels, strides, padding): MobileNetV2-like layers
+SHAPES = [("pointwise 28x28 64->64", (1, 28, 28, 64), (1, 1), 64, (1, 1), (0, 0, 0, 0)),
+          ("3x3 28x28 32->32", (1, 28, 28, 32), (3, 3), 32, (1, 1), (1, 1, 1, 1))]
+MACS = {"fmla": 4, "smull": 8, "sdot": 16}  # per instruction, 128-bit vectors
+
+
+def find_mca() -> str:
+    """The newest llvm-mca on this machine."""
+    for name in ("/usr/lib/llvm-16/bin/llvm-mca", "llvm-mca-16", "/usr/lib/llvm-15/bin/llvm-mca",
+                 "llvm-mca-15", "llvm-mca-14", "llvm-mca"):
+        path = shutil.which(name) or (name if Path(name).exists() else None)
+        if path:
+            return path
+    sys.exit("error: llvm-mca is not installed (Debian: apt-get install llvm-16)")
+
+
+def float_conv(shape, kernel, out_channels, strides, padding):
+    """The float32 NHWC x HWIO convolution, as the CPU layout pass leaves it."""
+    from tvm import te, tirx
+
+    n, h, w, c = shape
+    kh, kw = kernel
+    sh, sw = strides
+    pt, pl, pb, pr = padding
+    ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    data = te.placeholder((n, h, w, c), "float32", name="data")
+    weight = te.placeholder((kh, kw, c, out_channels), "float32", name="weight")
+    padded = te.compute((n, h + pt + pb, w + pl + pr, c), lambda b, y, x, ch: tirx.if_then_else(
+        tirx.all(y >= pt, y < h + pt, x >= pl, x < w + pl), data[b, y - pt, x - pl, ch],
+        tirx.const(0.0, "float32")), name="pad")
+    ry, rx, rc = (te.reduce_axis((0, e), nm) for e, nm in ((kh, "ry"), (kw, "rx"), (c, "rc")))
+    out = te.compute((n, ho, wo, out_channels), lambda b, y, x, f: te.sum(
+        padded[b, y * sh + ry, x * sw + rx, rc] * weight[ry, rx, rc, f], axis=[ry, rx, rc]),
+        name="conv2d_nhwc")
+    return te.create_prim_func([data, weight, out])
+
+
+def assembly(func, core: str) -> tuple[str, dict]:
+    import tvm
+
+    from tsm_edge.compiler import schedules
+
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": core})
+    sch, what = schedules.schedule_primfunc(func, target)
+    if sch is None:
+        raise RuntimeError("no default rule took this convolution")
+    mod = tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")})
+    exe = tvm.compile(mod, target=target)
+    return "".join(str(m.inspect_source("asm")) for m in [exe.mod, *exe.mod.imports]), what
+
+
+def hottest_loop(asm: str) -> list[str]:
+    """The instructions of the innermost loop with the most multiply-adds: from a label to a
+    branch back to it (blocks between included), with no other loop inside."""
+    lines = [ln.split("//")[0].rstrip() for ln in asm.splitlines()]
+    labels = {ln[:-1]: i for i, ln in enumerate(lines) if re.match(r"^\.?L\w+:$", ln)}
+    spans = []
+    for i, ln in enumerate(lines):
+        m = re.match(r"^\s+(b\.\w+|b|cbnz|cbz|tbnz|tbz)\s+.*?(\.?L\w+)$", ln)
+        if m and m.group(2) in labels and labels[m.group(2)] < i:
+            spans.append((labels[m.group(2)], i))
+    innermost = [(a, b) for a, b in spans
+                 if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
+    best: list[str] = []
+    for a, b in innermost:
+        body = [x.strip() for x in lines[a + 1:b + 1]
+                if x.strip() and not x.strip().startswith(".") and not x.endswith(":")]
+        if _macs(body) > _macs(best):
+            best = body
+    return best
+
+
+# the vector forms only (a scalar smull x0, w1, w2 computes an address)
+VECTOR_FORM = {"fmla": r"v\d+\.4s", "smull": r"v\d+\.8h", "sdot": r"v\d+\.4s"}
+
+
+def _op(ins: str) -> str | None:
+    """The multiply-add mnemonic of a vector instruction, else None."""
+    parts = ins.split(None, 1)
+    if len(parts) == 2 and parts[0] in MACS and re.match(VECTOR_FORM[parts[0]], parts[1]):
+        return parts[0]
+    return None
+
+
+def _macs(body: list[str]) -> int:
+    return sum(MACS[op] for op in map(_op, body) if op)
+
+
+def mca(mca_path: str, core: str, body: list[str], iterations: int = 200) -> dict:
+    text = "\n".join(b for b in body if not re.match(r"^(b\.\w+|b|cbnz|cbz|tbnz|tbz)\s", b))
+    res = subprocess.run([mca_path, "-mtriple=aarch64", f"-mcpu={core}",
+                          f"-iterations={iterations}"], input=text + "\n", capture_output=True,
+                         text=True, check=True)
+    out = res.stdout
+    cycles = int(re.search(r"Total Cycles:\s+(\d+)", out).group(1))
+    units = sorted(set(re.findall(r"-\s+(\w+?)Unit", out)))
+    return {"cycles_per_iteration": cycles / iterations, "model": ",".join(units) or "?"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--show", action="store_true", help="print each loop handed to llvm-mca")
+    ap.add_argument("--quick", action="store_true",
+                    help="one core (cortex-a72) and one shape (pointwise): a smoke run")
+    args = ap.parse_args()
+    from tsm_edge.compiler.quantize import int8
+    from tsm_edge.compiler.quantize.isa import ISAS
+
+    mca_path = find_mca()
+    version = subprocess.run([mca_path, "--version"], capture_output=True,
+                             text=True).stdout.split("version")[1].split()[0]
+    rows = []
+    cores = {"cortex-a72": CORES["cortex-a72"]} if args.quick else CORES
+    for core, family in cores.items():
+        isa = ISAS[family]
+        for name, shape, kernel, o, strides, padding in SHAPES[:1] if args.quick else SHAPES:
+            row = {"core": core, "shape": name, "int8_family": family}
+            for precision in ("fp32", "int8"):
+                func = (int8.conv_prim_func(isa, shape, kernel, o, strides, padding)
+                        if precision == "int8" else float_conv(shape, kernel, o, strides, padding))
+                asm, what = assembly(func, core)
+                body = hottest_loop(asm)
+                if args.show:
+                    print(f"--- {core} {name} {precision}\n" + "\n".join(body))
+                macs = _macs(body)
+                cost = mca(mca_path, core, body)
+                row[precision] = {
+                    "instructions_per_iteration": len(body), "macs_per_iteration": macs,
+                    "multiplies": {op: sum(1 for b in body if _op(b) == op)
+                                   for op in MACS if any(_op(b) == op for b in body)},
+                    "cycles_per_iteration": cost["cycles_per_iteration"],
+                    "cycles_per_mac": cost["cycles_per_iteration"] / macs if macs else None,
+                    "branches_per_iteration": sum(1 for b in body if re.match(
+                        r"^(b\.\w+|b|cbnz|cbz|tbnz|tbz)\s", b)),
+                    "tile": what.get("tile"), "scheduling_model": cost["model"]}
+            f, i = row["fp32"]["cycles_per_mac"], row["int8"]["cycles_per_mac"]
+            row["int8_over_fp32"] = i / f if f and i else None
+            rows.append(row)
+            print(f"{core:11s} {name:24s} fp32 {f:.4f} cyc/MAC ({row['fp32']['multiplies']}) | "
+                  f"int8 {i:.4f} cyc/MAC ({row['int8']['multiplies']}) | "
+                  f"int8/fp32 {row['int8_over_fp32']:.2f} | model {row['int8']['scheduling_model']}",
+                  flush=True)
+    result = {"llvm_mca": f"{mca_path} {version}", "method": __doc__.split("\n\n")[1].strip(),
+              "rows": rows}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_suffix(".partial")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(args.json)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
