@@ -132,6 +132,14 @@ def to_official(model, family):
 # --------------------------------------------------------------------------- int8 kernels
 
 
+# (NHWC input, kernel, output channels, strides, padding) of the exact-kernel checks
+INT8_CASES = [
+    ((1, 14, 14, 32), (1, 1), 48, (1, 1), (0, 0, 0, 0)),    # pointwise
+    ((1, 15, 15, 16), (3, 3), 32, (2, 2), (1, 1, 1, 1)),    # strided 3x3, odd size
+    ((1, 8, 8, 64), (3, 3), 16, (1, 1), (1, 1, 1, 1)),      # 3x3, few output channels
+]
+
+
 def int8_conv_module(isa, target_spec: dict, shape, kernel, out_channels, strides, padding):
     """One integer convolution scheduled by the int8 rule for ``target_spec``: (module, target,
     what the rule did)."""

@@ -326,17 +326,16 @@ def _int8_kernels(tmp_path, isa_name, mcpu):
     """Exported aarch64 libraries of the integer convolution cases, with extreme operands and
     numpy's integer result for each."""
     import tvm
-    from test_int8 import CASES
 
     from tsm_edge.compiler.quantize import int8
     from tsm_edge.compiler.quantize.isa import ISAS
 
-    from helpers import extreme_operands, int8_conv_module, int8_reference
+    from helpers import INT8_CASES, extreme_operands, int8_conv_module, int8_reference
 
     isa = ISAS[isa_name]
     spec = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": mcpu}
     out = []
-    for i, (shape, kernel, o, strides, padding) in enumerate(CASES):
+    for i, (shape, kernel, o, strides, padding) in enumerate(INT8_CASES):
         mod, target, _ = int8_conv_module(isa, spec, shape, kernel, o, strides, padding)
         path = tmp_path / f"conv_{isa_name}_{i}.so"
         tvm.compile(mod, target=target).export_library(str(path), cc="aarch64-linux-gnu-g++")

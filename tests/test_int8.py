@@ -8,7 +8,7 @@ import platform
 import numpy as np
 import pytest
 
-from helpers import extreme_operands, int8_conv_module, int8_reference, run_cli
+from helpers import INT8_CASES, extreme_operands, int8_conv_module, int8_reference, run_cli
 
 X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
 TARGETS = {  # ISA -> a TVM target whose CPU has it
@@ -37,13 +37,6 @@ CPUINFO_FLAGS = [("avx512-vnni", {"avx512_vnni", "avx512bw"}), ("avx512bw", {"av
                  ("avx2", {"avx2"}), ("neon-dotprod", {"asimddp"}), ("neon", {"asimd"})]
 
 
-CASES = [
-    ((1, 14, 14, 32), (1, 1), 48, (1, 1), (0, 0, 0, 0)),    # pointwise
-    ((1, 15, 15, 16), (3, 3), 32, (2, 2), (1, 1, 1, 1)),    # strided 3x3, odd size
-    ((1, 8, 8, 64), (3, 3), 16, (1, 1), (1, 1, 1, 1)),      # 3x3, few output channels
-]
-
-
 def _cpu_lacks(name):
     flags = set()
     with open("/proc/cpuinfo") as f:
@@ -56,7 +49,7 @@ def _cpu_lacks(name):
 
 
 @pytest.mark.parametrize("name", ["avx2", "avx512bw", "avx512-vnni"])
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", INT8_CASES)
 def test_integer_convolution_is_exact_on_this_cpu(name, case):
     """Each x86 path this CPU has equals numpy's integer convolution exactly, at the extremes of
     the value ranges too (no int16 saturation with 7-bit weights). The Arm paths run on the
