@@ -172,20 +172,44 @@ def _schedule_spatial(sch, block, cpu: CpuShape) -> None:
         sch.parallel(po)
 
 
-def _register_tile(sch, conv):
-    """The convolution accumulates in a local buffer (registers); the elementwise chain after
-    it (bias, activation, residual add, quantization) is applied as that buffer is written
-    back. Returns the write-back block."""
-    wb = sch.cache_write(conv, 0, "local")
+def _written_shape(sch, block) -> list[int]:
+    writes = sch.get(block).writes
+    buffer = getattr(writes[0], "buffer", None) or writes[0].source
+    return [int(d) for d in buffer.shape]
+
+
+def _inline_chain(sch, block) -> None:
+    """Inline into ``block`` the single chain of elementwise consumers after it."""
     while True:
-        consumers = sch.get_consumers(wb)
-        if len(consumers) != 1:
-            break
+        consumers = sch.get_consumers(block)
+        if len(consumers) != 1 or _written_shape(sch, consumers[0]) != _written_shape(sch, block):
+            return
         try:
             sch.reverse_compute_inline(consumers[0])
         except Exception:  # noqa: BLE001 - not elementwise: stays a separate loop
-            break
+            return
+
+
+def _register_tile(sch, conv):
+    """The convolution accumulates in a local buffer (registers); the elementwise chain after
+    it (bias, activation, residual add, quantization) is applied as that buffer is written
+    back. Returns the write-back block.
+
+    A consumer over fewer elements (the slice that drops an integer convolution's padded
+    output channels) is not inlined: TVM would then write it over the accumulator's whole
+    domain, past the end of each row. It stays a loop of its own (``_schedule_tail``)."""
+    wb = sch.cache_write(conv, 0, "local")
+    _inline_chain(sch, wb)
     return wb
+
+
+def _schedule_tail(sch, wb, cpu: CpuShape) -> None:
+    """A slice left after the write-back, with its elementwise chain: one parallel loop."""
+    for consumer in sch.get_consumers(wb):
+        if "R" in _iter_kinds(sch, consumer):
+            continue
+        _inline_chain(sch, consumer)
+        _schedule_spatial(sch, consumer, cpu)
 
 
 def _schedule_conv(sch, conv, cpu: CpuShape) -> dict:
@@ -278,6 +302,7 @@ def _schedule_conv_int8(sch, conv, cpu: CpuShape, isa) -> dict:
     init = sch.decompose_reduction(conv, ry)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(fi, intrin)
+    _schedule_tail(sch, wb, cpu)
     sch.unroll(fv)
     sch.unroll(xi)
     sch.unroll(yi)

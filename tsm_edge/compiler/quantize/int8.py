@@ -3,11 +3,13 @@
 What ``compile --precision int8 --calibration CALIB`` changes in the step (after the CPU layout
 pass, so activations are NHWC and weights HWIO constants):
 
-- every dense convolution (groups 1) whose input channels are a multiple of 4 and whose output
-  channels fill whole vectors becomes an integer convolution: its input is quantized (symmetric,
-  one scale per tensor, from the calibration), its weights are quantized once here (symmetric, one
-  scale per output channel) and packed as ``[kh, kw, in/4, out/L, L, 4]``, it accumulates in
-  int32, and the result is scaled back to float32 before the bias and activation;
+- every dense convolution (groups 1) whose input channels are a multiple of 4 becomes an
+  integer convolution: its input is quantized (symmetric, one scale per tensor, from the
+  calibration), its weights are quantized once here (symmetric, one scale per output channel) and
+  packed as ``[kh, kw, in/4, out/L, L, 4]``, it accumulates in int32, and the result is scaled
+  back to float32 before the bias and activation. Output channels that do not fill the last
+  vector of L (24 on a 16-lane ISA) get zero weights up to a whole vector, and the extra results
+  are sliced off (the manifest's ``padded_output_channels``);
 - the int32 products run on the target's instruction, through a tensorized inner block of L
   output channels by 4 input channels (``ISAS``): AVX2 ``vpmaddubsw`` + ``vpmaddwd``, AVX-512BW
   the same on 512 bits, AVX-512 VNNI ``vpdpbusd``, Armv8.2 dot product ``sdot``, and on
@@ -279,18 +281,26 @@ def quantize_step(mod, isa: Isa, convs: list[ConvPlan], caches: list[tuple[str, 
                                     f"{attrs.kernel_layout}, expected NHWC/HWIO")
             x = self.visit_expr(call.args[0])
             q, wscale = quantize_weights(w, isa)
-            packed = pack_weights(q, isa.lanes)
+            # output channels that do not fill the last vector: zero weights up to a whole
+            # vector, the extra int32 results sliced off before anything reads them
+            o_pad = padded_channels(o, isa.lanes)
+            packed = pack_weights(np.pad(q, ((0, 0), (0, 0), (0, 0), (0, o_pad - o))), isa.lanes)
             st = input_storage(plan, isa)
             correction = (st.zero_point * q.astype(np.int64).reshape(-1, o).sum(axis=0)
                           ).astype(np.int32)
             xq = self._quantize(x, st)
             shape = [int(d) for d in x.ty.shape]
-            prim = conv_prim_func(isa, shape, (kh, kw), o, attrs.strides, attrs.padding,
+            prim = conv_prim_func(isa, shape, (kh, kw), o_pad, attrs.strides, attrs.padding,
                                   st.zero_point)
             gv = self.builder_.add_func(prim, f"conv2d_int8_{index}")
             out_shape = [int(d) for d in call.ty.shape]
             acc = self.builder_.emit(relax.call_tir(
-                gv, [xq, relax.const(packed, "int8")], relax.TensorType(out_shape, "int32")))
+                gv, [xq, relax.const(packed, "int8")],
+                relax.TensorType([*out_shape[:3], o_pad], "int32")))
+            if o_pad != o:
+                acc = self.builder_.emit(relax.op.strided_slice(acc, axes=[3], begin=[0],
+                                                                end=[o]))
+                entry.update(padded_output_channels=o_pad)
             if st.zero_point:
                 acc = self.builder_.emit(relax.op.subtract(acc, relax.const(correction, "int32")))
             y = self.builder_.emit(relax.op.astype(acc, "float32"))
@@ -332,8 +342,8 @@ def quantize_step(mod, isa: Isa, convs: list[ConvPlan], caches: list[tuple[str, 
 
 
 def _eligible_shape(weight_shape, isa: Isa) -> bool:
-    o, i, _kh, _kw = weight_shape
-    return i % 4 == 0 and o % isa.lanes == 0 and i > 1
+    _o, i, _kh, _kw = weight_shape
+    return i % 4 == 0 and i > 1  # output channels are padded to whole vectors
 
 
 def _why_float(weight_shape, groups: int, attrs, isa: Isa) -> str | None:
@@ -346,6 +356,9 @@ def _why_float(weight_shape, groups: int, attrs, isa: Isa) -> str | None:
         return "dilated"
     if i % 4:
         return f"{i} input channels: not a multiple of the instruction's 4"
-    if o % isa.lanes:
-        return f"{o} output channels: not a multiple of {isa.lanes} ({isa.name} lanes)"
     return None
+
+
+def padded_channels(o: int, lanes: int) -> int:
+    """Output channels rounded up to whole vectors of the instruction's int32 lanes."""
+    return -(-o // lanes) * lanes
