@@ -132,15 +132,20 @@ try:
     busy = run_until(1, 4.0)
 finally:
     hog.kill(); hog.wait()
+probe.others()
 after = run_until(2, 6.0)
+late = probe.others()
 print(json.dumps({{"baseline": baseline, "quiet": quiet, "busy": busy, "after": after,
-                  "pool": tvm_rt.pool_info(s.model._vm)}}))
+                  "late": late, "pool": tvm_rt.pool_info(s.model._vm)}}))
 """, env={"TSM_EDGE_ADAPT_THREADS": "1"})
     if out["baseline"] > 0.5:
         pytest.skip(f"the machine was already busy ({out['baseline']:.2f} CPUs of other load, "
                     "hypervisor steal included): no free core to take away")
     assert out["quiet"] == 2, out    # both cores free: two threads
     assert out["busy"] == 1, out     # one core held by a busy process: one thread
+    if out["after"] != 2 and (out["late"] or 0.0) > 0.5:
+        pytest.skip(f"another process took a core after the busy one ended ({out['late']:.2f} "
+                    "CPUs of other load): the thread had no free core to come back to")
     assert out["after"] == 2, out    # and two again once it is gone
     assert out["pool"] == {"installed": True, "threads": 2, "chunks": 4}
 
