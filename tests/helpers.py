@@ -23,6 +23,12 @@ TOOL_PACKAGES = {
 }
 
 
+def disassembly(path, tool="objdump") -> str:
+    """``tool -d`` of a library, without raw bytes: "addr:\tmnemonic\toperands" lines."""
+    return subprocess.run([tool, "-d", "--no-show-raw-insn", str(path)], capture_output=True,
+                          text=True, check=True).stdout
+
+
 def missing_tools(tools) -> list[str]:
     """The tools of ``tools`` not on PATH (a probe: never raises)."""
     import shutil

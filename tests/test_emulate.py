@@ -374,19 +374,15 @@ def test_int8_on_each_boards_own_core(device_dir, tmp_path, calibration, preset,
     its code free of instructions the core lacks, `verify --rpc` passing on the emulated core;
     each integer kernel bit-exact against numpy's integer convolution at the value extremes; and
     on an Armv8.0 core, an sdot kernel traps, which is what makes the first two mean something."""
-    import subprocess
-
     import tsm_edge
 
-    from helpers import run_cli
+    from helpers import disassembly, run_cli
 
     art = tsm_edge.compile(MODEL, tmp_path / preset, target=preset, precision="int8",
                            calibration=str(calibration))
     detail = tsm_edge.read_manifest(art)["precision_detail"]
     assert detail["isa"] == family and detail["integer_convolutions"] >= 10, detail
-    code = subprocess.run(["aarch64-linux-gnu-objdump", "-d", "--no-show-raw-insn",
-                           str(art / "model.so")], capture_output=True, text=True,
-                          check=True).stdout
+    code = disassembly(art / "model.so", "aarch64-linux-gnu-objdump")
     # "   1db60:\tsmull\tv29.8h, v26.8b, v24.8b": address, mnemonic, operands
     mnemonics = {ln.split("\t")[1].split()[0] for ln in code.splitlines()
                  if ln.count("\t") >= 1 and ln.split("\t")[0].strip().endswith(":")

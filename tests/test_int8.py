@@ -38,14 +38,9 @@ CPUINFO_FLAGS = [("avx512-vnni", {"avx512_vnni", "avx512bw"}), ("avx512bw", {"av
 
 
 def _cpu_lacks(name):
-    flags = set()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    need = dict(CPUINFO_FLAGS)[name]
-    return not need <= flags
+    from tsm_edge.support.platform import cpu_flags
+
+    return not dict(CPUINFO_FLAGS)[name] <= (cpu_flags() or set())
 
 
 @pytest.mark.parametrize("name", ["avx2", "avx512bw", "avx512-vnni"])
@@ -174,27 +169,20 @@ def _video_frames(path, size, n):
 def _this_cpu_isa() -> str:
     """The family an int8 build for this machine must use: LLVM's host CPU through the
     compiler's own choice (``isa_for``), which must agree with the kernel's CPU flags."""
-    import platform
-    from pathlib import Path
-
     import tvm
     from tvm.target import codegen
 
     from tsm_edge.compiler.quantize import isa as isas
+    from tsm_edge.support.platform import cpu_flags
 
     cpu = str(codegen.llvm_get_system_cpu())
     host = tvm.target.Target({"kind": "llvm", "mtriple": f"{platform.machine()}-linux-gnu",
                               "mcpu": cpu})
     isa = isas.isa_for(host)
     assert isa is not None, f"{cpu}: no integer dot product; an int8 build is refused here"
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    flags = cpu_flags()
+    if flags is None:
         return isa.name
-    flags = set()
-    for line in info.splitlines():
-        if line.split(":")[0].strip() in ("flags", "Features"):
-            flags |= set(line.split(":", 1)[1].split())
     from_kernel = next((name for name, need in CPUINFO_FLAGS if need <= flags), None)
     assert from_kernel == isa.name, (cpu, isa.name, from_kernel)
     return isa.name

@@ -12,7 +12,7 @@ from tsm_edge.compiler.targets import list_presets, resolve_target
 from tsm_edge.errors import UserError
 from tsm_edge.support.platform import elf_machine
 
-from helpers import run_cli
+from helpers import disassembly, run_cli
 
 needs_cross = pytest.mark.needs("aarch64-linux-gnu-g++", why="cross-compiles for the board")
 needs_clang = pytest.mark.needs("clang", why="syntax-checks the OpenCL kernels")
@@ -127,11 +127,6 @@ def test_raw_tvm_targets_still_work():
 # --------------------------------------------------------------------------- boards bought now
 
 
-def _disassembly(path, tool="objdump") -> str:
-    return subprocess.run([tool, "-d", "--no-show-raw-insn", str(path)], capture_output=True,
-                          text=True, check=True).stdout
-
-
 @pytest.mark.needs("objdump", why="reads the instructions the library holds")
 def test_portable_x86_preset_uses_x86_64_v3_only_and_runs_here(tmp_path, frames_npy):
     """One artifact for unknown x86 boxes: AVX2/FMA code, no AVX-512, the same logits as the
@@ -146,7 +141,7 @@ def test_portable_x86_preset_uses_x86_64_v3_only_and_runs_here(tmp_path, frames_
         "x86-64-v3"
     feats = set(m.built_for.cpu_features)
     assert {"avx2", "fma", "f16c"} <= feats and not any(f.startswith("avx512") for f in feats)
-    code = _disassembly(art / "model.so")
+    code = disassembly(art / "model.so")
     assert "ymm" in code and "zmm" not in code  # 256-bit vectors, never 512
     flags = cpu_flags() or set()
     if not {"avx2", "fma", "f16c"} <= flags:
@@ -169,7 +164,7 @@ def test_rpi5_preset_is_cortex_a76_with_dot_product_and_half_arithmetic(tmp_path
     m = tsm_edge.read_manifest(art)
     assert elf_machine(art / "model.so") == "aarch64"
     assert {"neon", "dotprod", "fullfp16"} <= set(m.built_for.cpu_features)
-    code = _disassembly(art / "model.so", "aarch64-linux-gnu-objdump")
+    code = disassembly(art / "model.so", "aarch64-linux-gnu-objdump")
     # fp16 arithmetic in half-precision vector lanes (v.8h / v.4h), not only conversions
     assert any(op in code for op in ("fmla\tv", "fmul\tv")) and ".8h" in code
     rpi5 = resolve_target("rpi5-aarch64")

@@ -177,11 +177,13 @@ def check_cpu(cpu: str, qemu: str | None = None) -> str:
 
 def cpu_for_preset(preset) -> str | None:
     """The qemu CPU model of an aarch64 preset's core (its ``mcpu``), or None where qemu has
-    no model of that core (then the emulation is ``max``, which has every feature)."""
+    no model of that core (then the emulation is ``max``, which has every feature); a
+    UserError for a preset that is not an aarch64 CPU."""
     target = preset.tvm_target if isinstance(preset.tvm_target, dict) else {}
+    if not str(target.get("mtriple", "")).startswith("aarch64"):
+        raise UserError(f"--target {preset.name} is not an aarch64 CPU preset; the emulated "
+                        "device runs aarch64 (e.g. rpi4-aarch64, jetson-nano-cpu, rpi5-aarch64)")
     mcpu = str(target.get("mcpu", ""))
-    if not str(target.get("mtriple", "")).startswith("aarch64") or not mcpu:
-        return None
     return mcpu if mcpu in qemu_cpus() else None
 
 
