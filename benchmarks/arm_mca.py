@@ -12,7 +12,8 @@ every block ran each iteration: its multiply-adds and cycles both count every ar
 is a blend of the arms; ``branches_per_iteration`` in the JSON says which rows are such loops.
 
 Multiply-adds per instruction: ``fmla v.4s`` 4, ``smull v.8h`` 8 (eight products, summed by the
-``addp`` / ``sadalp`` that follow), ``sdot v.4s`` 16.
+``addp`` / ``sadalp`` that follow; in the depthwise kernel ``smull`` and ``smull2`` take the low
+and high 8 bytes of 16 channels, widened into int32 by ``saddw``), ``sdot v.4s`` 16.
 
 What the model knows is printed beside each core: LLVM 14 to 16 give cortex-a72 and cortex-a76 the
 Cortex-A57 model (``A57Unit*`` resources), so those rows are the A57 pipeline's costs for the
@@ -36,10 +37,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 CORES = {"cortex-a57": "neon", "cortex-a72": "neon", "cortex-a76": "neon-dotprod"}
-# (name, NHWC input, kernel, output channels, strides, padding): MobileNetV2-like layers
-SHAPES = [("pointwise 28x28 64->64", (1, 28, 28, 64), (1, 1), 64, (1, 1), (0, 0, 0, 0)),
-          ("3x3 28x28 32->32", (1, 28, 28, 32), (3, 3), 32, (1, 1), (1, 1, 1, 1))]
-MACS = {"fmla": 4, "smull": 8, "sdot": 16}  # per instruction, 128-bit vectors
+# (name, NHWC input, kernel, output channels, strides, padding, depthwise): MobileNetV2-like
+SHAPES = [("pointwise 28x28 64->64", (1, 28, 28, 64), (1, 1), 64, (1, 1), (0, 0, 0, 0), False),
+          ("3x3 28x28 32->32", (1, 28, 28, 32), (3, 3), 32, (1, 1), (1, 1, 1, 1), False),
+          ("depthwise 3x3 28x28 144", (1, 28, 28, 144), (3, 3), 144, (1, 1), (1, 1, 1, 1), True)]
+# per instruction, 128-bit vectors; smull2 multiplies the upper 8 bytes (the depthwise kernel)
+MACS = {"fmla": 4, "smull": 8, "smull2": 8, "sdot": 16}
 
 
 def find_mca() -> str:
@@ -52,8 +55,9 @@ def find_mca() -> str:
     sys.exit("error: llvm-mca is not installed (Debian: apt-get install llvm-16)")
 
 
-def float_conv(shape, kernel, out_channels, strides, padding):
-    """The float32 NHWC x HWIO convolution, as the CPU layout pass leaves it."""
+def float_conv(shape, kernel, out_channels, strides, padding, depthwise=False):
+    """The float32 NHWC x HWIO convolution, as the CPU layout pass leaves it (depthwise: HWIO
+    weights [kh, kw, 1, C], a reduction over one channel)."""
     from tvm import te, tirx
 
     n, h, w, c = shape
@@ -61,15 +65,16 @@ def float_conv(shape, kernel, out_channels, strides, padding):
     sh, sw = strides
     pt, pl, pb, pr = padding
     ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    cin = 1 if depthwise else c
     data = te.placeholder((n, h, w, c), "float32", name="data")
-    weight = te.placeholder((kh, kw, c, out_channels), "float32", name="weight")
+    weight = te.placeholder((kh, kw, cin, out_channels), "float32", name="weight")
     padded = te.compute((n, h + pt + pb, w + pl + pr, c), lambda b, y, x, ch: tirx.if_then_else(
         tirx.all(y >= pt, y < h + pt, x >= pl, x < w + pl), data[b, y - pt, x - pl, ch],
         tirx.const(0.0, "float32")), name="pad")
-    ry, rx, rc = (te.reduce_axis((0, e), nm) for e, nm in ((kh, "ry"), (kw, "rx"), (c, "rc")))
+    ry, rx, rc = (te.reduce_axis((0, e), nm) for e, nm in ((kh, "ry"), (kw, "rx"), (cin, "rc")))
     out = te.compute((n, ho, wo, out_channels), lambda b, y, x, f: te.sum(
-        padded[b, y * sh + ry, x * sw + rx, rc] * weight[ry, rx, rc, f], axis=[ry, rx, rc]),
-        name="conv2d_nhwc")
+        padded[b, y * sh + ry, x * sw + rx, f + rc if depthwise else rc]
+        * weight[ry, rx, rc, f], axis=[ry, rx, rc]), name="conv2d_nhwc")
     return te.create_prim_func([data, weight, out])
 
 
@@ -109,7 +114,8 @@ def hottest_loop(asm: str) -> list[str]:
 
 
 # the vector forms only (a scalar smull x0, w1, w2 computes an address)
-VECTOR_FORM = {"fmla": r"v\d+\.4s", "smull": r"v\d+\.8h", "sdot": r"v\d+\.4s"}
+VECTOR_FORM = {"fmla": r"v\d+\.4s", "smull": r"v\d+\.8h", "smull2": r"v\d+\.8h",
+               "sdot": r"v\d+\.4s"}
 
 
 def _op(ins: str) -> str | None:
@@ -152,11 +158,15 @@ def main() -> None:
     cores = {"cortex-a72": CORES["cortex-a72"]} if args.quick else CORES
     for core, family in cores.items():
         isa = ISAS[family]
-        for name, shape, kernel, o, strides, padding in SHAPES[:1] if args.quick else SHAPES:
+        for name, shape, kernel, o, strides, padding, dw in SHAPES[:1] if args.quick else SHAPES:
             row = {"core": core, "shape": name, "int8_family": family}
             for precision in ("fp32", "int8"):
-                func = (int8.conv_prim_func(isa, shape, kernel, o, strides, padding)
-                        if precision == "int8" else float_conv(shape, kernel, o, strides, padding))
+                if precision == "fp32":
+                    func = float_conv(shape, kernel, o, strides, padding, dw)
+                elif dw:
+                    func = int8.depthwise_prim_func(isa, shape, kernel, strides, padding)
+                else:
+                    func = int8.conv_prim_func(isa, shape, kernel, o, strides, padding)
                 asm, what = assembly(func, core)
                 body = hottest_loop(asm)
                 if args.show:

@@ -139,14 +139,19 @@ def to_official(model, family):
 
 
 # (NHWC input, kernel, output channels, strides, padding) of the exact-kernel checks
+# (input shape, kernel, output channels, strides, padding, depthwise)
 INT8_CASES = [
-    ((1, 14, 14, 32), (1, 1), 48, (1, 1), (0, 0, 0, 0)),    # pointwise
-    ((1, 15, 15, 16), (3, 3), 32, (2, 2), (1, 1, 1, 1)),    # strided 3x3, odd size
-    ((1, 8, 8, 64), (3, 3), 16, (1, 1), (1, 1, 1, 1)),      # 3x3, few output channels
+    ((1, 14, 14, 32), (1, 1), 48, (1, 1), (0, 0, 0, 0), False),    # pointwise
+    ((1, 15, 15, 16), (3, 3), 32, (2, 2), (1, 1, 1, 1), False),    # strided 3x3, odd size
+    ((1, 8, 8, 64), (3, 3), 16, (1, 1), (1, 1, 1, 1), False),      # 3x3, few output channels
+    ((1, 9, 9, 48), (3, 3), 48, (1, 1), (1, 1, 1, 1), True),       # depthwise
+    ((1, 15, 15, 32), (3, 3), 32, (2, 2), (1, 1, 1, 1), True),     # depthwise, strided, odd
+    ((1, 7, 7, 40), (5, 5), 40, (1, 1), (2, 2, 2, 2), True),       # depthwise 5x5, channel tail
 ]
 
 
-def int8_conv_module(isa, target_spec: dict, shape, kernel, out_channels, strides, padding):
+def int8_conv_module(isa, target_spec: dict, shape, kernel, out_channels, strides, padding,
+                     depthwise=False):
     """One integer convolution scheduled by the int8 rule for ``target_spec``: (module, target,
     what the rule did)."""
     import tvm
@@ -154,7 +159,11 @@ def int8_conv_module(isa, target_spec: dict, shape, kernel, out_channels, stride
     from tsm_edge.compiler import schedules
     from tsm_edge.compiler.quantize import int8
 
-    func = int8.conv_prim_func(isa, shape, kernel, out_channels, strides, padding)
+    if depthwise:
+        assert out_channels == shape[-1]
+        func = int8.depthwise_prim_func(isa, shape, kernel, strides, padding)
+    else:
+        func = int8.conv_prim_func(isa, shape, kernel, out_channels, strides, padding)
     target = tvm.target.Target(target_spec)
     sch, what = schedules.schedule_primfunc(func, target)
     assert what is not None and what["rule"] == "convolution-int8", what
@@ -162,8 +171,17 @@ def int8_conv_module(isa, target_spec: dict, shape, kernel, out_channels, stride
     return mod, target, what
 
 
-def int8_reference(x_stored, w_hwio, strides, padding, zero_point):
-    """Integer convolution in numpy: padded with the zero point, summed in int64."""
+def int8_weights_operand(isa, w_hwio, depthwise=False):
+    """The weights as the integer convolution takes them: packed for the dot-product
+    instruction, or a depthwise convolution's [kh, kw, 1, C] as they are."""
+    from tsm_edge.compiler.quantize import int8
+
+    return w_hwio if depthwise else int8.pack_weights(w_hwio, isa.lanes)
+
+
+def int8_reference(x_stored, w_hwio, strides, padding, zero_point, depthwise=False):
+    """Integer convolution in numpy: padded with the zero point, summed in int64. Depthwise:
+    ``w_hwio`` is [kh, kw, 1, C], each channel its own filter."""
     pt, pl, pb, pr = padding
     x = np.pad(x_stored.astype(np.int64), ((0, 0), (pt, pb), (pl, pr), (0, 0)),
                constant_values=zero_point)
@@ -175,24 +193,34 @@ def int8_reference(x_stored, w_hwio, strides, padding, zero_point):
     for i in range(kh):
         for j in range(kw):
             patch = x[:, i:i + sh * ho:sh, j:j + sw * wo:sw, :]
-            out += np.einsum("nhwc,co->nhwo", patch, w_hwio[i, j].astype(np.int64))
+            if depthwise:
+                out += patch * w_hwio[i, j, 0].astype(np.int64)
+            else:
+                out += np.einsum("nhwc,co->nhwo", patch, w_hwio[i, j].astype(np.int64))
     return out
 
 
-def extreme_operands(isa, shape, kernel, out_channels, seed=0):
+def extreme_operands(isa, shape, kernel, out_channels, seed=0, depthwise=False):
     """(stored input, HWIO int8 weights) with the ranges' extremes: a corner of the input at
     the largest stored magnitude (255 unsigned, -127 signed), the first two output channels'
-    weights at +-weight_max (the worst case for an int16 pair: 255 * 63 * 2, 127 * 127 * 2)."""
+    weights at +-weight_max (the worst case for an int16 pair: 255 * 63 * 2, 127 * 127 * 2).
+    Depthwise weights ([kh, kw, 1, C]) take all 8 bits on every ISA; a whole channel at the
+    extremes sums 255 * 127 (or 127 * 127) over every tap."""
+    from tsm_edge.compiler.quantize.int8 import DEPTHWISE_WEIGHT_MAX
+
     rng = np.random.default_rng(seed)
     if isa.data_dtype == "uint8":
         x = rng.integers(0, 256, shape).astype(np.uint8)
         x.flat[:64] = 255
+        x[..., 0] = 255
     else:
         x = rng.integers(-127, 128, shape).astype(np.int8)
         x.flat[:64] = -127
         x.flat[64:128] = 127
-    w = rng.integers(-isa.weight_max, isa.weight_max + 1,
-                     (*kernel, shape[-1], out_channels)).astype(np.int8)
-    w[..., 0] = isa.weight_max
-    w[..., 1] = -isa.weight_max
+        x[..., 0] = -127
+    wmax = DEPTHWISE_WEIGHT_MAX if depthwise else isa.weight_max
+    w = rng.integers(-wmax, wmax + 1,
+                     (*kernel, 1 if depthwise else shape[-1], out_channels)).astype(np.int8)
+    w[..., 0] = wmax
+    w[..., 1] = -wmax
     return x, w

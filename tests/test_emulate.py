@@ -327,21 +327,21 @@ def _int8_kernels(tmp_path, isa_name, mcpu):
     numpy's integer result for each."""
     import tvm
 
-    from tsm_edge.compiler.quantize import int8
     from tsm_edge.compiler.quantize.isa import ISAS
 
-    from helpers import INT8_CASES, extreme_operands, int8_conv_module, int8_reference
+    from helpers import INT8_CASES, extreme_operands, int8_conv_module, int8_reference, int8_weights_operand
 
     isa = ISAS[isa_name]
     spec = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": mcpu}
     out = []
-    for i, (shape, kernel, o, strides, padding) in enumerate(INT8_CASES):
-        mod, target, _ = int8_conv_module(isa, spec, shape, kernel, o, strides, padding)
+    for i, (shape, kernel, o, strides, padding, depthwise) in enumerate(INT8_CASES):
+        mod, target, _ = int8_conv_module(isa, spec, shape, kernel, o, strides, padding,
+                                          depthwise)
         path = tmp_path / f"conv_{isa_name}_{i}.so"
         tvm.compile(mod, target=target).export_library(str(path), cc="aarch64-linux-gnu-g++")
-        x, w = extreme_operands(isa, shape, kernel, o, seed=i)
-        out.append((path, x, int8.pack_weights(w, isa.lanes),
-                    int8_reference(x, w, strides, padding, isa.zero_point)))
+        x, w = extreme_operands(isa, shape, kernel, o, seed=i, depthwise=depthwise)
+        out.append((path, x, int8_weights_operand(isa, w, depthwise),
+                    int8_reference(x, w, strides, padding, isa.zero_point, depthwise)))
     return out
 
 

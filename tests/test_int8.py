@@ -8,7 +8,14 @@ import platform
 import numpy as np
 import pytest
 
-from helpers import INT8_CASES, extreme_operands, int8_conv_module, int8_reference, run_cli
+from helpers import (
+    INT8_CASES,
+    extreme_operands,
+    int8_conv_module,
+    int8_reference,
+    int8_weights_operand,
+    run_cli,
+)
 
 X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
 TARGETS = {  # ISA -> a TVM target whose CPU has it
@@ -51,23 +58,25 @@ def test_integer_convolution_is_exact_on_this_cpu(name, case):
     emulated board with the core's own qemu model (tests/test_emulate.py)."""
     import tvm
 
-    from tsm_edge.compiler.quantize import int8
     from tsm_edge.compiler.quantize import isa as isas
 
     if platform.machine() != "x86_64" or _cpu_lacks(name):
         pytest.skip(f"this CPU has no {name} (/proc/cpuinfo flags); it runs where it does")
     isa = isas.isa_for(tvm.target.Target(TARGETS[name]))
     assert isa.name == name
-    shape, kernel, o, strides, padding = case
-    mod, target, what = int8_conv_module(isa, TARGETS[isa.name], shape, kernel, o, strides, padding)
+    shape, kernel, o, strides, padding, depthwise = case
+    mod, target, what = int8_conv_module(isa, TARGETS[isa.name], shape, kernel, o, strides,
+                                         padding, depthwise)
     exe = tvm.compile(mod, target=target)
-    x, w = extreme_operands(isa, shape, kernel, o)
-    want = int8_reference(x, w, strides, padding, isa.zero_point)
+    x, w = extreme_operands(isa, shape, kernel, o, depthwise=depthwise)
+    want = int8_reference(x, w, strides, padding, isa.zero_point, depthwise)
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros(want.shape, np.int32), dev)
-    exe(tvm.runtime.tensor(x, dev), tvm.runtime.tensor(int8.pack_weights(w, isa.lanes), dev), out)
+    exe(tvm.runtime.tensor(x, dev),
+        tvm.runtime.tensor(int8_weights_operand(isa, w, depthwise), dev), out)
     np.testing.assert_array_equal(out.numpy(), want)
-    assert what["kind"] == ("pointwise" if kernel == (1, 1) else "conv3x3")
+    assert what["kind"] == ("depthwise" if depthwise else
+                            "pointwise" if kernel == (1, 1) else f"conv{kernel[0]}x{kernel[1]}")
 
 
 @pytest.mark.parametrize("name", sorted(TARGETS))
@@ -91,6 +100,36 @@ def test_each_isa_lowers_to_its_instruction(name):
     code = [ln.split("//")[0] for ln in asm.splitlines() if ln.startswith("\t")]
     for bad in FORBIDDEN[name]:
         assert not any(bad in ln for ln in code), f"{bad} in the {name} build"
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_each_isa_lowers_depthwise_to_widening_integer_multiplies(name):
+    """An integer depthwise convolution multiplies bytes widened to 16 bits into int32 (x86
+    vpmaddwd, or VNNI's vpdpwssd) or into int16 then widened (Arm smull + saddw), on the
+    family's registers, without float arithmetic or an instruction its CPU lacks."""
+    import tvm
+
+    from tsm_edge.compiler.quantize import isa as isas
+
+    isa = isas.isa_for(tvm.target.Target(TARGETS[name]))
+    mod, target, what = int8_conv_module(isa, TARGETS[name], (1, 14, 14, 96), (3, 3), 96, (1, 1),
+                                         (1, 1, 1, 1), depthwise=True)
+    assert what["kind"] == "depthwise" and what["instructions"] == isa.depthwise_instructions
+    exe = tvm.compile(mod, target=target)
+    asm = "".join(str(m.inspect_source("asm")) for m in [exe.mod, *exe.mod.imports])
+    code = [ln.split("//")[0] for ln in asm.splitlines() if ln.startswith("\t")]
+    multiplies = {"x86": ("vpmaddwd", "vpdpwssd"), "arm": ("smull",)}[
+        "arm" if name.startswith("neon") else "x86"]
+    found = [ln for ln in code if ln.split() and ln.split()[0].startswith(multiplies)]
+    assert len(found) >= 8, (name, len(found))
+    assert all(m.split(" (")[0] in isa.depthwise_instructions
+               for m in {ln.split()[0].rstrip("2") for ln in found}), found[:4]
+    register = INSTRUCTIONS[name][1]
+    assert any(register in ln for ln in found), found[:4]
+    floats = ("vfmadd", "vmulps", "fmla", "fmul")
+    assert not any(ln.split() and ln.split()[0].startswith(floats) for ln in code)
+    for bad in FORBIDDEN[name]:
+        assert not any(bad in ln for ln in code), f"{bad} in the {name} depthwise build"
 
 
 def test_armv8_0_gets_smull_and_a_cpu_without_integer_vectors_gets_no_int8():
@@ -202,9 +241,9 @@ def test_int8_manifest_says_what_runs_in_integers(tiny_int8, tiny_mnv2):
     weight_max = 2 ** (bits - 1) - 1
     assert f"{bits} bits (+-{weight_max})" in d["weights"], d["weights"]
     assert ("avx512vnni" in m["cpu_features"]) == (name == "avx512-vnni"), m["cpu_features"]
-    # which convolutions run in integers follows from the model's shapes: not grouped, input
-    # channels a multiple of the 4 bytes per lane; outputs that do not fill this CPU's lanes
-    # are padded to whole vectors, and the entry says to how many
+    # which convolutions run in integers follows from the model's shapes: depthwise ones, and
+    # dense ones whose input channels are a multiple of the 4 bytes per lane; dense outputs that
+    # do not fill this CPU's lanes are padded to whole vectors, and the entry says to how many
     import torch
 
     from tsm_edge.models.resolve import resolve_model
@@ -212,13 +251,15 @@ def test_int8_manifest_says_what_runs_in_integers(tiny_int8, tiny_mnv2):
     convs = [c for c in resolve_model("tsm_mobilenetv2_tiny", quiet=True).module.modules()
              if isinstance(c, torch.nn.Conv2d)]
     assert len(convs) == len(d["convolutions"])
-    integer = [c.groups == 1 and c.in_channels % 4 == 0 for c in convs]
-    for conv, entry, want in zip(convs, d["convolutions"], integer):
-        assert (entry["kind"] == "depthwise") == (conv.groups > 1), (entry, conv)
+    dw = [c.groups > 1 and c.groups == c.in_channels == c.out_channels for c in convs]
+    integer = [d_ or (c.groups == 1 and c.in_channels % 4 == 0) for c, d_ in zip(convs, dw)]
+    for conv, entry, want, is_dw in zip(convs, d["convolutions"], integer, dw):
+        assert (entry["kind"] == "depthwise") == is_dw, (entry, conv)
         assert entry["compute"] == ("int8" if want else "float32"), (entry, conv, lanes)
         padded = -(-conv.out_channels // lanes) * lanes
         assert entry.get("padded_output_channels") == (
-            padded if want and padded != conv.out_channels else None), (entry, lanes)
+            padded if want and not is_dw and padded != conv.out_channels else None), (entry, lanes)
+        assert entry.get("weight_bits") == (8 if is_dw else None), entry
     assert d["integer_convolutions"] == sum(integer) >= 10 and d["float_convolutions"] >= 1
     # each integer weight takes 1 byte instead of 4; its output channel adds a few 4-byte
     # constants (scale, bias, zero-point correction): at least 2 of the 4 bytes are saved
@@ -227,7 +268,8 @@ def test_int8_manifest_says_what_runs_in_integers(tiny_int8, tiny_mnv2):
     assert 2 * int8_weights <= saved <= 3 * int8_weights, (saved, int8_weights)
     assert all(c["compute"] == "int8" or c["why"] for c in d["convolutions"])
     depthwise = [c for c in d["convolutions"] if c["kind"] == "depthwise"]
-    assert depthwise and all(c["compute"] == "float32" for c in depthwise)
+    assert depthwise and all(c["compute"] == "int8" for c in depthwise)
+    assert "depthwise: 8 bits" in d["weights"], d["weights"]
     sched = m["tuning"]["default_schedules"]
     # identical fused operators are compiled once, so there may be fewer than convolutions
     n_int8 = sum(o["rule"] == "convolution-int8" for o in sched["operators"].values())

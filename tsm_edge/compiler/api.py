@@ -318,7 +318,8 @@ def int8_detail(report: dict, isa, calib: dict) -> dict:
         if c.get("compute") != "int8":
             why[c.get("why", "?")] = why.get(c.get("why", "?"), 0) + 1
     return {
-        "compute": "int8 x int8 -> int32 in integer convolutions; float32 elsewhere",
+        "compute": "int8 x int8 -> int32 in integer convolutions (dense and depthwise); "
+                   "float32 elsewhere",
         "instructions": isa.instructions, "isa": isa.name,
         "activations": ("one scale per tensor from the calibration; " +
                         ("uint8 over all 256 levels where the input is never negative, "
@@ -326,7 +327,8 @@ def int8_detail(report: dict, isa, calib: dict) -> dict:
                          "unsigned)" if isa.data_dtype == "uint8" else "symmetric int8")),
         "weights": f"symmetric int8, one scale per output channel, {isa.weight_bits} bits "
                    f"(+-{isa.weight_max})" + ("; vpmaddubsw sums two products in a saturating "
-                                              "int16" if isa.weight_max < 127 else ""),
+                                              "int16" if isa.weight_max < 127 else "")
+                   + "; depthwise: 8 bits (+-127), products widened before they are summed",
         "integer_convolutions": len(integer),
         "float_convolutions": len(convs) - len(integer),
         "float_convolutions_why": why,

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 CONV_INT8 = "conv_int8"  # int8.CONV_BLOCK: the reduction block of an integer convolution
+DEPTHWISE_INT8 = "conv_int8_depthwise"  # int8.DEPTHWISE_BLOCK: an integer depthwise one
 
 
 @dataclass(frozen=True)
@@ -212,12 +213,12 @@ def _schedule_tail(sch, wb, cpu: CpuShape) -> None:
         _schedule_spatial(sch, consumer, cpu)
 
 
-def _schedule_conv(sch, conv, cpu: CpuShape) -> dict:
+def _schedule_conv(sch, conv, cpu: CpuShape, inline_producers: bool = True) -> dict:
     """NHWC convolution (n, y, x, f | ry, rx, rc) with a register tile and fused epilogue."""
     cpu = cpu.for_dtype(_written_dtype(sch, conv))  # lanes of the accumulator's dtype
     # Producers that only copy (the "pad" of a 1x1 convolution) disappear; real padding is a
     # separate, parallel loop over the (slightly larger) input.
-    for producer in sch.get_producers(conv):
+    for producer in sch.get_producers(conv) if inline_producers else ():
         try:
             sch.compute_inline(producer)
         except Exception:  # noqa: BLE001 - keep a padding block that cannot be inlined cheaply
@@ -312,6 +313,27 @@ def _schedule_conv_int8(sch, conv, cpu: CpuShape, isa) -> dict:
             "tile": [ty, tx, v * isa.lanes]}
 
 
+def _schedule_depthwise_int8(sch, conv, cpu: CpuShape, isa) -> dict:
+    """Integer depthwise convolution: the float rule's register tile over
+    ``isa.channel_lanes`` int32 channels a vector (products widened by LLVM from the bytes).
+
+    The quantized, padded input is one parallel loop before the tiles, as for the dense integer
+    rule: a quantization fused in front would otherwise be recomputed for each of the taps."""
+    for producer in sch.get_producers(conv):
+        _upstream_inline(sch, producer)
+        _schedule_spatial(sch, producer, cpu)
+    # The tile is counted in vectors of channel_lanes int32 accumulators, each taking
+    # ``per`` registers (4 on NEON: 16 channels); the weights, the input bytes and the
+    # products take the 4 registers conv_tile keeps aside.
+    per = max(1, isa.channel_lanes // cpu.lanes)
+    registers = (cpu.registers - 4) // per + 4
+    what = _schedule_conv(sch, conv, replace(cpu, lanes=isa.channel_lanes, registers=registers),
+                          inline_producers=False)
+    what.update(rule="convolution-int8", products=isa.depthwise_product,
+                instructions=isa.depthwise_instructions)
+    return what
+
+
 def _schedule_reduction(sch, block, cpu: CpuShape) -> None:
     """Pooling, the classifier: reductions inside, contiguous spatial axis vectorized."""
     kinds = _iter_kinds(sch, block)
@@ -349,6 +371,13 @@ def schedule_primfunc(func, target, cpu: CpuShape | None = None):
             return None, None
         return sch, _schedule_conv_int8(sch, int8_convs[0], cpu, isa)
     convs = [b for b in blocks if _iter_kinds(sch, b) == "SSSSRRR"]
+    if len(convs) == 1 and sch.get(convs[0]).name_hint.startswith(DEPTHWISE_INT8):
+        from .quantize.isa import isa_for
+
+        isa = isa_for(target)
+        if isa is None:
+            return None, None
+        return sch, _schedule_depthwise_int8(sch, convs[0], cpu, isa)
     if len(convs) == 1:
         return sch, _schedule_conv(sch, convs[0], cpu)
     if convs:

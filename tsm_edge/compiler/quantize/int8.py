@@ -19,8 +19,14 @@ pass, so activations are NHWC and weights HWIO constants):
   with zero point 128 (``uint8``) and a per-channel correction ``128 * sum(w)`` is subtracted from
   the int32 result; ``vpmaddubsw`` adds two products into a saturating int16, so without VNNI the
   weights use 7 bits (+-63), as ONNX Runtime's ``reduce_range`` does;
-- depthwise convolutions, the 3-channel stem and the classifier stay float32: a dot product over
-  4 input channels has nothing to work on there. The manifest counts what runs in integers;
+- depthwise convolutions (one input channel per output channel, per-channel int8 weights of
+  +-127 on every ISA) become integer convolutions too: no instruction has a 4-channel dot
+  product to offer there, so each step takes a vector of channels, widens the byte products
+  (int32 lanes on x86; int16 on Arm: ``smull`` then ``saddw`` into int32) and sums them over the
+  kernel's taps in int32. The quantization in front of one is fused into the operator before
+  it, so the expanded activations of an inverted residual block travel as bytes;
+- the 3-channel stem and the classifier stay float32: a dot product over 4 input channels has
+  nothing to work on there. The manifest counts what runs in integers;
 - each cache whose channels feed an integer convolution is stored as int8 with that
   convolution's input scale: the next frame quantizes the same values with the same scale, so an
   int8 cache loses nothing beyond what the integer convolution itself loses (a quarter of fp32's
@@ -39,6 +45,7 @@ import numpy as np
 
 from ...errors import InternalError, UserError
 from ..schedules import CONV_INT8 as CONV_BLOCK
+from ..schedules import DEPTHWISE_INT8 as DEPTHWISE_BLOCK
 from .isa import PAD_BLOCK, Isa, register_intrinsic
 
 # --------------------------------------------------------------------------- operators
@@ -67,15 +74,7 @@ def conv_prim_func(isa: Isa, data_shape, kernel: tuple[int, int], channels_out: 
     data = te.placeholder(tuple(map(i64, (n, h, w, c))), isa.data_dtype, name="data")
     weight = te.placeholder(tuple(map(i64, (kh, kw, c // 4, channels_out // L, L, 4))), "int8",
                             name="weight")
-    if pt or pl or pb or pr:
-        zp = tirx.const(isa.zero_point if zero_point is None else zero_point, isa.data_dtype)
-        padded = te.compute(
-            tuple(map(i64, (n, h + pt + pb, w + pl + pr, c))),
-            lambda b, y, x, ch: tirx.if_then_else(
-                tirx.all(y >= i64(pt), y < i64(h + pt), x >= i64(pl), x < i64(w + pl)),
-                data[b, y - i64(pt), x - i64(pl), ch], zp), name=PAD_BLOCK)
-    else:
-        padded = data
+    padded = _padded(data, (n, h, w, c), (pt, pl, pb, pr), isa, zero_point)
     ry = te.reduce_axis((i64(0), i64(kh)), "ry")
     rx = te.reduce_axis((i64(0), i64(kw)), "rx")
     rco = te.reduce_axis((i64(0), i64(c // 4)), "rco")
@@ -90,13 +89,74 @@ def conv_prim_func(isa: Isa, data_shape, kernel: tuple[int, int], channels_out: 
     return func.without_attr("global_symbol")  # a private function of the step
 
 
-def quantize_weights(w_hwio: np.ndarray, isa: Isa) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 HWIO weights, float32 per-output-channel scales): symmetric, +-isa.weight_max."""
+def depthwise_prim_func(isa: Isa, data_shape, kernel: tuple[int, int], strides, padding,
+                        zero_point: int | None = None):
+    """The integer depthwise convolution: NHWC ``isa.data_dtype`` data, int8 weights
+    ``[kh, kw, 1, C]`` (HWIO of a depthwise convolution) -> int32.
+
+    Reduction axes (ry, rx, rc) with rc of extent 1, as in the float depthwise convolution, so
+    the convolution rule's register tile applies; products in ``isa.depthwise_product``.
+    """
+    from tvm import te, tirx
+
+    n, h, w, c = (int(d) for d in data_shape)
+    kh, kw = kernel
+    sh, sw = (int(s) for s in strides)
+    pt, pl, pb, pr = (int(p) for p in padding)
+    prod = isa.depthwise_product
+
+    def i64(v: int):
+        return tirx.const(v, "int64")
+
+    ho = (h + pt + pb - kh) // sh + 1
+    wo = (w + pl + pr - kw) // sw + 1
+    data = te.placeholder(tuple(map(i64, (n, h, w, c))), isa.data_dtype, name="data")
+    weight = te.placeholder(tuple(map(i64, (kh, kw, 1, c))), "int8", name="weight")
+    padded = _padded(data, (n, h, w, c), (pt, pl, pb, pr), isa, zero_point)
+    ry = te.reduce_axis((i64(0), i64(kh)), "ry")
+    rx = te.reduce_axis((i64(0), i64(kw)), "rx")
+    rc = te.reduce_axis((i64(0), i64(1)), "rc")
+    out = te.compute(
+        tuple(map(i64, (n, ho, wo, c))),
+        lambda b, y, x, f: te.sum(
+            (padded[b, y * i64(sh) + ry, x * i64(sw) + rx, f + rc].astype(prod)
+             * weight[ry, rx, rc, f].astype(prod)).astype("int32"),
+            axis=[ry, rx, rc]), name=DEPTHWISE_BLOCK)
+    return te.create_prim_func([data, weight, out]).without_attr("global_symbol")
+
+
+def _padded(data, shape, padding, isa: Isa, zero_point: int | None):
+    """``data`` padded with the zero point (a real 0), or ``data`` where there is no padding."""
+    from tvm import te, tirx
+
+    def i64(v: int):
+        return tirx.const(v, "int64")
+
+    n, h, w, c = shape
+    pt, pl, pb, pr = padding
+    if not (pt or pl or pb or pr):
+        return data
+    zp = tirx.const(isa.zero_point if zero_point is None else zero_point, isa.data_dtype)
+    return te.compute(
+        tuple(map(i64, (n, h + pt + pb, w + pl + pr, c))),
+        lambda b, y, x, ch: tirx.if_then_else(
+            tirx.all(y >= i64(pt), y < i64(h + pt), x >= i64(pl), x < i64(w + pl)),
+            data[b, y - i64(pt), x - i64(pl), ch], zp), name=PAD_BLOCK)
+
+
+def quantize_weights(w_hwio: np.ndarray, isa: Isa,
+                     weight_max: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 HWIO weights, float32 per-output-channel scales): symmetric, +-``weight_max``
+    (``isa.weight_max`` unless given)."""
+    limit = isa.weight_max if weight_max is None else weight_max
     w = np.asarray(w_hwio, dtype=np.float32)
     absmax = np.abs(w).reshape(-1, w.shape[-1]).max(axis=0)
-    scale = np.where(absmax > 0, absmax / isa.weight_max, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w / scale), -isa.weight_max, isa.weight_max).astype(np.int8)
+    scale = np.where(absmax > 0, absmax / limit, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -limit, limit).astype(np.int8)
     return q, scale
+
+
+DEPTHWISE_WEIGHT_MAX = 127  # products widened before they are summed: nothing saturates
 
 
 def pack_weights(q_hwio: np.ndarray, lanes: int) -> np.ndarray:
@@ -272,7 +332,8 @@ def quantize_step(mod, isa: Isa, convs: list[ConvPlan], caches: list[tuple[str, 
             entry.update(kind="depthwise" if int(attrs.groups) > 1 else
                          ("pointwise" if kh == kw == 1 else f"conv{kh}x{kw}"),
                          macs=None)
-            why = _why_float(plan.weight_shape, int(attrs.groups), attrs, isa)
+            groups = int(attrs.groups)
+            why = _why_float(plan.weight_shape, groups, attrs, isa)
             if why:
                 entry.update(compute="float32", why=why)
                 return None
@@ -280,22 +341,31 @@ def quantize_step(mod, isa: Isa, convs: list[ConvPlan], caches: list[tuple[str, 
                 raise InternalError(f"convolution {index}: layout {attrs.data_layout}/"
                                     f"{attrs.kernel_layout}, expected NHWC/HWIO")
             x = self.visit_expr(call.args[0])
-            q, wscale = quantize_weights(w, isa)
-            # output channels that do not fill the last vector: zero weights up to a whole
-            # vector, the extra int32 results sliced off before anything reads them
-            o_pad = padded_channels(o, isa.lanes)
-            packed = pack_weights(np.pad(q, ((0, 0), (0, 0), (0, 0), (0, o_pad - o))), isa.lanes)
+            shape = [int(d) for d in x.ty.shape]
+            out_shape = [int(d) for d in call.ty.shape]
             st = input_storage(plan, isa)
+            xq = self._quantize(x, st)
+            o_pad = o
+            if groups > 1:  # depthwise: per-channel weights [kh, kw, 1, C] as they are
+                q, wscale = quantize_weights(w, isa, DEPTHWISE_WEIGHT_MAX)
+                weights = q
+                prim = depthwise_prim_func(isa, shape, (kh, kw), attrs.strides, attrs.padding,
+                                           st.zero_point)
+                entry.update(weight_bits=8)
+            else:
+                q, wscale = quantize_weights(w, isa)
+                # output channels that do not fill the last vector: zero weights up to a whole
+                # vector, the extra int32 results sliced off before anything reads them
+                o_pad = padded_channels(o, isa.lanes)
+                weights = pack_weights(np.pad(q, ((0, 0), (0, 0), (0, 0), (0, o_pad - o))),
+                                       isa.lanes)
+                prim = conv_prim_func(isa, shape, (kh, kw), o_pad, attrs.strides, attrs.padding,
+                                      st.zero_point)
             correction = (st.zero_point * q.astype(np.int64).reshape(-1, o).sum(axis=0)
                           ).astype(np.int32)
-            xq = self._quantize(x, st)
-            shape = [int(d) for d in x.ty.shape]
-            prim = conv_prim_func(isa, shape, (kh, kw), o_pad, attrs.strides, attrs.padding,
-                                  st.zero_point)
             gv = self.builder_.add_func(prim, f"conv2d_int8_{index}")
-            out_shape = [int(d) for d in call.ty.shape]
             acc = self.builder_.emit(relax.call_tir(
-                gv, [xq, relax.const(packed, "int8")],
+                gv, [xq, relax.const(weights, "int8")],
                 relax.TensorType([*out_shape[:3], o_pad], "int32")))
             if o_pad != o:
                 acc = self.builder_.emit(relax.op.strided_slice(acc, axes=[3], begin=[0],
@@ -349,11 +419,13 @@ def _eligible_shape(weight_shape, isa: Isa) -> bool:
 def _why_float(weight_shape, groups: int, attrs, isa: Isa) -> str | None:
     """Why a convolution stays float32, or None when it runs in integers."""
     o, i, _kh, _kw = weight_shape
-    if groups != 1:
-        return ("depthwise: each output reads one input channel, so there is no 4-channel "
-                "dot product for the instruction")
     if any(int(d) != 1 for d in attrs.dilation):
         return "dilated"
+    if groups != 1 and not (i == 1 and groups == o):
+        return (f"grouped ({groups} groups of {i} input channels): only dense and depthwise "
+                "convolutions run in integers")
+    if groups != 1:
+        return None  # depthwise
     if i % 4:
         return f"{i} input channels: not a multiple of the instruction's 4"
     return None

@@ -24,26 +24,45 @@ class Isa:
     weight_max: int     # largest |quantized weight|
     intrin: str         # TensorIntrin name
     instructions: str   # for the manifest
+    # Depthwise convolutions have no 4-channel dot product: each output channel is a sum over
+    # the kernel's taps of one input channel. They run on plain integer vector arithmetic, a
+    # vector of channels a step: the product is widened to ``depthwise_product`` (a byte times
+    # a byte fits int16) and summed in int32 accumulators of ``depthwise_lanes`` channels.
+    depthwise_product: str = "int32"
+    depthwise_lanes: int = 0         # 0: the ISA's int32 lanes
+    depthwise_instructions: str = ""  # what LLVM makes of it (checked in tests/test_int8.py)
 
     @property
     def weight_bits(self) -> int:
         return int(np.ceil(np.log2(self.weight_max + 1))) + 1
 
+    @property
+    def channel_lanes(self) -> int:
+        """Channels a depthwise step computes at once."""
+        return self.depthwise_lanes or self.lanes
+
 
 ISAS = {
     "avx512-vnni": Isa("avx512-vnni", 16, "uint8", 128, 127, "tsm_edge_dot_16x4_vnni",
-                       "vpdpbusd (AVX-512 VNNI)"),
+                       "vpdpbusd (AVX-512 VNNI)",
+                       depthwise_instructions="vpmovzxbd + vpmaddwd / vpdpwssd (AVX-512)"),
     "avx512bw": Isa("avx512bw", 16, "uint8", 128, 63, "tsm_edge_dot_16x4_avx512",
-                    "vpmaddubsw + vpmaddwd (AVX-512BW)"),
+                    "vpmaddubsw + vpmaddwd (AVX-512BW)",
+                    depthwise_instructions="vpmovzxbd + vpmaddwd (AVX-512BW)"),
     "avx2": Isa("avx2", 8, "uint8", 128, 63, "tsm_edge_dot_8x4_avx2",
-                "vpmaddubsw + vpmaddwd (AVX2)"),
+                "vpmaddubsw + vpmaddwd (AVX2)",
+                depthwise_instructions="vpmovzxbd + vpmaddwd (AVX2)"),
+    # Arm multiplies 16 signed bytes into int16 products (smull, smull2) and widens them into
+    # four int32x4 accumulators (saddw, saddw2): 16 channels a step
     "neon-dotprod": Isa("neon-dotprod", 4, "int8", 0, 127, "tsm_edge_dot_4x4_sdot",
-                        "sdot (Armv8.2 dot product)"),
+                        "sdot (Armv8.2 dot product)", "int16", 16,
+                        "smull + saddw (NEON)"),
     # Armv8.0 (Cortex-A53/A57/A72): no dot product. smull multiplies signed bytes into int16
     # lanes; addp sums adjacent pairs (two products: 2 * 127 * 127 < 32767 with symmetric
     # activations and +-127 weights, so no saturation); sadalp widens pairs into int32.
     "neon": Isa("neon", 4, "int8", 0, 127, "tsm_edge_dot_4x4_smull",
-                "smull + addp + sadalp (Armv8.0 NEON)"),
+                "smull + addp + sadalp (Armv8.0 NEON)", "int16", 16,
+                "smull + saddw (NEON)"),
 }
 
 
