@@ -12,8 +12,9 @@ every block ran each iteration: its multiply-adds and cycles both count every ar
 is a blend of the arms; ``branches_per_iteration`` in the JSON says which rows are such loops.
 
 Multiply-adds per instruction: ``fmla v.4s`` 4, ``smull v.8h`` 8 (eight products, summed by the
-``addp`` / ``sadalp`` that follow; in the depthwise kernel ``smull`` and ``smull2`` take the low
-and high 8 bytes of 16 channels, widened into int32 by ``saddw``), ``sdot v.4s`` 16.
+``addp`` / ``sadalp`` that follow; in the depthwise kernel ``smull`` / ``smull2`` take one tap's
+low and high 8 bytes of 16 channels, ``smlal`` / ``smlal2`` add a second tap's products, and
+``saddw`` widens the pair into int32), ``sdot v.4s`` 16.
 
 What the model knows is printed beside each core: LLVM 14 to 16 give cortex-a72 and cortex-a76 the
 Cortex-A57 model (``A57Unit*`` resources), so those rows are the A57 pipeline's costs for the
@@ -42,7 +43,7 @@ SHAPES = [("pointwise 28x28 64->64", (1, 28, 28, 64), (1, 1), 64, (1, 1), (0, 0,
           ("3x3 28x28 32->32", (1, 28, 28, 32), (3, 3), 32, (1, 1), (1, 1, 1, 1), False),
           ("depthwise 3x3 28x28 144", (1, 28, 28, 144), (3, 3), 144, (1, 1), (1, 1, 1, 1), True)]
 # per instruction, 128-bit vectors; smull2 multiplies the upper 8 bytes (the depthwise kernel)
-MACS = {"fmla": 4, "smull": 8, "smull2": 8, "sdot": 16}
+MACS = {"fmla": 4, "smull": 8, "smull2": 8, "smlal": 8, "smlal2": 8, "sdot": 16}
 
 
 def find_mca() -> str:
@@ -114,8 +115,8 @@ def hottest_loop(asm: str) -> list[str]:
 
 
 # the vector forms only (a scalar smull x0, w1, w2 computes an address)
-VECTOR_FORM = {"fmla": r"v\d+\.4s", "smull": r"v\d+\.8h", "smull2": r"v\d+\.8h",
-               "sdot": r"v\d+\.4s"}
+VECTOR_FORM = {"fmla": r"v\d+\.4s", "sdot": r"v\d+\.4s",
+               **{op: r"v\d+\.8h" for op in ("smull", "smull2", "smlal", "smlal2")}}
 
 
 def _op(ins: str) -> str | None:

@@ -79,6 +79,32 @@ def test_integer_convolution_is_exact_on_this_cpu(name, case):
                             "pointwise" if kernel == (1, 1) else f"conv{kernel[0]}x{kernel[1]}")
 
 
+@pytest.mark.parametrize("case", [c for c in INT8_CASES if c[-1]])
+def test_arm_depthwise_tap_pairs_are_exact_here(case):
+    """The Arm depthwise computation (two taps summed in int16, an odd kernel's last pair with
+    a zero-weight second tap) compiled for this CPU and run here: the arithmetic itself is
+    exact at the extremes (2 x 127 x 127 fits an int16). On the Arm cores themselves it runs
+    on the emulated board (tests/test_emulate.py)."""
+    import tvm
+
+    from tsm_edge.compiler.quantize.isa import ISAS
+    from tsm_edge.compiler.targets import resolve_target
+
+    shape, kernel, o, strides, padding, _ = case
+    isa = ISAS["neon"]
+    assert isa.depthwise_pairs
+    host = resolve_target("host").resolved_tvm_target()
+    mod, target, _what = int8_conv_module(isa, host, shape, kernel, o, strides, padding,
+                                          depthwise=True)
+    exe = tvm.compile(mod, target=target)
+    x, w = extreme_operands(isa, shape, kernel, o, depthwise=True)
+    want = int8_reference(x, w, strides, padding, isa.zero_point, depthwise=True)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(want.shape, np.int32), dev)
+    exe(tvm.runtime.tensor(x, dev), tvm.runtime.tensor(w, dev), out)
+    np.testing.assert_array_equal(out.numpy(), want)
+
+
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_each_isa_lowers_to_its_instruction(name):
     """Every supported family compiles to its integer instruction, and not to one its CPU
@@ -105,8 +131,9 @@ def test_each_isa_lowers_to_its_instruction(name):
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_each_isa_lowers_depthwise_to_widening_integer_multiplies(name):
     """An integer depthwise convolution multiplies bytes widened to 16 bits into int32 (x86
-    vpmaddwd, or VNNI's vpdpwssd) or into int16 then widened (Arm smull + saddw), on the
-    family's registers, without float arithmetic or an instruction its CPU lacks."""
+    vpmaddwd, or VNNI's vpdpwssd) or, on Arm, two taps into one int16 (smull + smlal) then
+    widened (saddw), on the family's registers, without float arithmetic or an instruction its
+    CPU lacks."""
     import tvm
 
     from tsm_edge.compiler.quantize import isa as isas
@@ -118,7 +145,7 @@ def test_each_isa_lowers_depthwise_to_widening_integer_multiplies(name):
     exe = tvm.compile(mod, target=target)
     asm = "".join(str(m.inspect_source("asm")) for m in [exe.mod, *exe.mod.imports])
     code = [ln.split("//")[0] for ln in asm.splitlines() if ln.startswith("\t")]
-    multiplies = {"x86": ("vpmaddwd", "vpdpwssd"), "arm": ("smull",)}[
+    multiplies = {"x86": ("vpmaddwd", "vpdpwssd"), "arm": ("smull", "smlal")}[
         "arm" if name.startswith("neon") else "x86"]
     found = [ln for ln in code if ln.split() and ln.split()[0].startswith(multiplies)]
     assert len(found) >= 8, (name, len(found))
@@ -126,6 +153,8 @@ def test_each_isa_lowers_depthwise_to_widening_integer_multiplies(name):
                for m in {ln.split()[0].rstrip("2") for ln in found}), found[:4]
     register = INSTRUCTIONS[name][1]
     assert any(register in ln for ln in found), found[:4]
+    if name.startswith("neon"):  # taps summed in pairs in int16 before they are widened
+        assert any(ln.split()[0].startswith("smlal") for ln in found), found[:4]
     floats = ("vfmadd", "vmulps", "fmla", "fmul")
     assert not any(ln.split() and ln.split()[0].startswith(floats) for ln in code)
     for bad in FORBIDDEN[name]:

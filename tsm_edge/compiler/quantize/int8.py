@@ -94,8 +94,13 @@ def depthwise_prim_func(isa: Isa, data_shape, kernel: tuple[int, int], strides, 
     """The integer depthwise convolution: NHWC ``isa.data_dtype`` data, int8 weights
     ``[kh, kw, 1, C]`` (HWIO of a depthwise convolution) -> int32.
 
-    Reduction axes (ry, rx, rc) with rc of extent 1, as in the float depthwise convolution, so
-    the convolution rule's register tile applies; products in ``isa.depthwise_product``.
+    Three reduction axes, as in the float depthwise convolution, so the convolution rule's
+    register tile applies. Products in ``isa.depthwise_product``; where the ISA sums taps in
+    pairs (``isa.depthwise_pairs``: signed bytes, |x|, |w| <= 127, so two products fit an int16
+    exactly: 2 x 127 x 127 = 32258), the first axis runs over pairs of taps, each pair summed in
+    int16 (Arm: ``smull`` + ``smlal``) and widened once into the int32 accumulator (``saddw``);
+    an odd kernel's last pair has a second tap of weight 0. The block's ``taps`` annotation
+    holds the kernel's taps (kh x kw) for the multiply-add count.
     """
     from tvm import te, tirx
 
@@ -113,15 +118,37 @@ def depthwise_prim_func(isa: Isa, data_shape, kernel: tuple[int, int], strides, 
     data = te.placeholder(tuple(map(i64, (n, h, w, c))), isa.data_dtype, name="data")
     weight = te.placeholder(tuple(map(i64, (kh, kw, 1, c))), "int8", name="weight")
     padded = _padded(data, (n, h, w, c), (pt, pl, pb, pr), isa, zero_point)
-    ry = te.reduce_axis((i64(0), i64(kh)), "ry")
-    rx = te.reduce_axis((i64(0), i64(kw)), "rx")
-    rc = te.reduce_axis((i64(0), i64(1)), "rc")
+    attrs = {"taps": kh * kw}
+    if not isa.depthwise_pairs:
+        ry = te.reduce_axis((i64(0), i64(kh)), "ry")
+        rx = te.reduce_axis((i64(0), i64(kw)), "rx")
+        rc = te.reduce_axis((i64(0), i64(1)), "rc")
+        out = te.compute(
+            tuple(map(i64, (n, ho, wo, c))),
+            lambda b, y, x, f: te.sum(
+                (padded[b, y * i64(sh) + ry, x * i64(sw) + rx, f + rc].astype(prod)
+                 * weight[ry, rx, rc, f].astype(prod)).astype("int32"),
+                axis=[ry, rx, rc]), name=DEPTHWISE_BLOCK, attrs=attrs)
+        return te.create_prim_func([data, weight, out]).without_attr("global_symbol")
+    taps = kh * kw
+    rp = te.reduce_axis((i64(0), i64((taps + 1) // 2)), "rp")
+    r1 = te.reduce_axis((i64(0), i64(1)), "r1")
+    r2 = te.reduce_axis((i64(0), i64(1)), "r2")
+
+    def product(b, y, x, f, t):
+        """Tap ``t``'s product in ``prod``; a tap past the kernel reads the last one, times 0."""
+        tt = tirx.min(t, i64(taps - 1))
+        ty, tx = tt // i64(kw), tt % i64(kw)
+        xv = padded[b, y * i64(sh) + ty, x * i64(sw) + tx, f + r1 + r2].astype(prod)
+        wv = tirx.if_then_else(t < i64(taps), weight[ty, tx, r1 + r2, f].astype(prod),
+                               tirx.const(0, prod))
+        return xv * wv
+
     out = te.compute(
         tuple(map(i64, (n, ho, wo, c))),
         lambda b, y, x, f: te.sum(
-            (padded[b, y * i64(sh) + ry, x * i64(sw) + rx, f + rc].astype(prod)
-             * weight[ry, rx, rc, f].astype(prod)).astype("int32"),
-            axis=[ry, rx, rc]), name=DEPTHWISE_BLOCK)
+            (product(b, y, x, f, rp * i64(2)) + product(b, y, x, f, rp * i64(2) + i64(1))
+             ).astype("int32"), axis=[rp, r1, r2]), name=DEPTHWISE_BLOCK, attrs=attrs)
     return te.create_prim_func([data, weight, out]).without_attr("global_symbol")
 
 

@@ -31,6 +31,7 @@ class Isa:
     depthwise_product: str = "int32"
     depthwise_lanes: int = 0         # 0: the ISA's int32 lanes
     depthwise_instructions: str = ""  # what LLVM makes of it (checked in tests/test_int8.py)
+    depthwise_pairs: bool = False     # taps summed in pairs in int16 before widening
 
     @property
     def weight_bits(self) -> int:
@@ -52,17 +53,17 @@ ISAS = {
     "avx2": Isa("avx2", 8, "uint8", 128, 63, "tsm_edge_dot_8x4_avx2",
                 "vpmaddubsw + vpmaddwd (AVX2)",
                 depthwise_instructions="vpmovzxbd + vpmaddwd (AVX2)"),
-    # Arm multiplies 16 signed bytes into int16 products (smull, smull2) and widens them into
-    # four int32x4 accumulators (saddw, saddw2): 16 channels a step
+    # Depthwise on Arm: 16 signed bytes a step, two taps' products summed in int16 (smull,
+    # smlal and their high-half forms) and widened into four int32x4 accumulators (saddw)
     "neon-dotprod": Isa("neon-dotprod", 4, "int8", 0, 127, "tsm_edge_dot_4x4_sdot",
                         "sdot (Armv8.2 dot product)", "int16", 16,
-                        "smull + saddw (NEON)"),
+                        "smull + smlal + saddw (NEON)", True),
     # Armv8.0 (Cortex-A53/A57/A72): no dot product. smull multiplies signed bytes into int16
     # lanes; addp sums adjacent pairs (two products: 2 * 127 * 127 < 32767 with symmetric
     # activations and +-127 weights, so no saturation); sadalp widens pairs into int32.
     "neon": Isa("neon", 4, "int8", 0, 127, "tsm_edge_dot_4x4_smull",
                 "smull + addp + sadalp (Armv8.0 NEON)", "int16", 16,
-                "smull + saddw (NEON)"),
+                "smull + smlal + saddw (NEON)", True),
 }
 
 
