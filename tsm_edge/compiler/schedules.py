@@ -297,7 +297,7 @@ def _schedule_conv_int8(sch, conv, cpu: CpuShape, isa) -> dict:
     _, height, width, channels, kh, kw, rc4, _ = _extents(sch, [n, y, x, f, ry, rx, rco, rci])
     # int32 accumulators, L per vector; besides the tile: the weight vectors, the broadcast
     # input, the 16-bit products and the constant ones
-    icpu = replace(cpu, lanes=isa.lanes, registers=cpu.registers - 2)
+    icpu = replace(cpu, lanes=isa.lanes, registers=cpu.registers - isa.tile_reserve)
     ty, tx, v = conv_tile(height, width, channels, icpu, depthwise=False)
     yo, yi = sch.split(y, [None, ty])
     xo, xi = sch.split(x, [None, tx])

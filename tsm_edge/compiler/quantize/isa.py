@@ -32,6 +32,12 @@ class Isa:
     depthwise_lanes: int = 0         # 0: the ISA's int32 lanes
     depthwise_instructions: str = ""  # what LLVM makes of it (checked in tests/test_int8.py)
     depthwise_pairs: bool = False     # taps summed in pairs in int16 before widening
+    # vector registers the dense rule keeps out of its register tile besides conv_tile's own 4
+    # (the instruction's temporaries). smull needs two int16 product vectors and their addp
+    # sum per step: with only 2 kept aside, a 4 x 16 tile left LLVM rotating 26 registers
+    # through each 3x3 iteration (llvm-mca, A57 model: 0.184 cycles per multiply-add; with 10
+    # kept aside, a 2 x 4 x 8 tile, 0.141)
+    tile_reserve: int = 2
 
     @property
     def weight_bits(self) -> int:
@@ -63,7 +69,7 @@ ISAS = {
     # activations and +-127 weights, so no saturation); sadalp widens pairs into int32.
     "neon": Isa("neon", 4, "int8", 0, 127, "tsm_edge_dot_4x4_smull",
                 "smull + addp + sadalp (Armv8.0 NEON)", "int16", 16,
-                "smull + smlal + saddw (NEON)", True),
+                "smull + smlal + saddw (NEON)", True, tile_reserve=10),
 }
 
 
