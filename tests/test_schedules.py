@@ -24,11 +24,12 @@ def _target(spec):
     return tvm.target.Target(spec)
 
 
-@pytest.mark.parametrize("spec, lanes, registers, threads", [
-    (ZNVER3, 8, 16, 2), (AVX512, 16, 32, 4), (A72, 4, 32, 4)])
-def test_cpu_shape_follows_the_target(spec, lanes, registers, threads):
+@pytest.mark.parametrize("spec, lanes, registers, threads, padded_copy", [
+    (ZNVER3, 8, 16, 2, False), (AVX512, 16, 32, 4, False), (A72, 4, 32, 4, True)])
+def test_cpu_shape_follows_the_target(spec, lanes, registers, threads, padded_copy):
     shape = schedules.cpu_shape(_target(spec))
     assert (shape.lanes, shape.registers, shape.threads) == (lanes, registers, threads)
+    assert shape.padded_copy == padded_copy  # Arm writes a convolution's padding first
 
 
 @pytest.mark.parametrize("cpu", [schedules.CpuShape(8, 16, 2), schedules.CpuShape(16, 32, 8),
@@ -72,8 +73,13 @@ def _conv_reference(x, w, stride, pad, groups):
     ((1, 16, 16, 3), (7, 7, 3, 8), 2, 3, 1, "conv7x7"),
     ((1, 7, 7, 20), (1, 1, 20, 12), 1, 0, 1, "pointwise"),  # channels not whole vectors
 ])
+@pytest.mark.parametrize("padded_copy", [False, True])
 def test_scheduled_convolution_is_parallel_vectorized_and_exact(shape, kernel, stride, pad,
-                                                                 groups, kind):
+                                                                 groups, kind, padded_copy):
+    """Exact with the padding tested in the tile's loads (x86) and with it written by a loop of
+    its own first (Arm's rule, run here on this CPU)."""
+    from dataclasses import replace
+
     import tvm
     from tvm import te, topi
 
@@ -88,7 +94,8 @@ def test_scheduled_convolution_is_parallel_vectorized_and_exact(shape, kernel, s
                                          out_dtype="float32")
     out = topi.clip(topi.add(conv, b_ph), 0.0, 6.0)  # the fused epilogue of MobileNetV2
     func = te.create_prim_func([x_ph, w_ph, b_ph, out])
-    sch, what = schedules.schedule_primfunc(func, target)
+    cpu = replace(schedules.cpu_shape(target), padded_copy=padded_copy)
+    sch, what = schedules.schedule_primfunc(func, target, cpu)
     assert what["rule"] == "convolution" and what["kind"] == kind
     script = sch.mod.script()
     assert "T.parallel" in script
@@ -96,6 +103,8 @@ def test_scheduled_convolution_is_parallel_vectorized_and_exact(shape, kernel, s
         assert "T.vectorized" in script
     blocks = set(re.findall(r'T\.sblock\("([^"]+)"\)', script))
     assert blocks and not any(b.startswith("T_add") or b == "compute" for b in blocks), blocks
+    padding = {b for b in blocks if "pad" in b.lower()}
+    assert bool(padding) == (padded_copy and pad > 0), blocks
     lib = tvm.compile(sch.mod, target)
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(np.float32)

@@ -34,6 +34,11 @@ class CpuShape:
     lanes: int        # float32 lanes in one vector register
     registers: int    # vector registers
     threads: int      # parallel workers the schedule is shaped for
+    # A convolution's zero padding written by a loop of its own before the tiles, rather than
+    # tested in the tile's loads. On Arm (llvm-mca, A57 model) the float 3x3 loop costs 0.259
+    # cycles per multiply-add that way against 0.351 with the tests inside, depthwise 0.250
+    # against 0.474; on x86 the tests inside were timed faster (the int8 depthwise rule).
+    padded_copy: bool = False
 
     @property
     def accumulators(self) -> int:
@@ -59,7 +64,7 @@ def cpu_shape(target) -> CpuShape:
     if "avx2" in feats or "avx" in feats:
         return CpuShape(8, 16, threads)
     if triple.startswith("aarch64") or "neon" in feats or "asimd" in feats:
-        return CpuShape(4, 32, threads)
+        return CpuShape(4, 32, threads, padded_copy=True)
     if "sse2" in feats:
         return CpuShape(4, 16, threads)
     return CpuShape(4, 16, threads)
@@ -182,6 +187,20 @@ def _schedule_spatial(sch, block, cpu: CpuShape) -> None:
         sch.parallel(po)
 
 
+def _pads(sch, block) -> bool:
+    """``block`` writes a larger tensor than the one it reads: a padding, not a copy."""
+    reads = sch.get(block).reads
+    if len(reads) != 1:
+        return False
+    buffer = getattr(reads[0], "buffer", None) or reads[0].source
+    try:
+        read = [int(d) for d in buffer.shape]
+    except TypeError:
+        return False
+    written = _written_shape(sch, block)
+    return len(read) == len(written) and read != written
+
+
 def _written_shape(sch, block) -> list[int]:
     writes = sch.get(block).writes
     buffer = getattr(writes[0], "buffer", None) or writes[0].source
@@ -228,6 +247,9 @@ def _schedule_conv(sch, conv, cpu: CpuShape, inline_producers: bool = True) -> d
     # Producers that only copy (the "pad" of a 1x1 convolution) disappear; real padding is a
     # separate, parallel loop over the (slightly larger) input.
     for producer in sch.get_producers(conv) if inline_producers else ():
+        if cpu.padded_copy and _pads(sch, producer):
+            _schedule_spatial(sch, producer, cpu)
+            continue
         try:
             sch.compute_inline(producer)
         except Exception:  # noqa: BLE001 - keep a padding block that cannot be inlined cheaply
