@@ -22,9 +22,10 @@ pass, so activations are NHWC and weights HWIO constants):
 - depthwise convolutions (one input channel per output channel, per-channel int8 weights of
   +-127 on every ISA) become integer convolutions too: no instruction has a 4-channel dot
   product to offer there, so each step takes a vector of channels, widens the byte products
-  (int32 lanes on x86; int16 on Arm: ``smull`` then ``saddw`` into int32) and sums them over the
-  kernel's taps in int32. The quantization in front of one is fused into the operator before
-  it, so the expanded activations of an inverted residual block travel as bytes;
+  (int32 lanes on x86; on Arm two taps' products summed in one int16 by ``smull`` + ``smlal``,
+  then ``saddw`` into int32) and sums them over the kernel's taps in int32. The quantization in
+  front of one is fused into the operator before it, so the expanded activations of an
+  inverted residual block travel as bytes;
 - the 3-channel stem and the classifier stay float32: a dot product over 4 input channels has
   nothing to work on there. The manifest counts what runs in integers;
 - each cache whose channels feed an integer convolution is stored as int8 with that
