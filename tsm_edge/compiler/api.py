@@ -311,6 +311,9 @@ def schedule_summary(info: dict, schedules: str, cpu: bool) -> dict:
 
 def int8_detail(report: dict, isa, calib: dict) -> dict:
     """What the manifest says about an int8 step: what runs in integers, on what, from what."""
+    from .quantize.int8 import DEPTHWISE_WEIGHT_MAX
+    from .quantize.isa import bits_for
+
     convs = report["convolutions"]
     integer = [c for c in convs if c.get("compute") == "int8"]
     why: dict[str, int] = {}
@@ -328,7 +331,8 @@ def int8_detail(report: dict, isa, calib: dict) -> dict:
         "weights": f"symmetric int8, one scale per output channel, {isa.weight_bits} bits "
                    f"(+-{isa.weight_max})" + ("; vpmaddubsw sums two products in a saturating "
                                               "int16" if isa.weight_max < 127 else "")
-                   + "; depthwise: 8 bits (+-127), products widened before they are summed",
+                   + f"; depthwise: {bits_for(DEPTHWISE_WEIGHT_MAX)} bits "
+                     f"(+-{DEPTHWISE_WEIGHT_MAX}), products widened before they are summed",
         "integer_convolutions": len(integer),
         "float_convolutions": len(convs) - len(integer),
         "float_convolutions_why": why,

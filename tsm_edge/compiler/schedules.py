@@ -248,6 +248,7 @@ def _schedule_conv(sch, conv, cpu: CpuShape, inline_producers: bool = True) -> d
     # separate, parallel loop over the (slightly larger) input.
     for producer in sch.get_producers(conv) if inline_producers else ():
         if cpu.padded_copy and _pads(sch, producer):
+            _upstream_inline(sch, producer)  # a fused producer of the pad: in its loop
             _schedule_spatial(sch, producer, cpu)
             continue
         try:
@@ -350,12 +351,13 @@ def _schedule_depthwise_int8(sch, conv, cpu: CpuShape, isa) -> dict:
 
     A quantization fused in front is one parallel loop of its own (inlined, it would be
     recomputed for each tap). The zero-point padding is a bounds test in the tile's loads, as
-    in fp32 (timed here on AVX2 and AVX-512: 25% faster than a padded copy), except where taps
-    are summed in pairs: a test between a pair's two taps would split ``smull`` from its
-    ``smlal``, so the padded input is written by that same loop (llvm-mca, A57 model: 0.31
-    cycles per multiply-add against 0.40 with the test inside)."""
+    in fp32 (timed here on AVX2 and AVX-512: 25% faster than a padded copy), except where the
+    target writes padding first (``cpu.padded_copy``, Arm, where taps are summed in pairs: a
+    test between a pair's two taps would split ``smull`` from its ``smlal``): there the padded
+    input is written by that same loop (llvm-mca, A57 model: 0.31 cycles per multiply-add
+    against 0.40 with the test inside)."""
     for producer in sch.get_producers(conv):
-        if isa.depthwise_pairs or not sch.get(producer).name_hint.startswith(PAD_INT8):
+        if cpu.padded_copy or not sch.get(producer).name_hint.startswith(PAD_INT8):
             _upstream_inline(sch, producer)
             _schedule_spatial(sch, producer, cpu)
             continue
@@ -410,21 +412,17 @@ def schedule_primfunc(func, target, cpu: CpuShape | None = None):
     blocks = _blocks(sch)
     int8_convs = [b for b in blocks if _iter_kinds(sch, b) == "SSSSRRRR"
                   and sch.get(b).name_hint.startswith(CONV_INT8)]
-    if len(int8_convs) == 1:
-        from .quantize.isa import isa_for
-
-        isa = isa_for(target)
-        if isa is None:
-            return None, None
-        return sch, _schedule_conv_int8(sch, int8_convs[0], cpu, isa)
     convs = [b for b in blocks if _iter_kinds(sch, b) == "SSSSRRR"]
-    if len(convs) == 1 and sch.get(convs[0]).name_hint.startswith(DEPTHWISE_INT8):
+    int8_depthwise = len(convs) == 1 and sch.get(convs[0]).name_hint.startswith(DEPTHWISE_INT8)
+    if len(int8_convs) == 1 or int8_depthwise:
         from .quantize.isa import isa_for
 
         isa = isa_for(target)
         if isa is None:
             return None, None
-        return sch, _schedule_depthwise_int8(sch, convs[0], cpu, isa)
+        if int8_depthwise:
+            return sch, _schedule_depthwise_int8(sch, convs[0], cpu, isa)
+        return sch, _schedule_conv_int8(sch, int8_convs[0], cpu, isa)
     if len(convs) == 1:
         return sch, _schedule_conv(sch, convs[0], cpu)
     if convs:

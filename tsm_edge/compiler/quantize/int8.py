@@ -47,9 +47,17 @@ import numpy as np
 from ...errors import InternalError, UserError
 from ..schedules import CONV_INT8 as CONV_BLOCK
 from ..schedules import DEPTHWISE_INT8 as DEPTHWISE_BLOCK
-from .isa import PAD_BLOCK, Isa, register_intrinsic
+from ..schedules import PAD_INT8 as PAD_BLOCK
+from .isa import Isa, bits_for, register_intrinsic
 
 # --------------------------------------------------------------------------- operators
+
+
+def i64(v: int):
+    """An int64 constant: Relax's legalized operators index in int64, FuseTIR needs the same."""
+    from tvm import tirx
+
+    return tirx.const(v, "int64")
 
 
 def conv_prim_func(isa: Isa, data_shape, kernel: tuple[int, int], channels_out: int,
@@ -59,16 +67,13 @@ def conv_prim_func(isa: Isa, data_shape, kernel: tuple[int, int], channels_out: 
     Padding is the zero point (a real 0; ``isa.zero_point`` unless given). Reduction axes are
     (ry, rx, rco, rci) so the innermost 4 input channels meet the intrinsic's ``k`` directly.
     """
-    from tvm import te, tirx
+    from tvm import te
 
     n, h, w, c = (int(d) for d in data_shape)
     kh, kw = kernel
     sh, sw = (int(s) for s in strides)
     pt, pl, pb, pr = (int(p) for p in padding)
     L = isa.lanes
-
-    def i64(v: int):  # Relax's legalized operators index in int64: FuseTIR needs the same
-        return tirx.const(v, "int64")
 
     ho = (h + pt + pb - kh) // sh + 1
     wo = (w + pl + pr - kw) // sw + 1
@@ -110,9 +115,6 @@ def depthwise_prim_func(isa: Isa, data_shape, kernel: tuple[int, int], strides, 
     sh, sw = (int(s) for s in strides)
     pt, pl, pb, pr = (int(p) for p in padding)
     prod = isa.depthwise_product
-
-    def i64(v: int):
-        return tirx.const(v, "int64")
 
     ho = (h + pt + pb - kh) // sh + 1
     wo = (w + pl + pr - kw) // sw + 1
@@ -156,9 +158,6 @@ def depthwise_prim_func(isa: Isa, data_shape, kernel: tuple[int, int], strides, 
 def _padded(data, shape, padding, isa: Isa, zero_point: int | None):
     """``data`` padded with the zero point (a real 0), or ``data`` where there is no padding."""
     from tvm import te, tirx
-
-    def i64(v: int):
-        return tirx.const(v, "int64")
 
     n, h, w, c = shape
     pt, pl, pb, pr = padding
@@ -379,7 +378,7 @@ def quantize_step(mod, isa: Isa, convs: list[ConvPlan], caches: list[tuple[str, 
                 weights = q
                 prim = depthwise_prim_func(isa, shape, (kh, kw), attrs.strides, attrs.padding,
                                            st.zero_point)
-                entry.update(weight_bits=8)
+                entry.update(weight_bits=bits_for(DEPTHWISE_WEIGHT_MAX))
             else:
                 q, wscale = quantize_weights(w, isa)
                 # output channels that do not fill the last vector: zero weights up to a whole

@@ -10,7 +10,10 @@ import numpy as np
 
 from ...errors import InternalError, UserError
 
-PAD_BLOCK = "pad_int8"
+
+def bits_for(weight_max: int) -> int:
+    """Bits of a symmetric integer weight of at most ``weight_max`` in magnitude (127: 8)."""
+    return int(np.ceil(np.log2(weight_max + 1))) + 1
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class Isa:
 
     @property
     def weight_bits(self) -> int:
-        return int(np.ceil(np.log2(self.weight_max + 1))) + 1
+        return bits_for(self.weight_max)
 
     @property
     def channel_lanes(self) -> int:
