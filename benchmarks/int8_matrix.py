@@ -199,37 +199,6 @@ def ort_child(argv: list[str]) -> int:
     return 0
 
 
-def time_alternating(jobs: dict, rounds: int) -> dict:
-    """Run each job once per round, order reversed every other round; pool the latencies.
-
-    ``jobs``: name -> callable returning a list of per-frame latencies (ms). A job that raises
-    is recorded as an error and not run again.
-    """
-    from tsm_edge.runtime.frames import percentiles
-
-    lat = {k: [] for k in jobs}
-    per_round: dict[str, list[float]] = {k: [] for k in jobs}
-    errors: dict[str, str] = {}
-    for r in range(rounds):
-        order = list(jobs) if r % 2 == 0 else list(reversed(jobs))
-        for k in order:
-            if k in errors:
-                continue
-            try:
-                got = jobs[k]()
-                lat[k] += got
-                per_round[k].append(round(percentiles(got)["p50_ms"], 3))
-            except Exception as exc:  # noqa: BLE001 - fail soft, recorded
-                errors[k] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                print(f"timing {k} FAILED: {errors[k]}", flush=True)
-    # A neighbour's load on a shared machine shows as whole rounds running slow: the pooled
-    # percentiles include them, the per-round p50s show them.
-    return {k: ({"error": errors[k]} if k in errors else
-                {**percentiles(v), "frames": len(v), "round_p50_ms": per_round[k],
-                 "best_round_p50_ms": min(per_round[k]) if per_round[k] else None})
-            for k, v in lat.items()}
-
-
 # ----------------------------------------------------------------------------- the program
 
 
@@ -338,7 +307,7 @@ def onnxruntime_rows(args, work: Path, steps: dict, fp32_dir: Path | None,
                      fp32_manifest: dict | None, calib_video: Path, eval_video: Path, reuse):
     """Export, quantize (evolving, zeros), compare and time the ONNX Runtime models."""
     from tsm_edge.measure import ort_quant
-    from tsm_edge.measure.bench import run_child
+    from tsm_edge.measure.bench import alternating_rounds, run_child
 
     T = args.threads
     fp32_onnx = work / "ort_fp32.onnx"
@@ -383,7 +352,7 @@ def onnxruntime_rows(args, work: Path, steps: dict, fp32_dir: Path | None,
         return run
 
     jobs = {"fp32": job(fp32_onnx), **{f"int8 {m}": job(p) for m, p in models.items()}}
-    timing = time_alternating(jobs, args.bench_rounds)
+    timing = alternating_rounds(jobs, args.bench_rounds)
 
     cache_b = ort_quant.step_cache_bytes(fp32_onnx)
     t = timing["fp32"]
@@ -449,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--backends {args.backends} is not valid; valid: tsm-edge, onnxruntime")
 
     from tsm_edge.artifact.store import read_manifest
-    from tsm_edge.measure.bench import BACKEND_NOTES, METHOD
+    from tsm_edge.measure.bench import BACKEND_NOTES, METHOD, alternating_rounds
     from tsm_edge.support.files import atomic_write_json
     from tsm_edge.support.system import machine
 
@@ -537,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         te_jobs["fp32"] = bench_job("fp32", fp32_dir)
     for mode, d in int8_dirs.items():
         te_jobs[f"int8 {mode}"] = bench_job(f"int8_{mode}", d)
-    te_timing = time_alternating(te_jobs, args.bench_rounds) if te_jobs else {}
+    te_timing = alternating_rounds(te_jobs, args.bench_rounds) if te_jobs else {}
 
     # -- c. ONNX Runtime: export, quantize (evolving, zeros), time, compare
     fp32_manifest = read_manifest(fp32_dir, check_files=False) if fp32_ok else None

@@ -1,11 +1,21 @@
-"""The standard benchmark matrix: both models at 224, fp32, 1 and 2 threads; one JSON.
+"""The standard benchmark matrix: MobileNetV2-TSM and ResNet-50-TSM at 224 fp32, 1 and 2 threads,
+tsm-edge untuned and tuned beside ONNX Runtime, OpenVINO and PyTorch, in alternating rounds.
 
-For each model the artifact is compiled once (``--tuning auto``: tuning records for this exact
-CPU if there are any, tsm-edge's default schedules for every other operator), then
-``tsm_edge.measure.bench`` times tsm-edge, ONNX Runtime and PyTorch the same way, each backend in its own
-process. The README's table of measured figures is made from this JSON (``--markdown``).
+For each model:
+1. the artifact is compiled untuned (``--tuning none``: tsm-edge's default rules);
+2. ``tsm-edge tune`` (the rules search, ``--candidates``) measures every operator's parameter
+   sets on this machine into a database under ``--out`` (or ``--tuning DB`` uses one already
+   made), and the artifact is compiled again with it;
+3. every backend runs in a process of its own, once per round, the order reversed every other
+   round: tsm-edge untuned, tsm-edge untuned again (the A/A pair: what two runs of the same
+   artifact differ by here, the floor under which a difference is noise), tsm-edge tuned,
+   ONNX Runtime and OpenVINO (both on the exported ONNX step) and PyTorch (eager).
 
-    python benchmarks/standard_matrix.py --out out/matrix --json benchmarks/results/matrix.json
+Figures are the median of the rounds' p50s, with their spread (min-max). The ratios compare
+medians; ``tuned_vs_untuned_per_round`` pairs the two within each round. One JSON, and a
+markdown table for the README.
+
+    python benchmarks/standard_matrix.py --rounds 7 --json benchmarks/results/matrix_znver5.json
 """
 
 from __future__ import annotations
@@ -16,68 +26,135 @@ import sys
 import time
 from pathlib import Path
 
-MODELS = {"tsm_mobilenetv2": 200, "tsm_resnet50": 40}  # timed frames per run
+MODELS = {"tsm_mobilenetv2": 100, "tsm_resnet50": 30}  # timed frames per round
+PEERS = ("onnxruntime", "openvino", "torch")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="out/matrix", help="Where the artifacts are compiled.")
+    ap.add_argument("--out", default="out/matrix", help="Where artifacts and tuning go.")
     ap.add_argument("--json", default=None)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--tuning", default="auto")
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--frames-scale", type=float, default=1.0)
+    ap.add_argument("--candidates", type=int, default=16,
+                    help="Rule parameter sets measured per operator by the tuning step.")
+    ap.add_argument("--tuning", default=None,
+                    help="A tuning database to use instead of tuning here (skips step 2).")
+    ap.add_argument("--peers", default=",".join(PEERS))
     args = ap.parse_args()
 
     import tsm_edge
-    from tsm_edge.measure.bench import bench
+    from tsm_edge.compiler.tuning import tune
+    from tsm_edge.measure.bench import alternating_rounds, child_args, run_child
     from tsm_edge.support.files import atomic_write_json
     from tsm_edge.support.system import machine
-
-    rows = []
-    for model in args.models.split(","):
-        art = Path(args.out) / model
-        t0 = time.monotonic()
-        tsm_edge.compile(model, art, tuning=args.tuning)
-        compile_s = time.monotonic() - t0
-        manifest = json.loads((art / "manifest.json").read_text())
-        for threads in (int(t) for t in args.threads.split(",")):
-            frames = max(5, int(MODELS.get(model, 50) * args.frames_scale))
-            result = bench(art, frames=frames, warmup=10, threads=threads,
-                           compare=("onnxruntime", "torch"))
-            p50 = {k: v["p50_ms"] for k, v in result["backends"].items()}
-            rows.append({
-                "model": model, "input_size": 224, "precision": "fp32", "threads": threads,
-                "frames": frames, "p50_ms": p50,
-                "p90_ms": {k: v["p90_ms"] for k, v in result["backends"].items()},
-                "tsm_edge_vs_onnxruntime": round(p50["tsm-edge"] / p50["onnxruntime"], 3),
-                "tsm_edge_vs_torch": round(p50["tsm-edge"] / p50["torch"], 3),
-                "tuning_records_applied": manifest["tuning"]["records_applied"],
-                "tuning_databases": manifest["tuning"]["databases"],
-                "compile_seconds": round(compile_s, 1),
-                "memory": result["memory"], "method": result["method"],
-            })
-            print(json.dumps({k: rows[-1][k] for k in ("model", "threads", "p50_ms",
-                                                        "tsm_edge_vs_onnxruntime")}), flush=True)
     from tsm_edge.support.versions import tool_versions
 
-    out = {"machine": machine(), "rows": rows, "tool_versions": tool_versions(),
-           "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    peers = tuple(p for p in args.peers.split(",") if p)
+    rows, tuning_runs = [], {}
+    for model in args.models.split(","):
+        base = Path(args.out) / model
+        untuned, tuned = base / "untuned", base / "tuned"
+        t0 = time.monotonic()
+        tsm_edge.compile(model, untuned, tuning="none")
+        compile_s = time.monotonic() - t0
+        db = args.tuning
+        if db is None:
+            db = str(Path(args.out) / "tuning")
+            run = tune(model, search="rules", candidates=args.candidates, output=db)
+            tuning_runs[model] = {k: run[k] for k in (
+                "seconds", "tasks", "tasks_beating_default", "default_schedules_measured",
+                "trials_measured", "operators_ms_default", "operators_ms_best",
+                "candidates_per_operator", "stopped_by", "target", "chosen")}
+            print(json.dumps({"model": model, "tuning": {k: v for k, v in
+                                                          tuning_runs[model].items()
+                                                          if k != "chosen"}}), flush=True)
+        tsm_edge.compile(model, tuned, tuning=db)
+        applied = json.loads((tuned / "manifest.json").read_text())["tuning"]["records_applied"]
+        for threads in (int(t) for t in args.threads.split(",")):
+            frames = max(5, int(MODELS.get(model, 50) * args.frames_scale))
+            warmup = 10 if frames >= 50 else 5
+            common = child_args(frames, warmup, threads, peers, PEERS)
+
+            def tsm(art: Path, common=common, threads=threads):
+                return lambda: run_child(["-m", "tsm_edge.measure.probe", str(art), *common],
+                                         threads, 3600,
+                                         {"TVM_USE_RUNTIME_LIB": "1"})["latencies_ms"]
+
+            def peer(name: str, common=common, threads=threads, art=untuned):
+                return lambda: run_child(["-m", "tsm_edge.measure.bench", name, str(art),
+                                          *common], threads, 3600)["latencies_ms"]
+
+            jobs = {"tsm-edge untuned": tsm(untuned), "tsm-edge untuned (A/A)": tsm(untuned),
+                    "tsm-edge tuned": tsm(tuned), **{p: peer(p) for p in peers}}
+            timing = alternating_rounds(jobs, args.rounds)
+            rows.append(summarize(model, threads, frames, timing, applied, compile_s))
+            print(json.dumps({k: rows[-1][k] for k in ("model", "threads", "median_p50_ms",
+                                                        "ratios")}), flush=True)
+    out = {"machine": machine(), "rounds": args.rounds, "rows": rows, "tuning": tuning_runs,
+           "tool_versions": tool_versions(), "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "method": "each backend in its own process per round, order reversed every other "
+                     "round; figures are the median of the rounds' p50s and their min-max"}
     print(markdown(out))
     if args.json:
         atomic_write_json(args.json, out)
     return 0
 
 
+def summarize(model: str, threads: int, frames: int, timing: dict, applied: int,
+              compile_s: float) -> dict:
+    ok = {k: v for k, v in timing.items() if "error" not in v}
+    med = {k: v["median_round_p50_ms"] for k, v in ok.items()}
+    spread = {k: [min(v["round_p50_ms"]), max(v["round_p50_ms"])] for k, v in ok.items()}
+    peers = {k: v for k, v in med.items() if not k.startswith("tsm-edge")}
+    fastest = min(peers, key=peers.get) if peers else None
+    ratios = {}
+    untuned, aa, tuned = (med.get(k) for k in ("tsm-edge untuned", "tsm-edge untuned (A/A)",
+                                               "tsm-edge tuned"))
+    if untuned and aa:
+        ratios["a_a"] = round(aa / untuned, 3)
+    if untuned and tuned:
+        ratios["tuned_vs_untuned"] = round(tuned / untuned, 3)
+    if fastest and tuned:
+        ratios["tuned_vs_fastest_peer"] = round(tuned / peers[fastest], 3)
+    if fastest and untuned:
+        ratios["untuned_vs_fastest_peer"] = round(untuned / peers[fastest], 3)
+    per_round = {}
+    if "tsm-edge untuned" in ok and "tsm-edge tuned" in ok:
+        per_round["tuned_vs_untuned"] = [round(t / u, 3) for t, u in zip(
+            ok["tsm-edge tuned"]["round_p50_ms"], ok["tsm-edge untuned"]["round_p50_ms"])]
+    if "tsm-edge untuned" in ok and "tsm-edge untuned (A/A)" in ok:
+        per_round["a_a"] = [round(a / u, 3) for a, u in zip(
+            ok["tsm-edge untuned (A/A)"]["round_p50_ms"], ok["tsm-edge untuned"]["round_p50_ms"])]
+    return {"model": model, "input_size": 224, "precision": "fp32", "threads": threads,
+            "frames_per_round": frames, "median_p50_ms": med, "spread_p50_ms": spread,
+            "pooled": {k: {m: v[m] for m in ("p50_ms", "p90_ms", "p99_ms")}
+                       for k, v in ok.items()},
+            "errors": {k: v["error"] for k, v in timing.items() if "error" in v},
+            "fastest_peer": fastest, "ratios": ratios, "per_round": per_round,
+            "tuning_records_applied": applied, "compile_seconds": round(compile_s, 1)}
+
+
 def markdown(result: dict) -> str:
-    lines = ["| model | threads | tsm-edge p50 | ONNX Runtime p50 | PyTorch p50 | vs ORT | vs PyTorch "
-             "| tuning records |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    names = []
     for r in result["rows"]:
-        p = r["p50_ms"]
-        lines.append(f"| {r['model']} 224 fp32 | {r['threads']} | {p['tsm-edge']:.2f} ms | "
-                     f"{p['onnxruntime']:.2f} ms | {p['torch']:.2f} ms | "
-                     f"{r['tsm_edge_vs_onnxruntime']:.2f}x | {r['tsm_edge_vs_torch']:.2f}x | "
-                     f"{r['tuning_records_applied']} |")
+        names += [k for k in r["median_p50_ms"] if k not in names]
+    head = "| model | threads | " + " | ".join(names) + " | tuned / fastest peer | A/A |"
+    lines = [head, "| --- | --- | " + " | ".join("---" for _ in names) + " | --- | --- |"]
+    for r in result["rows"]:
+        cells = []
+        for n in names:
+            if n in r["median_p50_ms"]:
+                lo, hi = r["spread_p50_ms"][n]
+                cells.append(f"{r['median_p50_ms'][n]:.2f} ({lo:.2f}-{hi:.2f})")
+            else:
+                cells.append(r["errors"].get(n, "-")[:40])
+        ratios = r["ratios"]
+        lines.append(f"| {r['model']} | {r['threads']} | " + " | ".join(cells) +
+                     f" | {ratios.get('tuned_vs_fastest_peer', '-')} ({r['fastest_peer']}) | "
+                     f"{ratios.get('a_a', '-')} |")
     return "\n".join(lines)
 
 

@@ -66,24 +66,20 @@ def _conv_reference(x, w, stride, pad, groups):
     return out
 
 
-@pytest.mark.parametrize("shape, kernel, stride, pad, groups, kind", [
+CONV_CASES = [
     ((1, 14, 14, 32), (1, 1, 32, 48), 1, 0, 1, "pointwise"),
     ((1, 9, 7, 12), (3, 3, 12, 16), 2, 1, 1, "conv3x3"),
     ((1, 10, 10, 24), (3, 3, 1, 24), 1, 1, 24, "depthwise"),
     ((1, 16, 16, 3), (7, 7, 3, 8), 2, 3, 1, "conv7x7"),
     ((1, 7, 7, 20), (1, 1, 20, 12), 1, 0, 1, "pointwise"),  # channels not whole vectors
-])
-@pytest.mark.parametrize("padded_copy", [False, True])
-def test_scheduled_convolution_is_parallel_vectorized_and_exact(shape, kernel, stride, pad,
-                                                                 groups, kind, padded_copy):
-    """Exact with the padding tested in the tile's loads (x86) and with it written by a loop of
-    its own first (Arm's rule, run here on this CPU)."""
-    from dataclasses import replace
+]
 
+
+def _conv_case(shape, kernel, stride, pad, groups):
+    """(prim func, run(lib) -> (result, expected)): a convolution with MobileNetV2's epilogue."""
     import tvm
     from tvm import te, topi
 
-    target = _target(ZNVER3)
     x_ph = te.placeholder(shape, name="x")
     w_ph = te.placeholder(kernel, name="w")
     b_ph = te.placeholder((kernel[-1],), name="b")
@@ -94,6 +90,58 @@ def test_scheduled_convolution_is_parallel_vectorized_and_exact(shape, kernel, s
                                          out_dtype="float32")
     out = topi.clip(topi.add(conv, b_ph), 0.0, 6.0)  # the fused epilogue of MobileNetV2
     func = te.create_prim_func([x_ph, w_ph, b_ph, out])
+
+    def run(lib):
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal(shape).astype(np.float32)
+        w = rng.standard_normal(kernel).astype(np.float32)
+        b = rng.standard_normal(kernel[-1]).astype(np.float32)
+        res = tvm.runtime.empty(tuple(int(d) for d in out.shape), "float32", tvm.cpu())
+        lib(tvm.runtime.tensor(x), tvm.runtime.tensor(w), tvm.runtime.tensor(b), res)
+        return res.numpy(), np.clip(_conv_reference(x, w, stride, pad, groups) + b, 0.0, 6.0)
+
+    return func, run
+
+
+@pytest.mark.parametrize("shape, kernel, stride, pad, groups, kind", CONV_CASES)
+def test_every_parameter_set_the_tuner_measures_is_exact(shape, kernel, stride, pad, groups,
+                                                         kind):
+    """``tsm-edge tune`` (rules) measures each of ``rule_choices``: each must compute the
+    convolution, the default first; half vectors where whole ones do not divide the channels."""
+    import tvm
+
+    target = _target(ZNVER3)
+    func, run = _conv_case(shape, kernel, stride, pad, groups)
+    choices = schedules.rule_choices(func, target, limit=64)
+    assert choices[0] == schedules.ConvChoice() and len(set(choices)) == len(choices) > 2
+    assert any(c.pixels_outer for c in choices) and \
+        any(c.unroll_taps for c in choices) == (kernel[1] > 1)
+    lanes = schedules.cpu_shape(target).lanes
+    tiles = set()
+    for choice in choices:
+        sch, what = schedules.schedule_primfunc(func, target, choice=choice)
+        assert what["rule"] == "convolution" and what["kind"] == kind
+        tiles.add(tuple(what["tile"]))
+        if choice == schedules.ConvChoice() and kernel[-1] % lanes:
+            # 12 or 20 output channels fill no 8-lane vector: 4-lane vectors by default
+            assert what["tile"][2] % 4 == 0 and what["tile"][2] > 0, what
+        got, want = run(tvm.compile(sch.mod, target))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=choice.label())
+    assert len(tiles) > 1
+
+
+@pytest.mark.parametrize("shape, kernel, stride, pad, groups, kind", CONV_CASES)
+@pytest.mark.parametrize("padded_copy", [False, True])
+def test_scheduled_convolution_is_parallel_vectorized_and_exact(shape, kernel, stride, pad,
+                                                                 groups, kind, padded_copy):
+    """Exact with the padding tested in the tile's loads (x86) and with it written by a loop of
+    its own first (Arm's rule, run here on this CPU)."""
+    from dataclasses import replace
+
+    import tvm
+
+    target = _target(ZNVER3)
+    func, run = _conv_case(shape, kernel, stride, pad, groups)
     cpu = replace(schedules.cpu_shape(target), padded_copy=padded_copy)
     sch, what = schedules.schedule_primfunc(func, target, cpu)
     assert what["rule"] == "convolution" and what["kind"] == kind
@@ -105,15 +153,8 @@ def test_scheduled_convolution_is_parallel_vectorized_and_exact(shape, kernel, s
     assert blocks and not any(b.startswith("T_add") or b == "compute" for b in blocks), blocks
     padding = {b for b in blocks if "pad" in b.lower()}
     assert bool(padding) == (padded_copy and pad > 0), blocks
-    lib = tvm.compile(sch.mod, target)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal(shape).astype(np.float32)
-    w = rng.standard_normal(kernel).astype(np.float32)
-    b = rng.standard_normal(kernel[-1]).astype(np.float32)
-    res = tvm.runtime.empty(tuple(int(d) for d in out.shape), "float32", tvm.cpu())
-    lib(tvm.runtime.tensor(x), tvm.runtime.tensor(w), tvm.runtime.tensor(b), res)
-    expected = np.clip(_conv_reference(x, w, stride, pad, groups) + b, 0.0, 6.0)
-    np.testing.assert_allclose(res.numpy(), expected, rtol=1e-4, atol=1e-4)
+    got, want = run(tvm.compile(sch.mod, target))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def _manifest(path):

@@ -1,4 +1,5 @@
-"""Tuning databases: a real MetaSchedule run, records applied to exactly their target, resume."""
+"""Tuning databases: a real rules search and a real MetaSchedule run, records applied to exactly
+their target, resume."""
 
 from __future__ import annotations
 
@@ -25,12 +26,67 @@ def tuned(tmp_path_factory):
     """One real tuning run of the tiny model into the user's default database folder."""
     cache = tmp_path_factory.mktemp("cache")
     out = cache / "tune.json"
-    proc = run_cli("tune", "--model", "tsm_mobilenetv2_tiny", "--trials", str(TRIALS),
-                   "--json", str(out), env={"XDG_CACHE_HOME": str(cache)}, timeout=1500)
+    proc = run_cli("tune", "--model", "tsm_mobilenetv2_tiny", "--search", "metaschedule",
+                   "--trials", str(TRIALS), "--json", str(out),
+                   env={"XDG_CACHE_HOME": str(cache)}, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     return {"cache": cache, "result": result, "db": Path(result["database"]),
             "stderr": proc.stderr}
+
+
+@pytest.fixture(scope="session")
+def rules_tuned(tmp_path_factory):
+    """One real search of the default rules' parameters (3 per operator) of the tiny model."""
+    cache = tmp_path_factory.mktemp("rules-cache")
+    out = cache / "tune.json"
+    proc = run_cli("tune", "--model", "tsm_mobilenetv2_tiny", "--candidates", "3",
+                   "--json", str(out), env={"XDG_CACHE_HOME": str(cache)}, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"cache": cache, "result": json.loads(out.read_text()), "stderr": proc.stderr,
+            "stdout": proc.stdout}
+
+
+def test_rules_search_finishes_and_keeps_its_best(rules_tuned):
+    """Every operator measured with its default schedule first, each float convolution with
+    its other parameter sets; the search ends by itself and a rerun has nothing left to do."""
+    from tsm_edge.compiler import schedules, tuning
+    from tsm_edge.compiler.tvm import target as tvm_target
+
+    result = rules_tuned["result"]
+    db = Path(result["database"])
+    assert result["search"] == "rules" and result["stopped_by"] == "finished"
+    assert result["tasks_searched"] == result["tasks"] == result["default_schedules_measured"]
+    meta = json.loads((db / "target.json").read_text())
+    target = tvm_target.make_target(meta["target"])
+    tasks = tuning._tasks("tsm_mobilenetv2_tiny", None, target)
+    expected = sum(len(schedules.rule_choices(mod["main"], target, 3)) for _n, mod, _c in tasks)
+    records = (db / "database_tuning_record.json").read_text().splitlines()
+    assert result["records_after"] == len(records) == expected > result["tasks"]
+    assert result["operators_ms_best"] <= result["operators_ms_default"]
+    assert re.search(r"tune \[#+\.*\] \d+/\d+ trials, [0-9.]+/min, ETA", rules_tuned["stderr"])
+    assert "operators searched" in rules_tuned["stdout"]
+    assert len(meta["rules_searched"]) == result["tasks"]
+    again = run_cli("tune", "--model", "tsm_mobilenetv2_tiny", "--candidates", "3", "-o",
+                    str(db), "--json", str(db.parent / "again.json"))
+    _ok(again)
+    rerun = json.loads((db.parent / "again.json").read_text())
+    assert rerun["tasks_searched"] == 0 and rerun["records_after"] == len(records)
+
+
+def test_compile_applies_rule_records_and_computes_the_same(rules_tuned, tmp_path, frames_npy):
+    env = {"XDG_CACHE_HOME": str(rules_tuned["cache"])}
+    auto, none = tmp_path / "auto", tmp_path / "none"
+    _ok(run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "-o", str(auto), env=env))
+    _ok(run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "--tuning", "none",
+                "-o", str(none), env=env))
+    assert _manifest(auto)["tuning"]["records_applied"] == rules_tuned["result"]["tasks"]
+    logits = []
+    for art in (auto, none):
+        out = tmp_path / f"{art.name}.npy"
+        _ok(run_cli("run", str(art), "--frames-npy", str(frames_npy), "--save-logits", str(out)))
+        logits.append(np.load(out))
+    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-4, atol=1e-5)
 
 
 def _manifest(path: Path) -> dict:
@@ -133,9 +189,13 @@ def test_corrupt_and_torn_databases(tuned, tmp_path):
 
 def test_bad_tuning_arguments(tmp_path):
     cases = [
-        (["tune", "--model", "tsm_mobilenetv2_tiny"], "exactly one budget"),
+        (["tune", "--model", "tsm_mobilenetv2_tiny", "--search", "metaschedule"],
+         "needs a budget"),
         (["tune", "--model", "tsm_mobilenetv2_tiny", "--trials", "4", "--minutes", "1"],
-         "exactly one budget"),
+         "not both"),
+        (["tune", "--model", "tsm_mobilenetv2_tiny", "--candidates", "0"], "--candidates 0"),
+        (["tune", "--model", "tsm_mobilenetv2_tiny", "--search", "evolution"],
+         "'evolution' is not one of 'rules', 'metaschedule'"),
         (["tune", "--model", "tsm_mobilenetv2_tiny", "--trials", "0"], "--trials 0"),
         (["tune", "--model", "tsm_mobilenetv2_tiny", "--trials", "4", "--target",
           "jetson-orin-nano"], "CPU (llvm) targets"),
@@ -171,7 +231,7 @@ def test_absent_tracker_key_fails_at_once(tmp_path):
 def test_interrupted_tune_keeps_records_and_resumes(tmp_path):
     db = tmp_path / "db"
     args = [sys.executable, "-m", "tsm_edge.cli", "tune", "--model", "tsm_mobilenetv2_tiny",
-            "--trials", "400", "--per-iter", "4", "-o", str(db)]
+            "--search", "metaschedule", "--trials", "400", "--per-iter", "4", "-o", str(db)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     records = db / "database_tuning_record.json"
     deadline = time.monotonic() + 900
@@ -187,15 +247,17 @@ def test_interrupted_tune_keeps_records_and_resumes(tmp_path):
     assert kept >= 4
     meta = json.loads((db / "target.json").read_text())
     assert meta["runs"][-1]["stopped_by"] == "interrupted" and meta["records"] == kept
-    _ok(run_cli("tune", "--model", "tsm_mobilenetv2_tiny", "--trials", "4", "--per-iter", "4",
-                "-o", str(db), timeout=1500))
+    _ok(run_cli("tune", "--model", "tsm_mobilenetv2_tiny", "--search", "metaschedule",
+                "--trials", "4", "--per-iter", "4", "-o", str(db), timeout=1500))
     assert len(records.read_text().splitlines()) > kept
     assert len(json.loads((db / "target.json").read_text())["runs"]) == 2
 
 
 @pytest.mark.slow
-def test_tune_measures_over_rpc(tmp_path):
-    """MetaSchedule's RPC runner against a real TVM RPC server on this machine."""
+@pytest.mark.parametrize("search", ["rules", "metaschedule"])
+def test_tune_measures_over_rpc(tmp_path, search):
+    """Both searches time candidates with MetaSchedule's RPC runner against a real TVM RPC
+    server on this machine (as on a board)."""
     from tsm_edge.device import rpc
 
     port = rpc.free_port()
@@ -206,11 +268,17 @@ def test_tune_measures_over_rpc(tmp_path):
     try:
         rpc.wait_ready("127.0.0.1", port, timeout=120)
         out = tmp_path / "r.json"
-        _ok(run_cli("tune", "--model", "tsm_mobilenetv2_tiny", "--trials", "4", "--per-iter",
-                    "4", "--rpc", f"127.0.0.1:{port}", "-o", str(tmp_path / "db"),
+        budget = ["--trials", "4", "--per-iter", "4"] if search == "metaschedule" else \
+            ["--trials", "6", "--candidates", "2"]
+        _ok(run_cli("tune", "--model", "tsm_mobilenetv2_tiny", "--search", search, *budget,
+                    "--rpc", f"127.0.0.1:{port}", "-o", str(tmp_path / "db"),
                     "--json", str(out), timeout=1500))
         result = json.loads(out.read_text())
-        assert result["runner"] == "rpc" and result["trials_measured"] >= 4
+        assert result["runner"] == "rpc" and result["search"] == search
+        assert result["records_after"] >= (4 if search == "metaschedule" else 6)
+        if search == "rules":
+            assert result["stopped_by"] == "budget" and result["tasks_searched"] < \
+                result["tasks"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

@@ -259,6 +259,13 @@ def _precision_line(m: Manifest) -> str:
 @click.option("--model", required=True, help="Registered model name (see 'tsm-edge models').")
 @click.option("--target", default="host", show_default=True, help="Preset name (CPU targets).")
 @click.option("--input-size", type=int, default=None)
+@click.option("--search", type=click.Choice(["rules", "metaschedule"]), default="rules",
+              show_default=True,
+              help="rules: tsm-edge's own rules with each of their parameter sets (tiles, loop "
+                   "order, unrolling, vector width), a search that finishes; metaschedule: "
+                   "TVM's open-ended search (needs --trials or --minutes).")
+@click.option("--candidates", type=int, default=10, show_default=True,
+              help="rules: parameter sets measured per operator, the default first.")
 @click.option("--trials", type=int, default=None, help="Budget: measured schedules in all.")
 @click.option("--minutes", type=float, default=None, help="Budget: wall-clock minutes.")
 @click.option("--per-iter", type=int, default=16, show_default=True,
@@ -268,16 +275,22 @@ def _precision_line(m: Manifest) -> str:
               help="Database folder (default: ~/.cache/tsm-edge/tuning/<preset>/<target id>).")
 @click.option("--json", "json_out", type=click.Path(), default=None)
 @remote_options
-def tune(model, target, input_size, trials, minutes, per_iter, workers, output, json_out, rpc,
-         tracker, key) -> None:
-    """Measure schedules with MetaSchedule into a tuning database (resumable)."""
+def tune(model, target, input_size, search, candidates, trials, minutes, per_iter, workers,
+         output, json_out, rpc, tracker, key) -> None:
+    """Measure schedules on the target into a tuning database (resumable)."""
     from ..compiler.tuning import tune as run_tune
 
     result = run_tune(model, target=target, trials=trials, minutes=minutes,
                       input_size=input_size, output=output, rpc=rpc, tracker=tracker, key=key,
-                      per_iter=per_iter, workers=workers)
+                      per_iter=per_iter, workers=workers, search=search,
+                      candidates=candidates)
     if json_out:
         write_json(json_out, result)
+    if result["search"] == "rules":
+        click.echo(f"rules: {result['tasks_searched']} operators searched, "
+                   f"{result['tasks_beating_default']} of {result['tasks']} beat their default "
+                   f"schedule by over 2%; operators {result['operators_ms_default']:.3f} ms "
+                   f"untuned -> {result['operators_ms_best']:.3f} ms tuned (one frame, summed)")
     click.echo(f"{result['default_schedules_measured']} default schedules and "
                f"{result['trials_measured']} trials in {result['seconds']:.0f} s "
                f"({result['trials_per_minute']} trials/min, {result['tasks']} tasks, stopped by "

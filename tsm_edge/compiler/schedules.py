@@ -77,19 +77,20 @@ def _divisors(n: int, limit: int) -> list[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
-def conv_tile(height: int, width: int, channels: int, cpu: CpuShape,
-              depthwise: bool) -> tuple[int, int, int]:
-    """(ty, tx, v): the register tile of an NHWC convolution's output.
+def conv_tiles(height: int, width: int, channels: int, cpu: CpuShape,
+               depthwise: bool) -> list[tuple[int, int, int]]:
+    """Every register tile (ty, tx, v) of an NHWC convolution's output that fits, best first.
 
     ``v`` vectors of output channels by ``ty x tx`` pixels; the tile's accumulators must fit in
-    the vector registers beside the ``v`` weight vectors.
+    the vector registers beside the ``v`` weight vectors. The order is the rules' own model,
+    used untuned; ``tsm-edge tune`` measures the first few.
     """
     lanes = cpu.lanes
     if channels % lanes:
         vecs = [0]  # no whole vectors: channels stay a plain loop
     else:
         vecs = [v for v in (4, 3, 2, 1) if channels % (v * lanes) == 0]
-    best = (0.0, 1, 1, vecs[0])
+    scored = []
     for v in vecs:
         budget = cpu.accumulators - v
         for ty in _divisors(height, 4):
@@ -101,9 +102,51 @@ def conv_tile(height: int, width: int, channels: int, cpu: CpuShape,
                 # dense convolutions also want few loads per FMA: (ty*tx + v) loads, acc FMAs.
                 score = acc if depthwise else acc / (ty * tx + max(v, 1))
                 score += 1e-3 * tx  # prefer rows: contiguous input
-                if score > best[0]:
-                    best = (score, ty, tx, v)
-    return best[1], best[2], best[3]
+                scored.append((-score, -v, ty, tx, v))
+    scored.sort()
+    return [(ty, tx, v) for _s, _v, ty, tx, v in scored] or [(1, 1, vecs[0])]
+
+
+def vector_lanes(channels: int, cpu: CpuShape) -> int:
+    """Channels per vector for a convolution's output: the target's whole vector, or half of
+    one (down to 4 lanes) where that divides the channels and a whole one does not.
+
+    MobileNetV2's 24-channel layers fill no 16-lane AVX-512 vector: left a scalar channel loop,
+    its 56x56 pointwise convolution with the residual add took 360 us; in 8-lane vectors, XXX."""
+    for lanes in (cpu.lanes, cpu.lanes // 2, cpu.lanes // 4):
+        if lanes >= 4 and channels % lanes == 0:
+            return lanes
+    return cpu.lanes
+
+
+def conv_tile(height: int, width: int, channels: int, cpu: CpuShape,
+              depthwise: bool) -> tuple[int, int, int]:
+    """(ty, tx, v): the register tile the untuned rules use (``conv_tiles``' first)."""
+    return conv_tiles(height, width, channels, cpu, depthwise)[0]
+
+
+@dataclass(frozen=True)
+class ConvChoice:
+    """The convolution rule's own parameters: what ``tsm-edge tune`` searches.
+
+    The default (all None/False) is what an untuned build runs: the model's best tile, output
+    channel blocks outermost in the parallel loop, the taps' loops not unrolled.
+    """
+
+    tile: tuple[int, int, int] | None = None  # (ty, tx, v); None: conv_tile's pick
+    lanes: int | None = None  # channels per vector; None: the widest that divides the channels
+    pixels_outer: bool = False  # parallel loop (n, y, x, channel block) rather than (block, ...)
+    unroll_taps: bool = False   # the kernel's x taps unrolled (kernels wider than 1)
+
+    def label(self) -> str:
+        parts = ["tile " + ("default" if self.tile is None else "x".join(map(str, self.tile)))]
+        if self.lanes:
+            parts.append(f"{self.lanes} lanes")
+        if self.pixels_outer:
+            parts.append("pixels outer")
+        if self.unroll_taps:
+            parts.append("taps unrolled")
+        return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------- rules
@@ -241,8 +284,10 @@ def _schedule_tail(sch, wb, cpu: CpuShape) -> None:
         _schedule_spatial(sch, consumer, cpu)
 
 
-def _schedule_conv(sch, conv, cpu: CpuShape, inline_producers: bool = True) -> dict:
+def _schedule_conv(sch, conv, cpu: CpuShape, inline_producers: bool = True,
+                   choice: ConvChoice | None = None) -> dict:
     """NHWC convolution (n, y, x, f | ry, rx, rc) with a register tile and fused epilogue."""
+    choice = choice or ConvChoice()
     cpu = cpu.for_dtype(_written_dtype(sch, conv))  # lanes of the accumulator's dtype
     # Producers that only copy (the "pad" of a 1x1 convolution) disappear; real padding is a
     # separate, parallel loop over the (slightly larger) input.
@@ -261,13 +306,15 @@ def _schedule_conv(sch, conv, cpu: CpuShape, inline_producers: bool = True) -> d
     depthwise = reduce_c == 1 and channels > 1
     kind = "depthwise" if depthwise else ("pointwise" if kh == kw == 1 else f"conv{kh}x{kw}")
     macs = height * width * channels * kh * kw * reduce_c
-    ty, tx, v = conv_tile(height, width, channels, cpu, depthwise)
+    cpu = replace(cpu, lanes=choice.lanes or vector_lanes(channels, cpu))
+    ty, tx, v = choice.tile or conv_tile(height, width, channels, cpu, depthwise)
     yo, yi = sch.split(y, [None, ty])
     xo, xi = sch.split(x, [None, tx])
     if v:
         fo, fv, fl = sch.split(f, [None, v, cpu.lanes])
-        sch.reorder(fo, n, yo, xo, ry, rx, rc, yi, xi, fv, fl)
-        outer = sch.fuse(fo, n, yo, xo)
+        parallel = [n, yo, xo, fo] if choice.pixels_outer else [fo, n, yo, xo]
+        sch.reorder(*parallel, ry, rx, rc, yi, xi, fv, fl)
+        outer = sch.fuse(*parallel)
         sch.unroll(fv)
         sch.vectorize(fl)
     else:
@@ -275,6 +322,8 @@ def _schedule_conv(sch, conv, cpu: CpuShape, inline_producers: bool = True) -> d
         outer = sch.fuse(n, yo, xo)
     sch.unroll(yi)
     sch.unroll(xi)
+    if choice.unroll_taps and kw > 1:
+        sch.unroll(rx)
     sch.parallel(outer)
     sch.reverse_compute_at(wb, outer)
     wb_loops = sch.get_loops(wb)[1:]
@@ -372,7 +421,7 @@ def _schedule_depthwise_int8(sch, conv, cpu: CpuShape, isa) -> dict:
     registers = (cpu.registers - 4) // per + 4
     taps = sch.get(conv).annotations.get("taps")
     what = _schedule_conv(sch, conv, replace(cpu, lanes=isa.channel_lanes, registers=registers),
-                          inline_producers=False)
+                          inline_producers=False, choice=ConvChoice(lanes=isa.channel_lanes))
     if isa.depthwise_pairs:  # pairs unrolled: each tap's indices and weight become constants
         sch.unroll(sch.get_loops(conv)[1])
     if taps is not None:  # the first reduction axis may count pairs of taps
@@ -403,8 +452,12 @@ def _schedule_reduction(sch, block, cpu: CpuShape) -> None:
     sch.decompose_reduction(block, reduce[0])
 
 
-def schedule_primfunc(func, target, cpu: CpuShape | None = None):
-    """(schedule, what was done) for one fused operator; (None, None) where no rule applies."""
+def schedule_primfunc(func, target, cpu: CpuShape | None = None,
+                      choice: ConvChoice | None = None):
+    """(schedule, what was done) for one fused operator; (None, None) where no rule applies.
+
+    ``choice`` sets the float convolution rule's parameters (``rule_choices``); other rules
+    have none."""
     from tvm import s_tir
 
     cpu = cpu or cpu_shape(target)
@@ -424,7 +477,7 @@ def schedule_primfunc(func, target, cpu: CpuShape | None = None):
             return sch, _schedule_depthwise_int8(sch, convs[0], cpu, isa)
         return sch, _schedule_conv_int8(sch, int8_convs[0], cpu, isa)
     if len(convs) == 1:
-        return sch, _schedule_conv(sch, convs[0], cpu)
+        return sch, _schedule_conv(sch, convs[0], cpu, choice=choice)
     if convs:
         return None, None
     reductions = [b for b in blocks if "R" in _iter_kinds(sch, b)]
@@ -473,3 +526,46 @@ def apply_default_schedules(mod, target):
     for gv, func in updates.items():
         mod[gv] = func
     return mod, counts
+
+
+def rule_choices(func, target, limit: int = 10) -> list[ConvChoice]:
+    """The parameter sets ``tsm-edge tune`` measures for one fused operator, the default first.
+
+    A float convolution: its register tiles in the order of the rules' model, each with the
+    channel blocks or the pixels outermost and (kernels wider than 1) the taps unrolled or not;
+    where half vectors were chosen because whole ones do not divide the channels, the whole
+    width (a plain channel loop) too; ``limit`` in all. Another rule has only its default.
+    """
+    from tvm import s_tir
+
+    cpu = cpu_shape(target)
+    sch = s_tir.Schedule(func)
+    convs = [b for b in _blocks(sch) if _iter_kinds(sch, b) == "SSSSRRR"]
+    if len(convs) != 1 or sch.get(convs[0]).name_hint.startswith(DEPTHWISE_INT8):
+        return [ConvChoice()]
+    conv = convs[0]
+    cpu = cpu.for_dtype(_written_dtype(sch, conv))
+    _, height, width, channels, _kh, kw, reduce_c = _extents(sch, sch.get_loops(conv))
+    depthwise = reduce_c == 1 and channels > 1
+    lanes = vector_lanes(channels, cpu)
+
+    def forms(tile, with_lanes=None):
+        out = [ConvChoice(tile=tile, lanes=with_lanes)]
+        if tile[2]:  # channel vectors: the parallel order is a choice
+            out.append(ConvChoice(tile=tile, lanes=with_lanes, pixels_outer=True))
+        if kw > 1:
+            out.append(ConvChoice(tile=tile, lanes=with_lanes, unroll_taps=True))
+        return out
+
+    tiles = conv_tiles(height, width, channels, replace(cpu, lanes=lanes), depthwise)
+    others = (conv_tiles(height, width, channels, cpu, depthwise)
+              if lanes != cpu.lanes else [])
+    variants = [ConvChoice(), *forms(tiles[0])[1:]]
+    for i in range(max(len(tiles), len(others))):
+        if i < len(others):
+            variants += forms(others[i], cpu.lanes)
+        if 0 < i < len(tiles):
+            variants += forms(tiles[i])
+        if len(variants) >= limit:
+            break
+    return variants[:max(1, limit)]

@@ -32,6 +32,7 @@ from ..errors import UserError
 log = logging.getLogger(__name__)
 
 META = "target.json"
+SEARCHES = ("rules", "metaschedule")
 FILES = ("database_workload.json", "database_tuning_record.json")
 
 
@@ -215,8 +216,14 @@ def tune(model: str, *, target: str = "host", trials: int | None = None,
          minutes: float | None = None, input_size: int | None = None,
          output: str | Path | None = None, rpc: str | None = None, tracker: str | None = None,
          key: str | None = None, per_iter: int = 16, workers: int | None = None,
-         progress_stream=sys.stderr) -> dict:
-    """Tune ``model``'s operators for ``target``; returns a summary (also kept in target.json)."""
+         search: str = "rules", candidates: int = 10, progress_stream=sys.stderr) -> dict:
+    """Tune ``model``'s operators for ``target``; returns a summary (also kept in target.json).
+
+    ``search="rules"`` (the default) measures tsm-edge's own rules with each parameter set of
+    ``schedules.rule_choices`` (at most ``candidates`` per operator): a bounded search that
+    finishes, the budget optional. ``search="metaschedule"`` is TVM's evolutionary search over
+    the whole schedule space, bounded only by ``trials`` or ``minutes``.
+    """
     import os
 
     from ..models.registry import get_model_info
@@ -227,8 +234,14 @@ def tune(model: str, *, target: str = "host", trials: int | None = None,
     from .tvm import target as tvm_target
 
     get_model_info(model)
-    if (trials is None) == (minutes is None):
-        raise UserError("give exactly one budget: --trials N or --minutes M")
+    if search not in SEARCHES:
+        raise UserError(f"--search {search}: valid: {', '.join(SEARCHES)}")
+    if trials is not None and minutes is not None:
+        raise UserError("give one budget: --trials N or --minutes M, not both")
+    if search == "metaschedule" and trials is None and minutes is None:
+        raise UserError("--search metaschedule needs a budget: --trials N or --minutes M")
+    if candidates < 1:
+        raise UserError(f"--candidates {candidates}: must be at least 1")
     if trials is not None and trials < 1:
         raise UserError(f"--trials {trials}: must be at least 1")
     if minutes is not None and minutes <= 0:
@@ -279,6 +292,12 @@ def tune(model: str, *, target: str = "host", trials: int | None = None,
                     "cpu": _cpu_name() if runner["kind"] == "local" else None, "runs": []}
     atomic_write_json(folder / META, meta)
 
+    if search == "rules":
+        return _tune_rules(tasks, target_obj, folder, meta, runner, model=model,
+                           input_size=input_size, trials=trials, minutes=minutes,
+                           candidates=candidates, key_str=key_str,
+                           workers=workers or len(os.sched_getaffinity(0)),
+                           progress_stream=progress_stream)
     prog = Progress(trials=trials, minutes=minutes, stream=progress_stream)
     names = [t[0] for t in tasks]
     stop = {"signal": None}
@@ -326,7 +345,8 @@ def tune(model: str, *, target: str = "host", trials: int | None = None,
     est_default = sum(defaults[n] * calls[n] for n in calls if n in defaults) * 1e3
     est_best = sum(min(best.get(n, defaults[n]), defaults[n]) * calls[n]
                    for n in calls if n in defaults) * 1e3
-    run = {"model": model, "input_size": input_size, "trials_budget": trials,
+    run = {"model": model, "input_size": input_size, "search": "metaschedule",
+           "trials_budget": trials,
            "minutes_budget": minutes,
            "default_schedules_measured": len(baseline),
            "trials_measured": after - before - len(baseline),
@@ -340,6 +360,101 @@ def tune(model: str, *, target: str = "host", trials: int | None = None,
            "tool_versions": tool_versions(),
            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     meta["default_schedule_seconds"] = defaults
+    meta["runs"] = [*meta.get("runs", []), run]
+    meta["records"] = after
+    atomic_write_json(folder / META, meta)
+    return {"database": str(folder), "target": _short(key_str), "records_before": before,
+            "records_after": after, **run}
+
+
+def _tune_rules(tasks, target_obj, folder: Path, meta: dict, runner: dict, *, model: str,
+                input_size, trials, minutes, candidates: int, key_str: str, workers: int,
+                progress_stream) -> dict:
+    """``tune(search="rules")``: every operator's rule parameter sets, measured, best kept."""
+    from ..support.files import atomic_write_json
+    from ..support.versions import tool_versions
+    from . import schedules
+    from .tvm import metaschedule
+
+    db = metaschedule.open_database(folder)
+    before = metaschedule.database_size(db)
+    done = set(meta.get("rules_searched", []))
+    todo = [(name, mod) for name, mod, _calls in tasks
+            if f"{metaschedule.workload_key(mod)}/{candidates}" not in done]
+    total = sum(len(schedules.rule_choices(mod["main"], target_obj, candidates))
+                for _name, mod in todo)
+    budget = min(total, trials) if trials else total
+    prog = Progress(trials=budget or None, minutes=minutes if not budget else None,
+                    stream=progress_stream)
+    if minutes and budget:  # both a count and a clock: the bar counts, the clock stops it
+        prog.minutes = minutes
+    names = [t[0] for t in tasks]
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):  # noqa: ANN001 - signal handler signature
+        if stop["signal"] is None:
+            progress_stream.write("\nstopping after the operator in progress; its records and "
+                                  "all before are kept\n")
+            progress_stream.flush()
+        stop["signal"] = signum
+
+    def on_batch(n: int, i: int) -> bool:
+        meta["rules_searched"] = sorted(done)
+        atomic_write_json(folder / META, meta)
+        spent = prog.update(n, names[i])
+        return spent or stop["signal"] is not None or (trials is not None and prog.done >= trials)
+
+    try:
+        old_handler = signal.signal(signal.SIGINT, on_signal)
+    except ValueError:  # not the main thread
+        old_handler = None
+    prog.start()
+    t0 = time.monotonic()
+    try:
+        searched = metaschedule.search_rules(tasks, target_obj, db, runner=runner,
+                                             workers=workers, limit=candidates,
+                                             on_batch=on_batch, done=done)
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+        prog.finish()
+    seconds = time.monotonic() - t0
+    if stop["signal"] is not None:
+        stopped = "interrupted"
+    elif len(done & {f"{metaschedule.workload_key(m)}/{candidates}" for _n, m in todo}) \
+            < len(todo):
+        stopped = "minutes" if minutes and seconds >= 60 * minutes else "budget"
+    else:
+        stopped = "finished"
+    db = metaschedule.open_database(folder)
+    after = metaschedule.database_size(db)
+    defaults = {**meta.get("default_schedule_seconds", {}),
+                **{n: r["default"] for n, r in searched.items() if r["default"] is not None}}
+    best = metaschedule.best_seconds(tasks, db)
+    calls = {name: n for name, _mod, n in tasks}
+    beat = [n for n in best if n in defaults and best[n] < defaults[n] * 0.98]
+    est_default = sum(defaults[n] * calls[n] for n in calls if n in defaults) * 1e3
+    est_best = sum(min(best.get(n, defaults[n]), defaults[n]) * calls[n]
+                   for n in calls if n in defaults) * 1e3
+    measured = after - before
+    run = {"model": model, "input_size": input_size, "search": "rules",
+           "candidates_per_operator": candidates, "trials_budget": trials,
+           "minutes_budget": minutes,
+           "default_schedules_measured": len(searched),
+           "trials_measured": measured - len(searched),
+           "seconds": round(seconds, 1),
+           "trials_per_minute": round(measured / seconds * 60, 2) if seconds else None,
+           "stopped_by": stopped, "runner": runner["kind"], "tasks": len(tasks),
+           "tasks_searched": len(searched),
+           "tasks_beating_default": len(beat),
+           "operators_ms_default": round(est_default, 3),
+           "operators_ms_best": round(est_best, 3),
+           "chosen": {n: r["choice"] for n, r in searched.items()
+                      if r["default"] is not None and r["best"] < r["default"] * 0.98},
+           "tool_versions": tool_versions(),
+           "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    meta["default_schedule_seconds"] = defaults
+    meta["rules_searched"] = sorted(done)
     meta["runs"] = [*meta.get("runs", []), run]
     meta["records"] = after
     atomic_write_json(folder / META, meta)

@@ -153,12 +153,48 @@ def tune(tasks, target, db, *, trials: int, per_iter: int, on_batch, runner: dic
     """
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
-    from tvm.s_tir.meta_schedule.builder import local_builder as lb
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
-    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
     lean_workers()
+
+    @derived_object
+    class _Progress(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
+                  runner_results):
+            if on_batch(len(measure_candidates), task_id):
+                for i in range(len(tasks)):
+                    try:
+                        task_scheduler.terminate_task(i)
+                    except Exception:  # noqa: BLE001 - already finished
+                        pass
+
+    run = _runner(runner, number=3, repeat=1)
+    builder = _pooled_builder(workers)
+    baseline = _commit_default_schedules(tasks, target, db, builder, run)
+    contexts = [ms.TuneContext(mod=mod, target=target, space_generator="post-order-apply",
+                               search_strategy="evolutionary", task_name=name,
+                               num_threads=workers, rand_state=seed + i).clone()
+                for i, (name, mod, _calls) in enumerate(tasks)]
+    callbacks = [ms.measure_callback.AddToDatabase(), ms.measure_callback.RemoveBuildArtifact(),
+                 ms.measure_callback.UpdateCostModel(), _Progress()]
+    ms.tune.tune_tasks(tasks=contexts, task_weights=[float(t[2]) for t in tasks],
+                       work_dir=str(Path(db.path_workload).parent), max_trials_global=trials,
+                       num_trials_per_iter=per_iter, builder=builder, runner=run,
+                       database=db, cost_model=ms.cost_model.XGBModel(num_tuning_cores=workers),
+                       measure_callbacks=callbacks, task_scheduler="gradient")
+    return baseline
+
+
+def _pooled_builder(workers: int):
+    """MetaSchedule's builder on a pool of ``workers`` processes kept for the whole run.
+
+    TVM's LocalBuilder starts a fresh pool, importing TVM again, for every batch; this one is
+    recycled every 64 builds.
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder import local_builder as lb
+    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
     @derived_object
     class _PooledBuilder(PyBuilder):
@@ -179,37 +215,85 @@ def tune(tasks, target, db, *, trials: int, per_iter: int, on_batch, runner: dic
                     out.append(BuilderResult(None, f"build failed: {res.value}"))
             return out
 
-    @derived_object
-    class _Progress(PyMeasureCallback):
-        def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
-                  runner_results):
-            if on_batch(len(measure_candidates), task_id):
-                for i in range(len(tasks)):
-                    try:
-                        task_scheduler.terminate_task(i)
-                    except Exception:  # noqa: BLE001 - already finished
-                        pass
+    return _PooledBuilder()
 
-    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50,
+
+def _runner(spec: dict, *, number: int, repeat: int):
+    """Where candidates are timed: here (``local``) or on a board over RPC."""
+    from tvm.s_tir import meta_schedule as ms
+
+    evaluator = ms.runner.EvaluatorConfig(number=number, repeat=repeat, min_repeat_ms=50,
                                           enable_cpu_cache_flush=False)
-    if runner["kind"] == "local":
-        run = ms.runner.LocalRunner(timeout_sec=30, evaluator_config=evaluator)
-    else:
-        run = _rpc_runner(runner, evaluator)
-    builder = _PooledBuilder()
-    baseline = _commit_default_schedules(tasks, target, db, builder, run)
-    contexts = [ms.TuneContext(mod=mod, target=target, space_generator="post-order-apply",
-                               search_strategy="evolutionary", task_name=name,
-                               num_threads=workers, rand_state=seed + i).clone()
-                for i, (name, mod, _calls) in enumerate(tasks)]
-    callbacks = [ms.measure_callback.AddToDatabase(), ms.measure_callback.RemoveBuildArtifact(),
-                 ms.measure_callback.UpdateCostModel(), _Progress()]
-    ms.tune.tune_tasks(tasks=contexts, task_weights=[float(t[2]) for t in tasks],
-                       work_dir=str(Path(db.path_workload).parent), max_trials_global=trials,
-                       num_trials_per_iter=per_iter, builder=builder, runner=run,
-                       database=db, cost_model=ms.cost_model.XGBModel(num_tuning_cores=workers),
-                       measure_callbacks=callbacks, task_scheduler="gradient")
-    return baseline
+    if spec["kind"] == "local":
+        return ms.runner.LocalRunner(timeout_sec=30, evaluator_config=evaluator)
+    return _rpc_runner(spec, evaluator)
+
+
+def workload_key(mod) -> str:
+    """A task's identity across runs (its structural hash)."""
+    import tvm_ffi
+
+    return f"{tvm_ffi.structural_hash(mod):x}"
+
+
+def search_rules(tasks, target, db, *, runner: dict, workers: int, limit: int, on_batch,
+                 done: set, repeat: int = 3) -> dict:
+    """tsm-edge's own rules, each parameter set of ``schedules.rule_choices`` built and timed
+    for every task into ``db`` (the default first: a record never loses to the untuned build).
+
+    A task is one batch; ``on_batch(n, task index)`` returning True stops after it. A task
+    whose key (``workload_key``) is in ``done`` was searched before and is passed over (the
+    run resumes); each task searched now is added to it before ``on_batch``. Returns
+    {task: {"default": seconds, "best": seconds, "choice": label, "candidates": n}} for the
+    tasks measured now.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    from .. import schedules
+
+    lean_workers()
+    builder = _pooled_builder(workers)
+    run = _runner(runner, number=5, repeat=repeat)
+    out: dict = {}
+    for i, (name, mod, _calls) in enumerate(tasks):
+        key = f"{workload_key(mod)}/{limit}"
+        if key in done:
+            continue
+        choices = schedules.rule_choices(mod["main"], target, limit)
+        candidates = []
+        for choice in choices:
+            sch, _what = schedules.schedule_primfunc(mod["main"], target, choice=choice)
+            if sch is not None:
+                candidates.append((choice, sch))
+        if not candidates:  # no rule applies: TVM's plain loops, nothing to choose
+            done.add(key)
+            continue
+        built = builder.build([ms.builder.BuilderInput(sch.mod, target)
+                               for _c, sch in candidates])
+        inputs, kept = [], []
+        args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+        for (choice, sch), res in zip(candidates, built):
+            if res.error_msg is None:
+                inputs.append(ms.runner.RunnerInput(res.artifact_path, "cpu", args))
+                kept.append((choice, sch))
+        timed = []
+        for (choice, sch), future in zip(kept, run.run(inputs)):
+            result = future.result()
+            if result.error_msg is not None or not result.run_secs:
+                continue
+            secs = [float(x) for x in result.run_secs]
+            db.commit_tuning_record(ms.database.TuningRecord(
+                sch.trace, db.commit_workload(mod), secs, target, args))
+            timed.append((sum(secs) / len(secs), choice))
+        if timed:
+            default = next((t for t, c in timed if c == schedules.ConvChoice()), None)
+            best = min(timed, key=lambda tc: tc[0])
+            out[name] = {"default": default, "best": best[0], "choice": best[1].label(),
+                         "candidates": len(timed)}
+        done.add(key)
+        if on_batch(len(candidates), i):
+            break
+    return out
 
 
 def best_seconds(tasks, db) -> dict:
