@@ -150,6 +150,27 @@ def test_a_database_from_another_target_is_refused(tuned, tmp_path):
     assert not (tmp_path / "art").exists()
 
 
+def test_auto_says_which_records_of_a_close_cpu_it_passed_over(rules_tuned, tmp_path):
+    """A database for the same preset measured on another CPU (here: the same target with
+    another mcpu) is not applied by --tuning auto, and the build says so and why."""
+    db = Path(rules_tuned["result"]["database"])
+    cache = tmp_path / "cache"
+    other = cache / "tsm-edge" / "tuning" / "host" / "0123456789ab"
+    shutil.copytree(db, other)
+    meta = json.loads((other / "target.json").read_text())
+    target = dict(meta["target"], mcpu="znver2" if meta["target"].get("mcpu") != "znver2"
+                  else "skylake")
+    meta["target"], meta["target_key"] = target, json.dumps(target, sort_keys=True)
+    (other / "target.json").write_text(json.dumps(meta))
+    proc = _ok(run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "-o", str(tmp_path / "a"),
+                       env={"XDG_CACHE_HOME": str(cache)}))
+    assert str(other) in proc.stderr and "(mcpu differs)" in proc.stderr, proc.stderr[-2000:]
+    tuning = _manifest(tmp_path / "a")["tuning"]
+    assert tuning["records_applied"] == 0 and tuning["databases"] == []
+    assert [p["folder"] for p in tuning["passed_over"]] == [str(other)]
+    assert tuning["passed_over"][0]["differs"] == ["mcpu"]
+
+
 def test_records_of_another_target_inside_a_database_are_not_applied(tuned, tmp_path):
     """TVM's lookup ignores the target: a record whose own target differs must not be used."""
     mixed = tmp_path / "mixed"

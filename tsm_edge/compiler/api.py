@@ -399,12 +399,19 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
     frame_spec, output_specs, cache_specs = compiled_specs(step, *tvm_analysis.signature(mod))
     cpu = target.kind.name == "llvm"
     use_schedules = cpu and schedules == "default"
-    databases = []
+    databases, passed = [], []
     if cpu:
         from . import tuning as tuning_mod
 
         databases = timed("tuning", tuning_mod.databases_for, tuning, preset.name,
                           metaschedule.target_key(target))
+        if tuning == "auto":  # records for a close CPU are not applied silently
+            passed = tuning_mod.passed_over(preset.name, metaschedule.target_key(target))
+            for other in passed:
+                log.warning("tuning records in %s were measured for %s (%s differs): not "
+                            "applied to this build; 'tsm-edge tune --target %s' measures "
+                            "this one", other["folder"], other["target"],
+                            ", ".join(other["differs"]), preset.name)
     elif tuning not in ("auto", "none"):
         raise UserError(f"--tuning {tuning}: tuning records apply to CPU (llvm) targets; "
                         f"{preset.name} is a {target.kind.name} target (valid: auto, none)")
@@ -479,6 +486,7 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
             f"built for {triple} ({preset.device}); this machine is {native_triple()}: run it "
             "on the board or over RPC" + extra.get("board_needs", ""),
             tuning={"mode": tuning, "databases": [str(d) for d in databases],
+                    "passed_over": passed,
                     "records_applied": len(build_info.get("tuned_ops", [])),
                     "tuned_operators": build_info.get("tuned_ops", []),
                     "default_schedules": schedule_summary(build_info, schedules, cpu)},

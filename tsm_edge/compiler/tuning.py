@@ -158,6 +158,32 @@ def databases_for(tuning: str, preset: str, target_key: str) -> list[Path]:
     return [Path(tuning)]
 
 
+def passed_over(preset: str, target_key: str) -> list[dict]:
+    """Databases for ``preset`` measured on another target (a close CPU, other cores): what
+    ``--tuning auto`` does not apply, with the fields that differ, so a build can say so."""
+    try:
+        want = json.loads(target_key)
+    except ValueError:
+        want = {}
+    out = []
+    for root in (user_root() / preset, shipped_root() / preset):
+        if not root.is_dir():
+            continue
+        for folder in sorted(root.iterdir()):
+            try:
+                meta = read_meta(folder) if folder.is_dir() else None
+            except UserError:
+                meta = None
+            if not meta or meta["target_key"] == target_key:
+                continue
+            have = meta.get("target") or {}
+            differs = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+            out.append({"folder": str(folder), "target": _short(meta["target_key"]),
+                        "cpu": meta.get("cpu"), "differs": differs,
+                        "records": meta.get("records")})
+    return out
+
+
 @dataclass
 class Progress:
     """One line on stderr: a bar, trials, trials per minute and the ETA."""
