@@ -264,7 +264,7 @@ def _precision_line(m: Manifest) -> str:
               help="rules: tsm-edge's own rules with each of their parameter sets (tiles, loop "
                    "order, unrolling, vector width), a search that finishes; metaschedule: "
                    "TVM's open-ended search (needs --trials or --minutes).")
-@click.option("--candidates", type=int, default=10, show_default=True,
+@click.option("--candidates", type=int, default=16, show_default=True,
               help="rules: parameter sets measured per operator, the default first.")
 @click.option("--trials", type=int, default=None, help="Budget: measured schedules in all.")
 @click.option("--minutes", type=float, default=None, help="Budget: wall-clock minutes.")

@@ -242,7 +242,7 @@ def tune(model: str, *, target: str = "host", trials: int | None = None,
          minutes: float | None = None, input_size: int | None = None,
          output: str | Path | None = None, rpc: str | None = None, tracker: str | None = None,
          key: str | None = None, per_iter: int = 16, workers: int | None = None,
-         search: str = "rules", candidates: int = 10, progress_stream=sys.stderr) -> dict:
+         search: str = "rules", candidates: int = 16, progress_stream=sys.stderr) -> dict:
     """Tune ``model``'s operators for ``target``; returns a summary (also kept in target.json).
 
     ``search="rules"`` (the default) measures tsm-edge's own rules with each parameter set of
