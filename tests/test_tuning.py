@@ -303,3 +303,22 @@ def test_tune_measures_over_rpc(tmp_path, search):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_tuning_workers_lose_torch_only_while_tuning(monkeypatch):
+    """The torch-free worker environment is set for the search's pools and restored after it:
+    a benchmark that tunes in its own process and then starts a PyTorch child needs torch."""
+    import os
+
+    from tsm_edge.compiler.tvm.metaschedule import lean_workers
+
+    monkeypatch.setenv("PYTHONPATH", "/some/where")
+    monkeypatch.delenv("TSM_EDGE_WORKER_NO_TORCH", raising=False)
+    with lean_workers():
+        assert os.environ["TSM_EDGE_WORKER_NO_TORCH"] == "1"
+        assert os.environ["PYTHONPATH"].endswith(os.pathsep + "/some/where")
+        probe = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True)
+        assert probe.returncode != 0  # the worker site keeps torch out
+    assert os.environ["PYTHONPATH"] == "/some/where"
+    assert "TSM_EDGE_WORKER_NO_TORCH" not in os.environ
+    assert subprocess.run([sys.executable, "-c", "import torch"]).returncode == 0

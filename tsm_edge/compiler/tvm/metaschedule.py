@@ -4,6 +4,7 @@ per exact target, and applying their records at build time.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +38,28 @@ def _worker_site() -> Path:
     return site
 
 
-def lean_workers() -> None:
-    """Make worker processes started from now on (builder, runner pools) skip torch."""
+@contextmanager
+def lean_workers():
+    """Worker processes started inside (builder, runner pools) skip torch; the environment is
+    restored on the way out, so processes started after (a benchmark's PyTorch child) get
+    torch again."""
     import os
 
+    keys = ("PYTHONPATH", "TSM_EDGE_WORKER_NO_TORCH")
+    saved = {k: os.environ.get(k) for k in keys}
     site = str(_worker_site())
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if site not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([site, *paths])
     os.environ["TSM_EDGE_WORKER_NO_TORCH"] = "1"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _task_module(func):
@@ -141,8 +155,14 @@ def target_key(target) -> str:
     return json.dumps(raw, sort_keys=True)
 
 
-def tune(tasks, target, db, *, trials: int, per_iter: int, on_batch, runner: dict,
-         workers: int, seed: int = 0):
+def tune(tasks, target, db, **kwargs):
+    """MetaSchedule's search (``_tune``), its workers without torch."""
+    with lean_workers():
+        return _tune(tasks, target, db, **kwargs)
+
+
+def _tune(tasks, target, db, *, trials: int, per_iter: int, on_batch, runner: dict,
+          workers: int, seed: int = 0):
     """MetaSchedule over ``tasks`` into ``db``; ``on_batch(n, task)`` returning True stops it.
 
     First the default schedule of every new task is measured and recorded (the baseline, returned
@@ -154,8 +174,6 @@ def tune(tasks, target, db, *, trials: int, per_iter: int, on_batch, runner: dic
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
-
-    lean_workers()
 
     @derived_object
     class _Progress(PyMeasureCallback):
@@ -236,8 +254,14 @@ def workload_key(mod) -> str:
     return f"{tvm_ffi.structural_hash(mod):x}"
 
 
-def search_rules(tasks, target, db, *, runner: dict, workers: int, limit: int, on_batch,
-                 done: set, repeat: int = 3) -> dict:
+def search_rules(tasks, target, db, **kwargs) -> dict:
+    """The rules search (``_search_rules``), its workers without torch."""
+    with lean_workers():
+        return _search_rules(tasks, target, db, **kwargs)
+
+
+def _search_rules(tasks, target, db, *, runner: dict, workers: int, limit: int, on_batch,
+                  done: set, repeat: int = 3) -> dict:
     """tsm-edge's own rules, each parameter set of ``schedules.rule_choices`` built and timed
     for every task into ``db`` (the default first: a record never loses to the untuned build).
 
@@ -251,7 +275,6 @@ def search_rules(tasks, target, db, *, runner: dict, workers: int, limit: int, o
 
     from .. import schedules
 
-    lean_workers()
     builder = _pooled_builder(workers)
     run = _runner(runner, number=5, repeat=repeat)
     out: dict = {}
