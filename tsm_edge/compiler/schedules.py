@@ -39,6 +39,13 @@ class CpuShape:
     # cycles per multiply-add that way against 0.351 with the tests inside, depthwise 0.250
     # against 0.474; on x86 the tests inside were timed faster (the int8 depthwise rule).
     padded_copy: bool = False
+    # Most vectors of output channels an untuned tile takes (tiles with more stay in the tuning
+    # search), and whether an untuned convolution unrolls its kernel's x taps. Measured with
+    # ``tsm-edge tune`` on AVX-512 (znver5): ResNet-50-TSM's convolutions chose 2 vectors by
+    # 4-8 pixels over the model's 4 by 4 in all 26 operators that beat their default, and every
+    # 3x3 chose its taps unrolled; the defaults there follow. Other CPUs keep the model's.
+    tile_vectors: int = 4
+    unroll_taps: bool = False
 
     @property
     def accumulators(self) -> int:
@@ -60,7 +67,7 @@ def cpu_shape(target) -> CpuShape:
     triple = str(host.attrs.get("mtriple", "") or "")
     threads = int(host.attrs.get("num-cores", 0) or 0) or 4
     if "avx512f" in feats:
-        return CpuShape(16, 32, threads)
+        return CpuShape(16, 32, threads, tile_vectors=3, unroll_taps=True)
     if "avx2" in feats or "avx" in feats:
         return CpuShape(8, 16, threads)
     if triple.startswith("aarch64") or "neon" in feats or "asimd" in feats:
@@ -102,9 +109,9 @@ def conv_tiles(height: int, width: int, channels: int, cpu: CpuShape,
                 # dense convolutions also want few loads per FMA: (ty*tx + v) loads, acc FMAs.
                 score = acc if depthwise else acc / (ty * tx + max(v, 1))
                 score += 1e-3 * tx  # prefer rows: contiguous input
-                scored.append((-score, -v, ty, tx, v))
+                scored.append((v > cpu.tile_vectors, -score, -v, ty, tx, v))
     scored.sort()
-    return [(ty, tx, v) for _s, _v, ty, tx, v in scored] or [(1, 1, vecs[0])]
+    return [(ty, tx, v) for *_key, ty, tx, v in scored] or [(1, 1, vecs[0])]
 
 
 def vector_lanes(channels: int, cpu: CpuShape) -> int:
@@ -137,7 +144,7 @@ class ConvChoice:
     tile: tuple[int, int, int] | None = None  # (ty, tx, v); None: conv_tile's pick
     lanes: int | None = None  # channels per vector; None: the widest that divides the channels
     pixels_outer: bool = False  # parallel loop (n, y, x, channel block) rather than (block, ...)
-    unroll_taps: bool = False   # the kernel's x taps unrolled (kernels wider than 1)
+    unroll_taps: bool | None = None  # the kernel's x taps unrolled; None: the CPU's default
 
     def label(self) -> str:
         parts = ["tile " + ("default" if self.tile is None else "x".join(map(str, self.tile)))]
@@ -145,8 +152,8 @@ class ConvChoice:
             parts.append(f"{self.lanes} lanes")
         if self.pixels_outer:
             parts.append("pixels outer")
-        if self.unroll_taps:
-            parts.append("taps unrolled")
+        if self.unroll_taps is not None:
+            parts.append("taps unrolled" if self.unroll_taps else "taps in a loop")
         return ", ".join(parts)
 
 
@@ -323,7 +330,8 @@ def _schedule_conv(sch, conv, cpu: CpuShape, inline_producers: bool = True,
         outer = sch.fuse(n, yo, xo)
     sch.unroll(yi)
     sch.unroll(xi)
-    if choice.unroll_taps and kw > 1:
+    unroll = cpu.unroll_taps if choice.unroll_taps is None else choice.unroll_taps
+    if unroll and kw > 1:
         sch.unroll(rx)
     sch.parallel(outer)
     sch.reverse_compute_at(wb, outer)
@@ -370,7 +378,8 @@ def _schedule_conv_int8(sch, conv, cpu: CpuShape, isa) -> dict:
     _, height, width, channels, kh, kw, rc4, _ = _extents(sch, [n, y, x, f, ry, rx, rco, rci])
     # int32 accumulators, L per vector; besides the tile: the weight vectors, the broadcast
     # input, the 16-bit products and the constant ones
-    icpu = replace(cpu, lanes=isa.lanes, registers=cpu.registers - isa.tile_reserve)
+    icpu = replace(cpu, lanes=isa.lanes, registers=cpu.registers - isa.tile_reserve,
+                   tile_vectors=4)  # the float rule's measured AVX-512 defaults are its own
     ty, tx, v = conv_tile(height, width, channels, icpu, depthwise=False)
     yo, yi = sch.split(y, [None, ty])
     xo, xi = sch.split(x, [None, tx])
@@ -421,8 +430,10 @@ def _schedule_depthwise_int8(sch, conv, cpu: CpuShape, isa) -> dict:
     per = max(1, isa.channel_lanes // cpu.lanes)
     registers = (cpu.registers - 4) // per + 4
     taps = sch.get(conv).annotations.get("taps")
-    what = _schedule_conv(sch, conv, replace(cpu, lanes=isa.channel_lanes, registers=registers),
-                          inline_producers=False, choice=ConvChoice(lanes=isa.channel_lanes))
+    icpu = replace(cpu, lanes=isa.channel_lanes, registers=registers, tile_vectors=4,
+                   unroll_taps=False)  # the float rule's measured AVX-512 defaults are its own
+    what = _schedule_conv(sch, conv, icpu, inline_producers=False,
+                          choice=ConvChoice(lanes=isa.channel_lanes))
     if isa.depthwise_pairs:  # pairs unrolled: each tap's indices and weight become constants
         sch.unroll(sch.get_loops(conv)[1])
     if taps is not None:  # the first reduction axis may count pairs of taps
@@ -529,7 +540,7 @@ def apply_default_schedules(mod, target):
     return mod, counts
 
 
-def rule_choices(func, target, limit: int = 10) -> list[ConvChoice]:
+def rule_choices(func, target, limit: int = 16) -> list[ConvChoice]:
     """The parameter sets ``tsm-edge tune`` measures for one fused operator, the default first.
 
     A float convolution: its register tiles in the order of the rules' model, each with the
@@ -554,8 +565,8 @@ def rule_choices(func, target, limit: int = 10) -> list[ConvChoice]:
         out = [ConvChoice(tile=tile, lanes=with_lanes)]
         if tile[2]:  # channel vectors: the parallel order is a choice
             out.append(ConvChoice(tile=tile, lanes=with_lanes, pixels_outer=True))
-        if kw > 1:
-            out.append(ConvChoice(tile=tile, lanes=with_lanes, unroll_taps=True))
+        if kw > 1:  # the other form of the taps than the CPU's default
+            out.append(ConvChoice(tile=tile, lanes=with_lanes, unroll_taps=not cpu.unroll_taps))
         return out
 
     tiles = conv_tiles(height, width, channels, replace(cpu, lanes=lanes), depthwise)
