@@ -80,7 +80,13 @@ def test_compile_applies_rule_records_and_computes_the_same(rules_tuned, tmp_pat
     _ok(run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "-o", str(auto), env=env))
     _ok(run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "--tuning", "none",
                 "-o", str(none), env=env))
-    assert _manifest(auto)["tuning"]["records_applied"] == rules_tuned["result"]["tasks"]
+    tuning = _manifest(auto)["tuning"]
+    assert tuning["records_applied"] == rules_tuned["result"]["tasks"]
+    # the profile still knows what each tuned convolution is and its multiply-adds
+    kinds = tuning["tuned_kinds"]
+    assert {"pointwise", "depthwise", "conv3x3"} <= {k["kind"] for k in kinds.values()}
+    assert all(k["macs"] > 0 for k in kinds.values()) and set(kinds) <= set(
+        tuning["tuned_operators"])
     logits = []
     for art in (auto, none):
         out = tmp_path / f"{art.name}.npy"

@@ -489,6 +489,7 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
                     "passed_over": passed,
                     "records_applied": len(build_info.get("tuned_ops", [])),
                     "tuned_operators": build_info.get("tuned_ops", []),
+                    "tuned_kinds": build_info.get("tuned_kinds", {}),
                     "default_schedules": schedule_summary(build_info, schedules, cpu)},
             library=LIBRARY,
             entry="main",

@@ -504,6 +504,26 @@ def schedule_primfunc(func, target, cpu: CpuShape | None = None,
     return sch, {"rule": rule}
 
 
+def describe_operators(mod, target) -> dict:
+    """{operator: its kind and multiply-adds} as the default rules see each fused operator
+    (what the manifest says of operators a tuning record schedules instead)."""
+    from tvm import tirx
+    from tvm.s_tir.schedule import ScheduleError
+
+    out = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        try:
+            _sch, what = schedule_primfunc(func, target)
+        except ScheduleError:
+            continue
+        if what and what.get("kind"):
+            out[gv.name_hint] = {"rule": what["rule"], "kind": what["kind"],
+                                 "macs": what.get("macs"), "scheduled_by": "tuning record"}
+    return out
+
+
 def apply_default_schedules(mod, target):
     """Schedule every not-yet-scheduled PrimFunc of ``mod``; returns (mod, counts).
 

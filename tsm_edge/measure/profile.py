@@ -274,7 +274,9 @@ def _child(argv: list[str]) -> int:
         apply_threads(args.threads)
         from ..runtime import tvm as tvm_rt
 
-        ops = ((manifest.tuning or {}).get("default_schedules") or {}).get("operators", {})
+        tuning = manifest.tuning or {}
+        ops = {**tuning.get("tuned_kinds", {}),  # operators a tuning record scheduled
+               **(tuning.get("default_schedules") or {}).get("operators", {})}
         caches = [np.zeros(c.shape, dtype=c.dtype) for c in manifest.caches]
         times = tvm_rt.op_times(str(Path(args.artifact) / manifest.library),
                                  [frame, *caches], args.frames, args.warmup)

@@ -56,10 +56,12 @@ def _cpu_pipeline(target, info: dict, default_schedules: bool, databases: list):
         with target:
             mod = fuse(mod, target)
             tuned: list[str] = []
+            kinds = schedules.describe_operators(mod, target) if databases else {}
             for folder in databases:
                 mod, applied = apply_database(mod, open_database(folder), target)
                 tuned += applied
             info["tuned_ops"] = tuned
+            info["tuned_kinds"] = {name: kinds[name] for name in tuned if name in kinds}
             if default_schedules:
                 mod, counts = schedules.apply_default_schedules(mod, target)
                 info.update(counts)
