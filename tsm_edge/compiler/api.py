@@ -486,11 +486,12 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
             f"built for {triple} ({preset.device}); this machine is {native_triple()}: run it "
             "on the board or over RPC" + extra.get("board_needs", ""),
             tuning={"mode": tuning, "databases": [str(d) for d in databases],
-                    "passed_over": passed,
                     "records_applied": len(build_info.get("tuned_ops", [])),
                     "tuned_operators": build_info.get("tuned_ops", []),
+                    "default_schedules": schedule_summary(build_info, schedules, cpu),
+                    # added after the keys above: older readers see those in their order
                     "tuned_kinds": build_info.get("tuned_kinds", {}),
-                    "default_schedules": schedule_summary(build_info, schedules, cpu)},
+                    "passed_over": passed},
             library=LIBRARY,
             entry="main",
             tool_versions=tool_versions(),
