@@ -47,7 +47,7 @@ def main() -> int:
 
     import tsm_edge
     from tsm_edge.compiler.tuning import tune
-    from tsm_edge.measure.bench import alternating_rounds, child_args, run_child
+    from tsm_edge.measure.bench import alternating_rounds, child_args, time_child
     from tsm_edge.support.files import atomic_write_json
     from tsm_edge.support.system import machine
     from tsm_edge.support.versions import tool_versions
@@ -78,17 +78,13 @@ def main() -> int:
             warmup = 10 if frames >= 50 else 5
             common = child_args(frames, warmup, threads, peers, PEERS)
 
-            def tsm(art: Path, common=common, threads=threads):
-                return lambda: run_child(["-m", "tsm_edge.measure.probe", str(art), *common],
-                                         threads, 3600,
-                                         {"TVM_USE_RUNTIME_LIB": "1"})["latencies_ms"]
+            def job(backend: str, art: Path, common=common, threads=threads):
+                return lambda: time_child(backend, art, common, threads, 3600)["latencies_ms"]
 
-            def peer(name: str, common=common, threads=threads, art=untuned):
-                return lambda: run_child(["-m", "tsm_edge.measure.bench", name, str(art),
-                                          *common], threads, 3600)["latencies_ms"]
-
-            jobs = {"tsm-edge untuned": tsm(untuned), "tsm-edge untuned (A/A)": tsm(untuned),
-                    "tsm-edge tuned": tsm(tuned), **{p: peer(p) for p in peers}}
+            jobs = {"tsm-edge untuned": job("tsm-edge", untuned),
+                    "tsm-edge untuned (A/A)": job("tsm-edge", untuned),
+                    "tsm-edge tuned": job("tsm-edge", tuned),
+                    **{p: job(p, untuned) for p in peers}}
             timing = alternating_rounds(jobs, args.rounds)
             rows.append(summarize(model, threads, frames, timing, applied, compile_s))
             print(json.dumps({k: rows[-1][k] for k in ("model", "threads", "median_p50_ms",

@@ -75,11 +75,7 @@ def test_rules_search_finishes_and_keeps_its_best(rules_tuned):
 
 
 def test_compile_applies_rule_records_and_computes_the_same(rules_tuned, tmp_path, frames_npy):
-    env = {"XDG_CACHE_HOME": str(rules_tuned["cache"])}
-    auto, none = tmp_path / "auto", tmp_path / "none"
-    _ok(run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "-o", str(auto), env=env))
-    _ok(run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "--tuning", "none",
-                "-o", str(none), env=env))
+    auto, none = _auto_and_untuned(rules_tuned["cache"], tmp_path)
     tuning = _manifest(auto)["tuning"]
     assert tuning["records_applied"] == rules_tuned["result"]["tasks"]
     # the profile still knows what each tuned convolution is and its multiply-adds
@@ -87,8 +83,24 @@ def test_compile_applies_rule_records_and_computes_the_same(rules_tuned, tmp_pat
     assert {"pointwise", "depthwise", "conv3x3"} <= {k["kind"] for k in kinds.values()}
     assert all(k["macs"] > 0 for k in kinds.values()) and set(kinds) <= set(
         tuning["tuned_operators"])
+    _assert_same_logits(auto, none, frames_npy, tmp_path)
+
+
+def _auto_and_untuned(cache: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The tiny model compiled with ``--tuning auto`` (the user's databases under ``cache``)
+    and with ``--tuning none``."""
+    env = {"XDG_CACHE_HOME": str(cache)}
+    auto, none = tmp_path / "auto", tmp_path / "none"
+    _ok(run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "-o", str(auto), env=env))
+    _ok(run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "--tuning", "none",
+                "-o", str(none), env=env))
+    return auto, none
+
+
+def _assert_same_logits(a: Path, b: Path, frames_npy, tmp_path: Path) -> None:
+    """Two artifacts of the same model stream the same frames to the same logits."""
     logits = []
-    for art in (auto, none):
+    for art in (a, b):
         out = tmp_path / f"{art.name}.npy"
         _ok(run_cli("run", str(art), "--frames-npy", str(frames_npy), "--save-logits", str(out)))
         logits.append(np.load(out))
@@ -121,11 +133,7 @@ def test_tune_writes_records_for_its_exact_target(tuned):
 
 
 def test_compile_applies_records_and_computes_the_same(tuned, tiny_mnv2, tmp_path, frames_npy):
-    env = {"XDG_CACHE_HOME": str(tuned["cache"])}
-    auto, none = tmp_path / "auto", tmp_path / "none"
-    _ok(run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "-o", str(auto), env=env))
-    _ok(run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "--tuning", "none",
-                "-o", str(none), env=env))
+    auto, none = _auto_and_untuned(tuned["cache"], tmp_path)
     t_auto, t_none = _manifest(auto)["tuning"], _manifest(none)["tuning"]
     # the user's folder first; records shipped for this exact target (if any) after it
     assert t_auto["records_applied"] > 0 and t_auto["databases"][0] == str(tuned["db"])
@@ -134,12 +142,7 @@ def test_compile_applies_records_and_computes_the_same(tuned, tiny_mnv2, tmp_pat
     ds = t_auto["default_schedules"]
     assert ds["unscheduled"] == 0
     assert not set(t_auto["tuned_operators"]) & set(ds["operators"])
-    logits = []
-    for art in (auto, none):
-        out = tmp_path / f"{art.name}.npy"
-        _ok(run_cli("run", str(art), "--frames-npy", str(frames_npy), "--save-logits", str(out)))
-        logits.append(np.load(out))
-    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+    _assert_same_logits(auto, none, frames_npy, tmp_path)
 
 
 def test_a_database_from_another_target_is_refused(tuned, tmp_path):

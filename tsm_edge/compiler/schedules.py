@@ -504,14 +504,16 @@ def schedule_primfunc(func, target, cpu: CpuShape | None = None,
     return sch, {"rule": rule}
 
 
-def describe_operators(mod, target) -> dict:
+def describe_operators(funcs: dict, target, names) -> dict:
     """{operator: its kind and multiply-adds} as the default rules see each fused operator
-    (what the manifest says of operators a tuning record schedules instead)."""
+    (``funcs``: name -> PrimFunc) in ``names``: what the manifest says of operators a tuning
+    record schedules instead."""
     from tvm import tirx
     from tvm.s_tir.schedule import ScheduleError
 
     out = {}
-    for gv, func in mod.functions_items():
+    for name in names:
+        func = funcs.get(name)
         if not isinstance(func, tirx.PrimFunc):
             continue
         try:
@@ -519,8 +521,8 @@ def describe_operators(mod, target) -> dict:
         except ScheduleError:
             continue
         if what and what.get("kind"):
-            out[gv.name_hint] = {"rule": what["rule"], "kind": what["kind"],
-                                 "macs": what.get("macs"), "scheduled_by": "tuning record"}
+            out[name] = {"rule": what["rule"], "kind": what["kind"], "macs": what.get("macs"),
+                         "scheduled_by": "tuning record"}
     return out
 
 

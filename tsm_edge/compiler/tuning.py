@@ -24,6 +24,7 @@ import logging
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,7 +255,6 @@ def tune(model: str, *, target: str = "host", trials: int | None = None,
 
     from ..models.registry import get_model_info
     from ..support.files import atomic_write_json
-    from ..support.versions import tool_versions
     from . import targets as targets_mod
     from .tvm import metaschedule
     from .tvm import target as tvm_target
@@ -326,37 +326,26 @@ def tune(model: str, *, target: str = "host", trials: int | None = None,
                            progress_stream=progress_stream)
     prog = Progress(trials=trials, minutes=minutes, stream=progress_stream)
     names = [t[0] for t in tasks]
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):  # noqa: ANN001 - signal handler signature
-        # MetaSchedule's loop runs in C++: stop after the batch in progress, keeping records.
-        # (Python sees the signal only when that batch returns; SIGTERM still stops at once.)
-        if stop["signal"] is None:
-            progress_stream.write("\nstopping after the batch in progress; records so far are "
-                                  "kept (kill -TERM stops at once)\n")
-            progress_stream.flush()
-        stop["signal"] = signum
-
-    def on_batch(n: int, i: int) -> bool:
-        spent = prog.update(n, names[i] if i < len(names) else "?")
-        return spent or stop["signal"] is not None
-
-    try:
-        old_handler = signal.signal(signal.SIGINT, on_signal)
-    except ValueError:  # not the main thread: no handler, Ctrl-C stops the process
-        old_handler = None
-    prog.start()
+    # MetaSchedule's loop runs in C++: Python sees the signal only when a batch returns, so
+    # it stops after the batch in progress, keeping records (SIGTERM still stops at once).
+    stopping = ("stopping after the batch in progress; records so far are kept "
+                "(kill -TERM stops at once)")
     stopped = "budget"
-    t0 = time.monotonic()
     baseline: dict = {}
-    try:
-        baseline = metaschedule.tune(tasks, target_obj, db, trials=trials or 1_000_000,
-                                per_iter=per_iter, on_batch=on_batch, runner=runner,
-                                workers=workers or len(os.sched_getaffinity(0)))
-    finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
-        prog.finish()
+    with _interruptible(stopping, progress_stream) as stop:
+
+        def on_batch(n: int, i: int) -> bool:
+            spent = prog.update(n, names[i] if i < len(names) else "?")
+            return spent or stop["signal"] is not None
+
+        prog.start()
+        t0 = time.monotonic()
+        try:
+            baseline = metaschedule.tune(tasks, target_obj, db, trials=trials or 1_000_000,
+                                         per_iter=per_iter, on_batch=on_batch, runner=runner,
+                                         workers=workers or len(os.sched_getaffinity(0)))
+        finally:
+            prog.finish()
     if stop["signal"] is not None:
         stopped = "interrupted"
     elif minutes and time.monotonic() - t0 >= 60 * minutes:
@@ -365,12 +354,6 @@ def tune(model: str, *, target: str = "host", trials: int | None = None,
     db = metaschedule.open_database(folder)
     after = metaschedule.database_size(db)
     defaults = {**meta.get("default_schedule_seconds", {}), **baseline}
-    best = metaschedule.best_seconds(tasks, db)
-    calls = {name: n for name, _mod, n in tasks}
-    beat = [n for n in best if n in defaults and best[n] < defaults[n] * 0.98]
-    est_default = sum(defaults[n] * calls[n] for n in calls if n in defaults) * 1e3
-    est_best = sum(min(best.get(n, defaults[n]), defaults[n]) * calls[n]
-                   for n in calls if n in defaults) * 1e3
     run = {"model": model, "input_size": input_size, "search": "metaschedule",
            "trials_budget": trials,
            "minutes_budget": minutes,
@@ -380,17 +363,8 @@ def tune(model: str, *, target: str = "host", trials: int | None = None,
            "trials_per_minute": round((after - before - len(baseline)) / seconds * 60, 2)
            if seconds else None,
            "stopped_by": stopped, "runner": runner["kind"], "tasks": len(tasks),
-           "tasks_beating_default": len(beat),
-           "operators_ms_default": round(est_default, 3),
-           "operators_ms_best": round(est_best, 3),
-           "tool_versions": tool_versions(),
-           "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    meta["default_schedule_seconds"] = defaults
-    meta["runs"] = [*meta.get("runs", []), run]
-    meta["records"] = after
-    atomic_write_json(folder / META, meta)
-    return {"database": str(folder), "target": _short(key_str), "records_before": before,
-            "records_after": after, **run}
+           **_against_defaults(tasks, db, defaults)}
+    return _record_run(folder, meta, run, defaults, before, after, key_str)
 
 
 def _tune_rules(tasks, target_obj, folder: Path, meta: dict, runner: dict, *, model: str,
@@ -398,57 +372,44 @@ def _tune_rules(tasks, target_obj, folder: Path, meta: dict, runner: dict, *, mo
                 progress_stream) -> dict:
     """``tune(search="rules")``: every operator's rule parameter sets, measured, best kept."""
     from ..support.files import atomic_write_json
-    from ..support.versions import tool_versions
     from . import schedules
     from .tvm import metaschedule
 
     db = metaschedule.open_database(folder)
     before = metaschedule.database_size(db)
     done = set(meta.get("rules_searched", []))
-    todo = [(name, mod) for name, mod, _calls in tasks
-            if f"{metaschedule.workload_key(mod)}/{candidates}" not in done]
-    total = sum(len(schedules.rule_choices(mod["main"], target_obj, candidates))
-                for _name, mod in todo)
+    keys = {f"{metaschedule.workload_key(mod)}/{candidates}": mod for _n, mod, _c in tasks}
+    todo = [key for key in keys if key not in done]
+    total = sum(len(schedules.rule_choices(keys[key]["main"], target_obj, candidates))
+                for key in todo)
     budget = min(total, trials) if trials else total
     prog = Progress(trials=budget or None, minutes=minutes if not budget else None,
                     stream=progress_stream)
     if minutes and budget:  # both a count and a clock: the bar counts, the clock stops it
         prog.minutes = minutes
     names = [t[0] for t in tasks]
-    stop = {"signal": None}
+    stopping = "stopping after the operator in progress; its records and all before are kept"
+    with _interruptible(stopping, progress_stream) as stop:
 
-    def on_signal(signum, _frame):  # noqa: ANN001 - signal handler signature
-        if stop["signal"] is None:
-            progress_stream.write("\nstopping after the operator in progress; its records and "
-                                  "all before are kept\n")
-            progress_stream.flush()
-        stop["signal"] = signum
+        def on_batch(n: int, i: int) -> bool:
+            meta["rules_searched"] = sorted(done)
+            atomic_write_json(folder / META, meta)
+            spent = prog.update(n, names[i])
+            return spent or stop["signal"] is not None or \
+                (trials is not None and prog.done >= trials)
 
-    def on_batch(n: int, i: int) -> bool:
-        meta["rules_searched"] = sorted(done)
-        atomic_write_json(folder / META, meta)
-        spent = prog.update(n, names[i])
-        return spent or stop["signal"] is not None or (trials is not None and prog.done >= trials)
-
-    try:
-        old_handler = signal.signal(signal.SIGINT, on_signal)
-    except ValueError:  # not the main thread
-        old_handler = None
-    prog.start()
-    t0 = time.monotonic()
-    try:
-        searched = metaschedule.search_rules(tasks, target_obj, db, runner=runner,
-                                             workers=workers, limit=candidates,
-                                             on_batch=on_batch, done=done)
-    finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
-        prog.finish()
+        prog.start()
+        t0 = time.monotonic()
+        try:
+            searched = metaschedule.search_rules(tasks, target_obj, db, runner=runner,
+                                                 workers=workers, limit=candidates,
+                                                 on_batch=on_batch, done=done)
+        finally:
+            prog.finish()
     seconds = time.monotonic() - t0
     if stop["signal"] is not None:
         stopped = "interrupted"
-    elif len(done & {f"{metaschedule.workload_key(m)}/{candidates}" for _n, m in todo}) \
-            < len(todo):
+    elif not done.issuperset(todo):
         stopped = "minutes" if minutes and seconds >= 60 * minutes else "budget"
     else:
         stopped = "finished"
@@ -456,12 +417,6 @@ def _tune_rules(tasks, target_obj, folder: Path, meta: dict, runner: dict, *, mo
     after = metaschedule.database_size(db)
     defaults = {**meta.get("default_schedule_seconds", {}),
                 **{n: r["default"] for n, r in searched.items() if r["default"] is not None}}
-    best = metaschedule.best_seconds(tasks, db)
-    calls = {name: n for name, _mod, n in tasks}
-    beat = [n for n in best if n in defaults and best[n] < defaults[n] * 0.98]
-    est_default = sum(defaults[n] * calls[n] for n in calls if n in defaults) * 1e3
-    est_best = sum(min(best.get(n, defaults[n]), defaults[n]) * calls[n]
-                   for n in calls if n in defaults) * 1e3
     measured = after - before
     run = {"model": model, "input_size": input_size, "search": "rules",
            "candidates_per_operator": candidates, "trials_budget": trials,
@@ -472,15 +427,60 @@ def _tune_rules(tasks, target_obj, folder: Path, meta: dict, runner: dict, *, mo
            "trials_per_minute": round(measured / seconds * 60, 2) if seconds else None,
            "stopped_by": stopped, "runner": runner["kind"], "tasks": len(tasks),
            "tasks_searched": len(searched),
-           "tasks_beating_default": len(beat),
-           "operators_ms_default": round(est_default, 3),
-           "operators_ms_best": round(est_best, 3),
+           **_against_defaults(tasks, db, defaults),
            "chosen": {n: r["choice"] for n, r in searched.items()
-                      if r["default"] is not None and r["best"] < r["default"] * 0.98},
-           "tool_versions": tool_versions(),
+                      if r["default"] is not None and r["best"] < r["default"] * 0.98}}
+    meta["rules_searched"] = sorted(done)
+    return _record_run(folder, meta, run, defaults, before, after, key_str)
+
+
+@contextmanager
+def _interruptible(stopping: str, stream):
+    """Ctrl-C during a search sets ``stop["signal"]`` (and says ``stopping``) instead of raising;
+    the search checks it between batches. The previous handler is restored on the way out."""
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):  # noqa: ANN001 - signal handler signature
+        if stop["signal"] is None:
+            stream.write(f"\n{stopping}\n")
+            stream.flush()
+        stop["signal"] = signum
+
+    try:
+        old_handler = signal.signal(signal.SIGINT, on_signal)
+    except ValueError:  # not the main thread: no handler, Ctrl-C stops the process
+        old_handler = None
+    try:
+        yield stop
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+
+
+def _against_defaults(tasks, db, defaults: dict) -> dict:
+    """Operators whose best record beats their default schedule by over 2%, and one frame's
+    operators summed (each operator times its calls) untuned and with the best records."""
+    from .tvm import metaschedule
+
+    best = metaschedule.best_seconds(tasks, db)
+    calls = {name: n for name, _mod, n in tasks}
+    beat = [n for n in best if n in defaults and best[n] < defaults[n] * 0.98]
+    est_default = sum(defaults[n] * calls[n] for n in calls if n in defaults) * 1e3
+    est_best = sum(min(best.get(n, defaults[n]), defaults[n]) * calls[n]
+                   for n in calls if n in defaults) * 1e3
+    return {"tasks_beating_default": len(beat), "operators_ms_default": round(est_default, 3),
+            "operators_ms_best": round(est_best, 3)}
+
+
+def _record_run(folder: Path, meta: dict, run: dict, defaults: dict, before: int, after: int,
+                key_str: str) -> dict:
+    """Append ``run`` to the database's ``target.json``; the summary ``tune`` returns."""
+    from ..support.files import atomic_write_json
+    from ..support.versions import tool_versions
+
+    run = {**run, "tool_versions": tool_versions(),
            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     meta["default_schedule_seconds"] = defaults
-    meta["rules_searched"] = sorted(done)
     meta["runs"] = [*meta.get("runs", []), run]
     meta["records"] = after
     atomic_write_json(folder / META, meta)

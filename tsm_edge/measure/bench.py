@@ -59,6 +59,18 @@ def run_child(args: list[str], threads: int | None, timeout: float,
         raise InternalError(f"benchmark child printed no result: {proc.stdout[-500:]!r}") from None
 
 
+def time_child(backend: str, artifact: str | Path, common: list[str], threads: int | None,
+               timeout: float) -> dict:
+    """Time ``backend`` ("tsm-edge" or one of ``BACKENDS``) on ``artifact``'s model in a
+    process of its own; ``common``: ``child_args``. The child's JSON (latencies, percentiles)."""
+    if backend == "tsm-edge":
+        # the board's footprint: TVM's runtime library alone, as the packaged runner loads it
+        return run_child(["-m", "tsm_edge.measure.probe", str(artifact), *common], threads,
+                         timeout, {"TVM_USE_RUNTIME_LIB": "1"})
+    return run_child(["-m", "tsm_edge.measure.bench", backend, str(artifact), *common],
+                     threads, timeout)
+
+
 def bench(artifact: str | Path, *, frames: int = 100, warmup: int = 10,
           threads: int | None = None, compare: tuple[str, ...] = (),
           timeout: float = 3600) -> dict:
@@ -70,12 +82,8 @@ def bench(artifact: str | Path, *, frames: int = 100, warmup: int = 10,
     origin = threads_origin(threads)
     threads = resolve_threads(threads)  # one count for every backend, given or not
     common = child_args(frames, warmup, threads, compare, BACKENDS)
-    # the board's footprint: TVM's runtime library alone, as the packaged runner loads it
-    results = {"tsm-edge": run_child(["-m", "tsm_edge.measure.probe", str(art), *common], threads,
-                                      timeout, {"TVM_USE_RUNTIME_LIB": "1"})}
-    for backend in compare:
-        results[backend] = run_child(["-m", "tsm_edge.measure.bench", backend, str(art), *common],
-                                      threads, timeout)
+    results = {name: time_child(name, art, common, threads, timeout)
+               for name in ("tsm-edge", *compare)}
     mem = results["tsm-edge"]
     return {
         "backends": {name: {k: r[k] for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms")}

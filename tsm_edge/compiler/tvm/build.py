@@ -56,12 +56,14 @@ def _cpu_pipeline(target, info: dict, default_schedules: bool, databases: list):
         with target:
             mod = fuse(mod, target)
             tuned: list[str] = []
-            kinds = schedules.describe_operators(mod, target) if databases else {}
+            # the operators as fused, before a record replaces them (apply_database updates
+            # ``mod`` in place)
+            untuned = {gv.name_hint: func for gv, func in mod.functions_items()}
             for folder in databases:
                 mod, applied = apply_database(mod, open_database(folder), target)
                 tuned += applied
             info["tuned_ops"] = tuned
-            info["tuned_kinds"] = {name: kinds[name] for name in tuned if name in kinds}
+            info["tuned_kinds"] = schedules.describe_operators(untuned, target, tuned)
             if default_schedules:
                 mod, counts = schedules.apply_default_schedules(mod, target)
                 info.update(counts)
