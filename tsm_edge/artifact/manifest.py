@@ -37,7 +37,8 @@ DEVICES = ("cpu", "cuda", "opencl", "vulkan", "metal", "rocm")
 DTYPES = ("float32", "float16", "bfloat16", "int8", "uint8", "int32")
 CACHE_INITS = ("zeros",)  # the runtime starts every cache at zero
 # What the compiler checked about GPU device code; written at the top level, after ``runnable``.
-EVIDENCE_KEYS = ("device_arch", "device_compiler", "opencl_syntax_check")
+# ``gpu_kernels``: the report of every kernel (``compiler/gpu_report.py``).
+EVIDENCE_KEYS = ("device_arch", "device_compiler", "opencl_syntax_check", "gpu_kernels")
 
 
 # --------------------------------------------------------------------------- checks

@@ -95,8 +95,9 @@ def targets(as_json: bool, tvm_tags: bool) -> None:
                    "multiply-add instructions (x86 AVX2 and up, any AArch64 core), int8 caches.")
 @click.option("--tuning", default="auto", show_default=True, help="auto | none.")
 @click.option("--schedules", default="default", show_default=True,
-              help="CPU schedules for operators without tuning records: default (tsm-edge's "
-                   "rules) | none (TVM's plain loops, for comparison).")
+              help="Schedules for operators without tuning records: default (tsm-edge's "
+                   "rules) | none (CPU: TVM's plain loops; GPU: TVM's dlight rules alone; for "
+                   "comparison).")
 @click.option("--labels", type=click.Path(), default=None, help="Class names, one per line.")
 @click.option("--ndk", type=click.Path(), default=None,
               help="Android NDK root (for the android-arm64 target).")
@@ -153,20 +154,23 @@ def compile_cmd(model, checkpoint, num_classes, input_size, target, precision, t
 @click.option("--precision", default="fp32", show_default=True, help="fp32 | fp16.")
 @click.option("--cuda-arch", default=None, help="For the 'cuda' preset: sm_XX.")
 @click.option("--only", default=None, help="Only the fused operators whose name contains this.")
+@click.option("--schedules", default="default", show_default=True,
+              help="default (tsm-edge's GPU rules, then dlight) | none (dlight alone).")
 @click.option("--json", "json_out", type=click.Path(), default=None)
 def prove_cmd(model, checkpoint, num_classes, input_size, seed, trained_shift, cache_channels,
-              target, precision, cuda_arch, only, json_out) -> None:
+              target, precision, cuda_arch, only, schedules, json_out) -> None:
     """Run every GPU kernel of a build on this CPU (OpenCL through PoCL) against the CPU."""
     from ..compiler.prove import prove
 
     def progress(i, n, p):
         err = "" if p.max_rel_error is None else f" err {p.max_rel_error:.1e}"
         note = p.reason or (f"(storage {p.storage})" if p.storage else "")
-        click.echo(f"[{i:>3}/{n}] {p.status:<8}{p.name}{err}" + (f": {note}" if note else ""),
-                   err=True)
+        rule = f" [{p.rule}]" if p.rule else ""
+        click.echo(f"[{i:>3}/{n}] {p.status:<8}{p.name}{rule}{err}"
+                   + (f": {note}" if note else ""), err=True)
 
     report = prove(model, target=target, precision=precision, only=only, seed=seed,
-                   cuda_arch=cuda_arch,
+                   cuda_arch=cuda_arch, schedules=schedules,
                    progress=progress, checkpoint=checkpoint, num_classes=num_classes,
                    input_size=input_size, trained_shift=trained_shift,
                    cache_channels=cache_channels)
@@ -223,6 +227,9 @@ def inspect(artifact: str, as_json: bool) -> None:
     for c in m.caches:
         click.echo(f"  {c.name:<24}{str(c.shape):<20}{c.dtype:<9}"
                    f"channels [{c.channels[0]}, {c.channels[1]})  {c.nbytes:,} B")
+    report = t.evidence.get("gpu_kernels")
+    if isinstance(report, dict):
+        _kernel_lines(report)
     click.echo(f"tools      {', '.join(f'{k} {v}' for k, v in m.tool_versions.items())}")
     packed = f"; packed {Path(artifact).stat().st_size / 1e6:.1f} MB" if Path(artifact).is_file() \
         else ""
@@ -235,6 +242,28 @@ def inspect(artifact: str, as_json: bool) -> None:
                    f"(glibc >= {f.get('cpp_runner_glibc')})")
         if f.get("stock_os_verdict"):
             click.echo(f"board      {f['stock_os_verdict']}")
+
+
+def _kernel_lines(report: dict) -> None:
+    """The GPU kernel report in a few lines: totals, then each warning."""
+    t = report.get("totals", {})
+    parts = [f"{t.get('kernels')} ({t.get('launches_per_frame')} launches a frame)"]
+    for kind in ("depthwise", "dense"):
+        if t.get(f"{kind}_working_fraction") is not None:
+            parts.append(f"{kind} {t[f'{kind}_working_fraction']:.1%} of threads working")
+    spills = sum(k.get("spill_bytes") or 0 for k in report.get("kernels", []))
+    if report.get("ptxas"):
+        parts.append(f"{spills} spill bytes")
+    gpu = report.get("gpu")
+    if gpu and t.get("roofline_us") is not None:
+        parts.append(f"roofline {t['roofline_us']:.0f} us, launch-bound {t['launch_bound_us']:.0f}"
+                     f" us on {gpu['gpu'].split(' (')[0]}")
+    if t.get("modelled_bytes") is not None:
+        parts.append(f"traffic {t['modelled_bytes'] / 1e6:.2f} MB (minimum "
+                     f"{(t.get('minimum_bytes') or 0) / 1e6:.2f} MB)")
+    click.echo("kernels    " + "; ".join(parts))
+    for warning in report.get("warnings", []):
+        click.echo(f"  warning: {warning}")
 
 
 def _precision_line(m: Manifest) -> str:

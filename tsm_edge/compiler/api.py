@@ -37,6 +37,31 @@ PRECISIONS = ("fp32", "fp16")
 CALIBRATED_PRECISIONS = ("int8",)  # need activation ranges measured on real frames
 
 
+def gpu_kernels(exe, target, build_info: dict, frame_spec, output_specs, cache_specs,
+                weights_bytes: int) -> dict:
+    """The report of every kernel of a GPU build (``gpu_report``); its warnings are logged."""
+    import numpy as np
+
+    from . import gpu_report
+    from .tvm import device_code as tvm_device
+
+    def nbytes(spec) -> int:
+        return int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize
+
+    arch = str(target.attrs["arch"]) if target.kind.name == "cuda" and "arch" in target.attrs \
+        else None
+    # the least a frame must move: the frame, the weights, each cache in and out, the outputs
+    minimum = nbytes(frame_spec) + weights_bytes + sum(2 * nbytes(c) for c in cache_specs) \
+        + sum(nbytes(o) for o in output_specs)
+    report = gpu_report.kernel_report(
+        build_info.get("funcs", {}), build_info.get("operators", {}), arch=arch,
+        cuda_source=tvm_device.device_source(exe, "cuda") if arch else None,
+        calls=build_info.get("calls"), minimum_bytes=minimum)
+    for warning in report["warnings"]:
+        log.warning("GPU kernel %s", warning)
+    return report
+
+
 def device_checks(exe, target, lib: Path, device_code: str, cuda: dict | None) -> dict:
     """Evidence about the device code, for the manifest (GPU targets only)."""
     from .tvm import device_code as tvm_device
@@ -298,7 +323,7 @@ SCHEDULES = ("default", "none")
 def schedule_summary(info: dict, schedules: str, cpu: bool) -> dict:
     """What the manifest says about the schedules the untuned operators got."""
     if not cpu:
-        return {"rules": "tvm dlight (GPU)", "pipeline": info.get("pipeline")}
+        return gpu_schedule_summary(info)
     if schedules != "default":
         return {"rules": "none (TVM's unscheduled loops)", "pipeline": info.get("pipeline")}
     return {"rules": "tsm_edge.schedules (NHWC, register-tiled convolutions)",
@@ -307,6 +332,23 @@ def schedule_summary(info: dict, schedules: str, cpu: bool) -> dict:
             "unscheduled_ops": info.get("unscheduled_ops", []),
             **{k: info[k] for k in ("vector_lanes", "vector_registers", "threads", "operators")
                if k in info}}
+
+
+def gpu_schedule_summary(info: dict) -> dict:
+    """What the manifest says about a GPU build's schedules: which rule took each operator."""
+    operators = {name: what for name, what in sorted(info.get("operators", {}).items())
+                 if what and what.get("rule")}
+    by_rule: dict[str, int] = {}
+    for what in operators.values():
+        by_rule[what["rule"]] = by_rule.get(what["rule"], 0) + 1
+    own = info.get("gpu_rules")
+    return {"rules": "tsm_edge.gpu_schedules (thread-tile convolutions), then tvm dlight"
+                     if own else "tvm dlight (GPU)",
+            "pipeline": info.get("pipeline"), "by_rule": by_rule, "operators": operators,
+            # CUDA: the graphs the step replays, and the launches left outside them (those
+            # that read the frame or a cache passed in, or write an output returned: a graph's
+            # pointers are fixed when it is captured)
+            "cuda_graph": info.get("cuda_graph") or None}
 
 
 def int8_detail(report: dict, isa, calib: dict) -> dict:
@@ -428,7 +470,8 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
         frame_spec, output_specs, cache_specs = compiled_specs(step, *tvm_analysis.signature(mod))
     weights_bytes = tvm_analysis.constants_bytes(mod)
     workspace = timed("plan", tvm_analysis.estimate_workspace, mod, target)
-    exe, build_info = timed("build", tvm_build.build, mod, target, use_schedules, databases)
+    exe, build_info = timed("build", tvm_build.build, mod, target,
+                            use_schedules or (not cpu and schedules == "default"), databases)
     triple = preset.resolved_host_triple()
     arch = triple.split("-")[0]
     host_target = target.host if getattr(target, "host", None) is not None else target
@@ -444,6 +487,9 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
                                 f"needs {arch} ({triple}); the target's host is wrong")
         device_code = tvm_device.device_code_kind(exe, target, lib.read_bytes())
         extra = device_checks(exe, target, lib, device_code, cuda)
+        if not cpu:
+            extra["gpu_kernels"] = timed("kernel report", gpu_kernels, exe, target, build_info,
+                                         frame_spec, output_specs, cache_specs, weights_bytes)
         stored = {r["name"]: r for r in (int8_report or {}).get("caches", []) if "scale" in r}
         caches = []
         for c in cache_specs:

@@ -44,6 +44,7 @@ class OperatorProof:
     unwritten: int = 0  # output elements still NaN after the kernels ran
     reason: str | None = None  # why it failed or did not run
     seconds: float = 0.0
+    rule: str | None = None  # the schedule rule that took it ("thread-tile", "dlight Matmul")
 
 
 @dataclass
@@ -258,11 +259,12 @@ def gpu_step_module(source, precision: str = "fp32"):
 
 def prove(model: str, *, target: str = "jetson-orin-nano", precision: str = "fp32",
           only: str | None = None, seed: int = 0, progress=None, cuda_arch: str | None = None,
-          widen_fp16: bool = True, **model_options) -> ProofReport:
+          widen_fp16: bool = True, schedules: str = "default", **model_options) -> ProofReport:
     """Prove every fused operator of ``model``'s GPU build for preset ``target`` on PoCL.
 
     ``model_options`` (``input_size``, ``num_classes``, ``checkpoint``, ...) go to
-    ``resolve_model`` as in ``compile``; ``only`` keeps the operators whose name contains it.
+    ``resolve_model`` as in ``compile``; ``only`` keeps the operators whose name contains it;
+    ``schedules`` is compile's: default (tsm-edge's GPU rules, then dlight) or none (dlight).
     """
     from ..models.resolve import resolve_model
     from . import targets as targets_mod
@@ -272,6 +274,8 @@ def prove(model: str, *, target: str = "jetson-orin-nano", precision: str = "fp3
     if precision not in ("fp32", "fp16"):
         raise UserError(f"--precision {precision} is not valid for the GPU prover; valid: fp32, "
                         "fp16")
+    if schedules not in ("default", "none"):
+        raise UserError(f"--schedules {schedules}: valid: default, none")
     preset = targets_mod.resolve_target(target).with_cuda_arch(cuda_arch)
     if preset.device not in ("cuda", "opencl"):
         raise UserError(f"--target {preset.name} is a {preset.device} target; the prover checks "
@@ -281,7 +285,9 @@ def prove(model: str, *, target: str = "jetson-orin-nano", precision: str = "fp3
     t0 = time.perf_counter()
     source = resolve_model(model, seed=seed, **model_options)
     tvm_t = tvm_target.make_target(preset.resolved_tvm_target())
-    ops = kernels.gpu_operators(gpu_step_module(source, precision), tvm_t)
+    rules: dict = {}
+    ops = kernels.gpu_operators(gpu_step_module(source, precision), tvm_t,
+                                own_rules=schedules == "default", info=rules)
     if only is not None:
         ops = [o for o in ops if only in o.name]
         if not ops:
@@ -289,6 +295,7 @@ def prove(model: str, *, target: str = "jetson-orin-nano", precision: str = "fp3
     proofs = []
     for i, op in enumerate(ops):
         proofs.append(prove_operator(op, device, seed=seed, widen_fp16=widen_fp16))
+        proofs[-1].rule = (rules.get("operators", {}).get(op.name) or {}).get("rule")
         if progress is not None:
             progress(i + 1, len(ops), proofs[-1])
     return ProofReport(model=source.name, input_size=source.input_size, target=preset.name,

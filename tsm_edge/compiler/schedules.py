@@ -160,14 +160,14 @@ class ConvChoice:
 # --------------------------------------------------------------------------- rules
 
 
-def _iter_kinds(sch, block) -> str:
+def iter_kinds(sch, block) -> str:
     from tvm import tirx
 
     return "".join({tirx.IterVar.DataPar: "S", tirx.IterVar.CommReduce: "R"}.get(
         iv.iter_type, "O") for iv in sch.get(block).iter_vars)
 
 
-def _extents(sch, loops) -> list[int]:
+def loop_extents(sch, loops) -> list[int]:
     out = []
     for loop in loops:
         ext = sch.get(loop).extent
@@ -175,17 +175,17 @@ def _extents(sch, loops) -> list[int]:
     return out
 
 
-def _blocks(sch):
+def child_blocks(sch):
     root = sch.get_sblock("root")
     return list(sch.get_child_blocks(root))
 
 
-def _inline_all(sch, keep=()) -> None:
+def inline_all(sch, keep=()) -> None:
     """Inline every block that can be inlined into its consumer or producer."""
     changed = True
     while changed:
         changed = False
-        for block in _blocks(sch):
+        for block in child_blocks(sch):
             if any(sch.get(block).same_as(sch.get(k)) for k in keep):
                 continue
             for fn in (sch.compute_inline, sch.reverse_compute_inline):
@@ -199,7 +199,7 @@ def _inline_all(sch, keep=()) -> None:
                 break
 
 
-def _written_dtype(sch, block) -> str:
+def written_dtype(sch, block) -> str:
     writes = sch.get(block).writes
     if not writes:
         return "float32"
@@ -209,11 +209,11 @@ def _written_dtype(sch, block) -> str:
 
 def _schedule_spatial(sch, block, cpu: CpuShape) -> None:
     """Fuse, vectorize the innermost axis where whole vectors fit, run the rest in parallel."""
-    cpu = cpu.for_dtype(_written_dtype(sch, block))  # fp16 data: twice the lanes
+    cpu = cpu.for_dtype(written_dtype(sch, block))  # fp16 data: twice the lanes
     loops = sch.get_loops(block)
     if not loops:
         return
-    extents = _extents(sch, loops)
+    extents = loop_extents(sch, loops)
     total = 1
     for e in extents:
         total *= max(e, 1)
@@ -258,7 +258,7 @@ def _written_shape(sch, block) -> list[int]:
     return [int(d) for d in buffer.shape]
 
 
-def _inline_chain(sch, block) -> None:
+def inline_chain(sch, block) -> None:
     """Inline into ``block`` the single chain of elementwise consumers after it."""
     while True:
         consumers = sch.get_consumers(block)
@@ -279,16 +279,16 @@ def _register_tile(sch, conv):
     output channels) is not inlined: TVM would then write it over the accumulator's whole
     domain, past the end of each row. It stays a loop of its own (``_schedule_tail``)."""
     wb = sch.cache_write(conv, 0, "local")
-    _inline_chain(sch, wb)
+    inline_chain(sch, wb)
     return wb
 
 
 def _schedule_tail(sch, wb, cpu: CpuShape) -> None:
     """A slice left after the write-back, with its elementwise chain: one parallel loop."""
     for consumer in sch.get_consumers(wb):
-        if "R" in _iter_kinds(sch, consumer):
+        if "R" in iter_kinds(sch, consumer):
             continue
-        _inline_chain(sch, consumer)
+        inline_chain(sch, consumer)
         _schedule_spatial(sch, consumer, cpu)
 
 
@@ -296,7 +296,7 @@ def _schedule_conv(sch, conv, cpu: CpuShape, inline_producers: bool = True,
                    choice: ConvChoice | None = None) -> dict:
     """NHWC convolution (n, y, x, f | ry, rx, rc) with a register tile and fused epilogue."""
     choice = choice or ConvChoice()
-    cpu = cpu.for_dtype(_written_dtype(sch, conv))  # lanes of the accumulator's dtype
+    cpu = cpu.for_dtype(written_dtype(sch, conv))  # lanes of the accumulator's dtype
     # Producers that only copy (the "pad" of a 1x1 convolution) disappear; real padding is a
     # separate, parallel loop over the (slightly larger) input.
     for producer in sch.get_producers(conv) if inline_producers else ():
@@ -310,7 +310,7 @@ def _schedule_conv(sch, conv, cpu: CpuShape, inline_producers: bool = True,
             _schedule_spatial(sch, producer, cpu)
     wb = _register_tile(sch, conv)
     n, y, x, f, ry, rx, rc = sch.get_loops(conv)
-    _, height, width, channels, kh, kw, reduce_c = _extents(sch, [n, y, x, f, ry, rx, rc])
+    _, height, width, channels, kh, kw, reduce_c = loop_extents(sch, [n, y, x, f, ry, rx, rc])
     depthwise = reduce_c == 1 and channels > 1
     kind = "depthwise" if depthwise else ("pointwise" if kh == kw == 1 else f"conv{kh}x{kw}")
     macs = height * width * channels * kh * kw * reduce_c
@@ -375,7 +375,7 @@ def _schedule_conv_int8(sch, conv, cpu: CpuShape, isa) -> dict:
         _schedule_spatial(sch, producer, cpu)
     wb = _register_tile(sch, conv)
     n, y, x, f, ry, rx, rco, rci = sch.get_loops(conv)
-    _, height, width, channels, kh, kw, rc4, _ = _extents(sch, [n, y, x, f, ry, rx, rco, rci])
+    _, height, width, channels, kh, kw, rc4, _ = loop_extents(sch, [n, y, x, f, ry, rx, rco, rci])
     # int32 accumulators, L per vector; besides the tile: the weight vectors, the broadcast
     # input, the 16-bit products and the constant ones
     icpu = replace(cpu, lanes=isa.lanes, registers=cpu.registers - isa.tile_reserve,
@@ -446,7 +446,7 @@ def _schedule_depthwise_int8(sch, conv, cpu: CpuShape, isa) -> dict:
 
 def _schedule_reduction(sch, block, cpu: CpuShape) -> None:
     """Pooling, the classifier: reductions inside, contiguous spatial axis vectorized."""
-    kinds = _iter_kinds(sch, block)
+    kinds = iter_kinds(sch, block)
     loops = sch.get_loops(block)
     if len(kinds) != len(loops):
         return
@@ -457,7 +457,7 @@ def _schedule_reduction(sch, block, cpu: CpuShape) -> None:
     last = spatial[-1]
     sch.reorder(*spatial[:-1], *reduce, last)
     outer_ext = 1
-    for e in _extents(sch, spatial[:-1]):
+    for e in loop_extents(sch, spatial[:-1]):
         outer_ext *= max(e, 1)
     if len(spatial) > 1 and outer_ext > 1:
         sch.parallel(sch.fuse(*spatial[:-1]))
@@ -474,10 +474,10 @@ def schedule_primfunc(func, target, cpu: CpuShape | None = None,
 
     cpu = cpu or cpu_shape(target)
     sch = s_tir.Schedule(func)
-    blocks = _blocks(sch)
-    int8_convs = [b for b in blocks if _iter_kinds(sch, b) == "SSSSRRRR"
+    blocks = child_blocks(sch)
+    int8_convs = [b for b in blocks if iter_kinds(sch, b) == "SSSSRRRR"
                   and sch.get(b).name_hint.startswith(CONV_INT8)]
-    convs = [b for b in blocks if _iter_kinds(sch, b) == "SSSSRRR"]
+    convs = [b for b in blocks if iter_kinds(sch, b) == "SSSSRRR"]
     int8_depthwise = len(convs) == 1 and sch.get(convs[0]).name_hint.startswith(DEPTHWISE_INT8)
     if len(int8_convs) == 1 or int8_depthwise:
         from .quantize.isa import isa_for
@@ -492,11 +492,11 @@ def schedule_primfunc(func, target, cpu: CpuShape | None = None,
         return sch, _schedule_conv(sch, convs[0], cpu, choice=choice)
     if convs:
         return None, None
-    reductions = [b for b in blocks if "R" in _iter_kinds(sch, b)]
-    _inline_all(sch, keep=reductions)
+    reductions = [b for b in blocks if "R" in iter_kinds(sch, b)]
+    inline_all(sch, keep=reductions)
     rule = "data-movement"
-    for block in _blocks(sch):
-        if "R" in _iter_kinds(sch, block):
+    for block in child_blocks(sch):
+        if "R" in iter_kinds(sch, block):
             _schedule_reduction(sch, block, cpu)
             rule = "reduction"
         else:
@@ -574,12 +574,12 @@ def rule_choices(func, target, limit: int = 16) -> list[ConvChoice]:
 
     cpu = cpu_shape(target)
     sch = s_tir.Schedule(func)
-    convs = [b for b in _blocks(sch) if _iter_kinds(sch, b) == "SSSSRRR"]
+    convs = [b for b in child_blocks(sch) if iter_kinds(sch, b) == "SSSSRRR"]
     if len(convs) != 1 or sch.get(convs[0]).name_hint.startswith(DEPTHWISE_INT8):
         return [ConvChoice()]
     conv = convs[0]
-    cpu = cpu.for_dtype(_written_dtype(sch, conv))
-    _, height, width, channels, _kh, kw, reduce_c = _extents(sch, sch.get_loops(conv))
+    cpu = cpu.for_dtype(written_dtype(sch, conv))
+    _, height, width, channels, _kh, kw, reduce_c = loop_extents(sch, sch.get_loops(conv))
     depthwise = reduce_c == 1 and channels > 1
     lanes = vector_lanes(channels, cpu)
 

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from ...errors import InternalError
 from ...support.tvm import import_tvm
 
-SCHEDULE_PASS = "ApplyDefaultSchedule"  # dlight's pass in every GPU backend's legalize list
-
 
 @dataclass(frozen=True)
 class Buffer:
@@ -51,38 +49,30 @@ class Operator:
     outputs: tuple[Buffer, ...]
 
 
-def _backend(target):
-    """The Relax backend module whose passes ``tvm.compile`` uses for ``target``."""
-    from tvm.relax import backend
-
-    kind = target.kind.name
-    if kind == "cuda":
-        return backend.cuda.pipeline
-    if kind == "opencl" and "adreno" in [str(k) for k in target.keys]:
-        return backend.adreno.pipeline
-    return backend.gpu_generic.pipeline
-
-
 def _copy(mod):
     """A deep copy: TVM passes may update a module in place."""
     tvm = import_tvm()
     return tvm.ir.load_json(tvm.ir.save_json(mod))
 
 
-def gpu_operators(mod, target) -> list[Operator]:
+def gpu_operators(mod, target, own_rules: bool = True, info: dict | None = None
+                  ) -> list[Operator]:
     """The fused operators of ``mod`` as a GPU build for ``target`` schedules them.
 
-    The backend's own dispatch and legalize passes run twice on copies of ``mod``: once as
-    they are (the schedules the build gets) and once without the scheduling pass (the plain
-    loops, for the CPU reference).
+    The build's dispatch and legalize passes (``build.gpu_legalize_passes``: tsm-edge's GPU
+    rules, ``own_rules``, then dlight's) run twice on copies of ``mod``: once as they are (the
+    schedules the build gets; ``info["operators"]`` says which rule took each) and once without
+    the scheduling passes (the plain loops, for the CPU reference).
     """
     tvm = import_tvm()
     from tvm import relax
 
-    backend = _backend(target)
+    from .build import GPU_SCHEDULE_PASSES, gpu_legalize_passes
+
+    info = {} if info is None else info
     with target:
-        passes = backend.library_dispatch_passes(target) + backend.legalize_passes(target)
-        plain_passes = [p for p in passes if p.info.name != SCHEDULE_PASS]
+        passes = gpu_legalize_passes(target, info, own_rules)
+        plain_passes = [p for p in passes if p.info.name not in GPU_SCHEDULE_PASSES]
         scheduled = tvm.transform.Sequential(passes)(_copy(mod))
         plain = tvm.transform.Sequential(plain_passes)(_copy(mod))
     arity: dict[str, int] = {}
