@@ -84,6 +84,54 @@ def test_bench_json_has_every_contract_key(tiny_mnv2, tmp_path):
     assert len(r["latencies_ms"]["tsm-edge"]) == 20
 
 
+def test_bench_peers_are_checked_against_the_pytorch_step(tiny_mnv2, tmp_path):
+    """ONNX Runtime, OpenVINO and ncnn (via pnnx) each run the exported step; before it is
+    timed, each one's logits are compared with the PyTorch step's over a short stream."""
+    out = tmp_path / "bench.json"
+    proc = run_cli("bench", str(tiny_mnv2), "--frames", "10", "--warmup", "2", "--threads", "1",
+                   "--compare", "onnxruntime,openvino,ncnn", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    for peer in ("onnxruntime", "openvino", "ncnn"):
+        agreement = r["backends"][peer]["agreement"]
+        assert agreement["frames"] == 3 and agreement["relative"] <= 1e-3, (peer, agreement)
+        assert r["backends"][peer]["p50_ms"] > 0 and peer in r["method"]
+    assert "fp16=0" in r["method"]["ncnn"] and "f32" in r["method"]["openvino"]
+    assert "agreement" not in r["backends"]["tsm-edge"]
+
+
+def test_a_peer_that_changes_the_model_is_not_timed(tiny_mnv2):
+    """A conversion whose logits drift (here: the right step, its logits scaled by 1.01) is a
+    one-line error, not a latency."""
+    import numpy as np
+    import torch
+
+    from tsm_edge.artifact.store import read_manifest
+    from tsm_edge.errors import UserError
+    from tsm_edge.frontend.step import manifest_step
+    from tsm_edge.measure.bench import _agreement
+    from tsm_edge.runtime.frames import synthetic_frames
+
+    manifest = read_manifest(tiny_mnv2)
+    step = manifest_step(manifest)
+    frames = synthetic_frames(4, manifest.input)[:, None]
+
+    def make(scale):
+        module, caches = step.module(), list(step.zero_caches())
+
+        def run(frame):
+            nonlocal caches
+            with torch.no_grad():
+                out = module(torch.from_numpy(frame), *caches)
+            caches = list(out[1:])
+            return out[0].numpy() * scale
+        return run
+
+    assert _agreement(lambda: make(1.0), step, frames)["max_abs_diff"] == 0.0
+    with pytest.raises(UserError, match="conversion changed the model"):
+        _agreement(lambda: make(np.float32(1.01)), step, frames)
+
+
 def test_bench_reports_the_thread_count_used_without_threads(tiny_mnv2, tmp_path):
     """The contract: ``threads`` is the count actually used, an integer, with or without
     --threads (here tsm-edge's default, one per physical core, for every backend)."""

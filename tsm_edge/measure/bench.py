@@ -20,7 +20,7 @@ from ..errors import InternalError, UserError
 from ..support.system import machine
 from ..support.threads import resolve_threads, thread_env, threads_origin
 
-BACKENDS = ("torch", "onnxruntime", "openvino")
+BACKENDS = ("torch", "onnxruntime", "openvino", "ncnn")
 METHOD = ("wall clock (time.perf_counter) around one step per frame in a separate process per "
           "backend: numpy frame in, numpy logits out, caches carried between frames; "
           "{warmup} warm-up frames discarded, then {frames} timed frames")
@@ -86,7 +86,8 @@ def bench(artifact: str | Path, *, frames: int = 100, warmup: int = 10,
                for name in ("tsm-edge", *compare)}
     mem = results["tsm-edge"]
     return {
-        "backends": {name: {k: r[k] for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms")}
+        "backends": {name: {k: r[k] for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms",
+                                              "agreement") if k in r}
                      for name, r in results.items()},
         "latencies_ms": {name: r["latencies_ms"] for name, r in results.items()},
         "memory": {"weights_bytes": manifest.weights_bytes,
@@ -202,7 +203,14 @@ BACKEND_NOTES = {
                 "INFERENCE_PRECISION_HINT=f32 (its default is bf16 on CPUs with AVX-512 BF16 "
                 "or AMX: not an fp32 comparison), INFERENCE_NUM_THREADS=threads, one infer "
                 "request",
+    "ncnn": "; ncnn (CPU, no Vulkan) on the exported ONNX step converted by pnnx with fp32 "
+            "weights (fp16=0), fp16 and bf16 storage and arithmetic off (its defaults are on: "
+            "logits 1e-3 off), opt.num_threads=threads",
 }
+# A peer's logits against the PyTorch step's on the same first frames, before it is timed:
+# a conversion that changes the model fails the benchmark instead of timing something else.
+AGREEMENT_FRAMES = 3
+AGREEMENT_TOL = 1e-3  # of the largest logit magnitude
 
 
 # ----------------------------------------------------------------------------- child side
@@ -221,6 +229,86 @@ def time_stream(make, frames, warmup: int, count: int) -> list[float]:
         run(frames[i % len(frames)])
         lat.append((time.perf_counter() - t0) * 1e3)
     return lat
+
+
+def _agreement(make, step, frames) -> dict:
+    """The peer's logits against the PyTorch step's over ``AGREEMENT_FRAMES`` frames of one
+    stream (caches carried); UserError where they differ by more than ``AGREEMENT_TOL``."""
+    import numpy as np
+    import torch
+
+    module, caches = step.module(), list(step.zero_caches())
+    run = make()
+    worst, scale = 0.0, 0.0
+    for frame in frames[:AGREEMENT_FRAMES]:
+        with torch.no_grad():
+            out = module(torch.from_numpy(frame), *caches)
+        caches = list(out[1:])
+        want = out[0].numpy()
+        have = np.asarray(run(frame)).reshape(want.shape)
+        worst = max(worst, float(np.max(np.abs(have - want))))
+        scale = max(scale, float(np.max(np.abs(want))))
+    rel = worst / max(scale, 1e-30)
+    if not rel <= AGREEMENT_TOL:
+        raise UserError(f"the peer's logits differ from the PyTorch step's by {rel:.2g} of "
+                        f"their largest magnitude over {AGREEMENT_FRAMES} frames (tolerance "
+                        f"{AGREEMENT_TOL:g}): its conversion changed the model; not timed")
+    return {"frames": AGREEMENT_FRAMES, "max_abs_diff": worst, "relative": rel,
+            "reference": "the PyTorch step (torch.no_grad), caches carried"}
+
+
+def _ncnn_stream(step, threads: int | None):
+    """``make`` for ncnn: the exported ONNX step converted by pnnx (fp32), run by ncnn's
+    Python binding. pnnx names the blobs in0.. (frame, then the caches in the step's order)
+    and out0.. (logits, then the new caches); ncnn drops the batch axis."""
+    import shutil
+
+    import numpy as np
+
+    from ..frontend.onnx_export import export_step_onnx
+
+    try:
+        import ncnn
+    except ImportError:
+        raise UserError("--compare ncnn needs ncnn and pnnx: pip install ncnn pnnx") from None
+    pnnx = shutil.which("pnnx") or str(Path(sys.executable).with_name("pnnx"))
+    if not Path(pnnx).is_file():
+        raise UserError("--compare ncnn needs pnnx (the converter) on PATH: pip install pnnx")
+    net = ncnn.Net()
+    net.opt.use_vulkan_compute = False
+    for option in ("use_fp16_packed", "use_fp16_storage", "use_fp16_arithmetic",
+                   "use_bf16_storage", "use_bf16_packed"):
+        setattr(net.opt, option, False)  # its defaults store fp16: not an fp32 comparison
+    if threads:
+        net.opt.num_threads = threads  # before loading; an extractor has no thread setter
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_step_onnx(step, Path(tmp) / "step.onnx")
+        proc = subprocess.run([pnnx, str(path), "fp16=0"], cwd=tmp, capture_output=True,
+                              text=True)
+        param, weights = Path(tmp) / "step.ncnn.param", Path(tmp) / "step.ncnn.bin"
+        if proc.returncode != 0 or not param.is_file():
+            tail = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines()
+                    or ["no output"])[-1]
+            raise UserError(f"pnnx could not convert the step to ncnn: {tail[:300]}")
+        if net.load_param(str(param)) or net.load_model(str(weights)):
+            raise UserError("ncnn could not load the converted step")
+    zeros = [np.zeros(c.shape[1:], dtype=np.float32) for c in step.caches]
+
+    def make():
+        caches = [ncnn.Mat(z).clone() for z in zeros]  # Mat(array) borrows the array: clone
+
+        def run(frame):
+            nonlocal caches
+            ex = net.create_extractor()
+            image = np.ascontiguousarray(frame[0], dtype=np.float32)  # alive until extracted
+            ex.input("in0", ncnn.Mat(image))
+            for i, cache in enumerate(caches):
+                ex.input(f"in{i + 1}", cache)
+            logits = np.array(ex.extract("out0")[1]).reshape(1, -1)
+            caches = [ex.extract(f"out{i + 1}")[1] for i in range(len(caches))]
+            return logits
+        return run
+    return make
 
 
 def _child(argv: list[str]) -> int:
@@ -293,6 +381,8 @@ def _child(argv: list[str]) -> int:
                 caches = out[1:]
                 return out[0]
             return run
+    elif args.backend == "ncnn":
+        make = _ncnn_stream(step, args.threads)
     else:
         from ..frontend.onnx_export import export_step_onnx, ort_session
 
@@ -312,8 +402,10 @@ def _child(argv: list[str]) -> int:
                 return out[0]
             return run
 
+    agreement = None if args.backend == "torch" else _agreement(make, step, frames)
     lat = time_stream(make, frames, args.warmup, args.frames)
-    json.dump({"backend": args.backend, "latencies_ms": lat, **percentiles(lat)}, sys.stdout)
+    json.dump({"backend": args.backend, "latencies_ms": lat, **percentiles(lat),
+               **({"agreement": agreement} if agreement else {})}, sys.stdout)
     sys.stdout.write("\n")
     return 0
 
