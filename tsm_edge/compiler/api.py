@@ -470,8 +470,9 @@ def compile_module(source: ModelSource, output: str | Path, *, preset, precision
         frame_spec, output_specs, cache_specs = compiled_specs(step, *tvm_analysis.signature(mod))
     weights_bytes = tvm_analysis.constants_bytes(mod)
     workspace = timed("plan", tvm_analysis.estimate_workspace, mod, target)
-    exe, build_info = timed("build", tvm_build.build, mod, target,
-                            use_schedules or (not cpu and schedules == "default"), databases)
+    # default_schedules: tsm-edge's CPU rules, or its GPU rules before dlight's
+    exe, build_info = timed("build", tvm_build.build, mod, target, schedules == "default",
+                            databases)
     triple = preset.resolved_host_triple()
     arch = triple.split("-")[0]
     host_target = target.host if getattr(target, "host", None) is not None else target

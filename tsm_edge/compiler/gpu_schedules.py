@@ -199,28 +199,25 @@ def schedule_gpu_primfunc(func, target, gpu: GpuShape | None = None):
     return sch, _schedule_thread_tile(sch, conv, gpu)
 
 
-def useful_macs(func) -> int:
-    """Multiply-adds (or adds) of an operator's unscheduled reduction: what the model asks for,
-    before a schedule pads it (dlight's Matmul pads channels up to its tile)."""
+def operator_facts(func) -> dict:
+    """What the kernel report needs of an unscheduled operator, from one schedule of it:
+    ``macs``, the multiply-adds (or adds) of its reductions, what the model asks for before a
+    schedule pads it (dlight's Matmul pads channels up to its tile); ``kind``, "depthwise",
+    "dense" or None (not one convolution)."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
-    total = 0
+    macs, convs = 0, []
     for block in child_blocks(sch):
-        if "R" in iter_kinds(sch, block):
+        kinds = iter_kinds(sch, block)
+        if "R" in kinds:
             n = 1
             for iv in sch.get(block).iter_vars:
                 n *= int(iv.dom.extent)
-            total += n
-    return total
-
-
-def conv_kind(func) -> str | None:
-    """"depthwise", "dense" or None (not one convolution) for an unscheduled operator."""
-    from tvm import s_tir
-
-    sch = s_tir.Schedule(func)
-    convs = [b for b in child_blocks(sch) if iter_kinds(sch, b) == "SSSSRRR"]
-    if len(convs) != 1:
-        return None
-    return "dense" if _is_dense(sch, convs[0]) else "depthwise"
+            macs += n
+        if kinds == "SSSSRRR":
+            convs.append(block)
+    kind = None
+    if len(convs) == 1:
+        kind = "dense" if _is_dense(sch, convs[0]) else "depthwise"
+    return {"macs": macs, "kind": kind}

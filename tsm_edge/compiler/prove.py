@@ -274,8 +274,10 @@ def prove(model: str, *, target: str = "jetson-orin-nano", precision: str = "fp3
     if precision not in ("fp32", "fp16"):
         raise UserError(f"--precision {precision} is not valid for the GPU prover; valid: fp32, "
                         "fp16")
-    if schedules not in ("default", "none"):
-        raise UserError(f"--schedules {schedules}: valid: default, none")
+    from .api import SCHEDULES
+
+    if schedules not in SCHEDULES:
+        raise UserError(f"--schedules {schedules}: valid: {', '.join(SCHEDULES)}")
     preset = targets_mod.resolve_target(target).with_cuda_arch(cuda_arch)
     if preset.device not in ("cuda", "opencl"):
         raise UserError(f"--target {preset.name} is a {preset.device} target; the prover checks "

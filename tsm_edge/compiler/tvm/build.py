@@ -116,8 +116,9 @@ def _gpu_schedule_pass(target, info: dict, dlight_rules: list, own_rules: bool):
             if sch is None:
                 continue
             what = dict(what)
-            what["macs"] = gpu_schedules.useful_macs(func)
-            what.setdefault("kind", gpu_schedules.conv_kind(func))
+            facts = gpu_schedules.operator_facts(func)
+            what["macs"] = facts["macs"]
+            what.setdefault("kind", facts["kind"])
             operators[gv.name_hint] = what
             updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
             info.setdefault("funcs", {})[gv.name_hint] = updates[gv]
