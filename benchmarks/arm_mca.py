@@ -59,10 +59,14 @@ def find_mca() -> str:
     sys.exit("error: llvm-mca is not installed (Debian: apt-get install llvm-16)")
 
 
-def float_conv(shape, kernel, out_channels, strides, padding, depthwise=False):
-    """The float32 NHWC x HWIO convolution, as the CPU layout pass leaves it (depthwise: HWIO
-    weights [kh, kw, 1, C], a reduction over one channel)."""
+def float_conv(shape, kernel, out_channels, strides, padding, depthwise=False, lanes=4):
+    # lanes 4: a NEON vector of float32, what ``conv.packing_lanes`` gives every Arm core here
+    """The float32 NHWC convolution as the CPU pipeline legalizes it: dense ones over weights
+    packed by ``lanes`` output channels (``tsm_edge/compiler/tvm/conv.py``), depthwise ones
+    over HWIO weights [kh, kw, 1, C] (a reduction over one channel)."""
     from tvm import te, tirx
+
+    from tsm_edge.compiler.tvm import conv
 
     n, h, w, c = shape
     kh, kw = kernel
@@ -71,6 +75,11 @@ def float_conv(shape, kernel, out_channels, strides, padding, depthwise=False):
     ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
     cin = 1 if depthwise else c
     data = te.placeholder((n, h, w, c), "float32", name="data")
+    if not depthwise:
+        weight = te.placeholder((out_channels // lanes, kh, kw, c, lanes), "float32",
+                                name="weight")
+        out = conv.packed_conv(data, weight, strides, padding, "float32")
+        return te.create_prim_func([data, weight, out])
     weight = te.placeholder((kh, kw, cin, out_channels), "float32", name="weight")
     padded = te.compute((n, h + pt + pb, w + pl + pr, c), lambda b, y, x, ch: tirx.if_then_else(
         tirx.all(y >= pt, y < h + pt, x >= pl, x < w + pl), data[b, y - pt, x - pl, ch],
@@ -94,9 +103,11 @@ def assembly(func, core: str, padding_tests: bool = False) -> tuple[str, dict]:
 
     target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": core})
     cpu = schedules.cpu_shape(target)
+    choice = None
     if padding_tests:
         cpu = replace(cpu, padded_copy=False)
-    sch, what = schedules.schedule_primfunc(func, target, cpu)
+        choice = schedules.ConvChoice(padded_copy=False)
+    sch, what = schedules.schedule_primfunc(func, target, cpu, choice=choice)
     if sch is None:
         raise RuntimeError("no default rule took this convolution")
     mod = tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")})

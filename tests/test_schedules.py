@@ -73,19 +73,37 @@ CONV_CASES = [
     ((1, 16, 16, 3), (7, 7, 3, 8), 2, 3, 1, "conv7x7"),
     ((1, 7, 7, 20), (1, 1, 20, 12), 1, 0, 1, "pointwise"),  # channels not whole vectors
 ]
+# dense convolutions as the CPU pipeline legalizes them: packed weights (lanes), clamped padding
+PACKED_CASES = [
+    ((1, 14, 14, 32), (1, 1, 32, 48), 1, 0, 1, "pointwise", 8),
+    ((1, 9, 7, 12), (3, 3, 12, 16), 2, 1, 1, "conv3x3", 8),
+    ((1, 8, 6, 16), (3, 3, 16, 32), 1, 1, 1, "conv3x3", 8),   # stride 1: every border tap
+    ((1, 16, 16, 3), (7, 7, 3, 8), 2, 3, 1, "conv7x7", 8),
+    ((1, 7, 7, 20), (1, 1, 20, 12), 1, 0, 1, "pointwise", 4),  # 4-lane blocks
+]
 
 
-def _conv_case(shape, kernel, stride, pad, groups):
-    """(prim func, run(lib) -> (result, expected)): a convolution with MobileNetV2's epilogue."""
+def _conv_case(shape, kernel, stride, pad, groups, lanes=None):
+    """(prim func, run(lib) -> (result, expected)): a convolution with MobileNetV2's epilogue.
+
+    ``lanes``: the dense convolution as the CPU pipeline legalizes it (``tvm/conv.py``: weights
+    packed by ``lanes`` output channels, padding by a select on clamped indices); else TVM's."""
     import tvm
     from tvm import te, topi
 
+    from tsm_edge.compiler.tvm import conv as packed
+
     x_ph = te.placeholder(shape, name="x")
-    w_ph = te.placeholder(kernel, name="w")
     b_ph = te.placeholder((kernel[-1],), name="b")
-    if groups == 1:
+    if lanes:
+        kh, kw, cin, cout = kernel
+        w_ph = te.placeholder((cout // lanes, kh, kw, cin, lanes), name="w")
+        conv = packed.packed_conv(x_ph, w_ph, (stride, stride), (pad,) * 4, "float32")
+    elif groups == 1:
+        w_ph = te.placeholder(kernel, name="w")
         conv = topi.nn.conv2d_nhwc(x_ph, w_ph, stride, pad, 1, out_dtype="float32")
     else:
+        w_ph = te.placeholder(kernel, name="w")
         conv = topi.nn.group_conv2d_nhwc(x_ph, w_ph, stride, pad, 1, groups,
                                          out_dtype="float32")
     out = topi.clip(topi.add(conv, b_ph), 0.0, 6.0)  # the fused epilogue of MobileNetV2
@@ -97,25 +115,32 @@ def _conv_case(shape, kernel, stride, pad, groups):
         w = rng.standard_normal(kernel).astype(np.float32)
         b = rng.standard_normal(kernel[-1]).astype(np.float32)
         res = tvm.runtime.empty(tuple(int(d) for d in out.shape), "float32", tvm.cpu())
-        lib(tvm.runtime.tensor(x), tvm.runtime.tensor(w), tvm.runtime.tensor(b), res)
+        wt = packed.pack_weights(w, lanes) if lanes else w
+        lib(tvm.runtime.tensor(x), tvm.runtime.tensor(wt), tvm.runtime.tensor(b), res)
         return res.numpy(), np.clip(_conv_reference(x, w, stride, pad, groups) + b, 0.0, 6.0)
 
     return func, run
 
 
-@pytest.mark.parametrize("shape, kernel, stride, pad, groups, kind", CONV_CASES)
+@pytest.mark.parametrize("shape, kernel, stride, pad, groups, kind, lanes",
+                         [(*c, None) for c in CONV_CASES] + PACKED_CASES)
 def test_every_parameter_set_the_tuner_measures_is_exact(shape, kernel, stride, pad, groups,
-                                                         kind):
+                                                         kind, lanes):
     """``tsm-edge tune`` (rules) measures each of ``rule_choices``: each must compute the
-    convolution, the default first; half vectors where whole ones do not divide the channels."""
+    convolution, the default first; half vectors where whole ones do not divide the channels;
+    both forms of the padding where the kernel is wider than 1x1."""
     import tvm
 
     target = _target(ZNVER3)
-    func, run = _conv_case(shape, kernel, stride, pad, groups)
+    func, run = _conv_case(shape, kernel, stride, pad, groups, lanes)
     choices = schedules.rule_choices(func, target, limit=64)
     assert choices[0] == schedules.ConvChoice() and len(set(choices)) == len(choices) > 2
     assert any(c.pixels_outer for c in choices) and \
         any(c.unroll_taps for c in choices) == (kernel[1] > 1)
+    # the default's form of the padding and the other one (kernels wider than 1x1 only); a
+    # short channel loop (the stem's 3) unrolled and not
+    assert len({c.padded_copy for c in choices}) == (2 if kernel[0] > 1 else 1)
+    assert len({c.unroll_channels for c in choices}) == (2 if 1 < kernel[2] <= 4 else 1)
     lanes = schedules.cpu_shape(target).lanes
     tiles = set()
     for choice in choices:
@@ -130,18 +155,21 @@ def test_every_parameter_set_the_tuner_measures_is_exact(shape, kernel, stride, 
     assert len(tiles) > 1
 
 
-@pytest.mark.parametrize("shape, kernel, stride, pad, groups, kind", CONV_CASES)
+@pytest.mark.parametrize("shape, kernel, stride, pad, groups, kind, lanes",
+                         [(*c, None) for c in CONV_CASES] + PACKED_CASES)
 @pytest.mark.parametrize("padded_copy", [False, True])
 def test_scheduled_convolution_is_parallel_vectorized_and_exact(shape, kernel, stride, pad,
-                                                                 groups, kind, padded_copy):
-    """Exact with the padding tested in the tile's loads (x86) and with it written by a loop of
-    its own first (Arm's rule, run here on this CPU)."""
+                                                                 groups, kind, lanes,
+                                                                 padded_copy):
+    """Exact with the padding tested in the tile's loads of depthwise convolutions (x86) and
+    with it written by a loop of its own first (dense kernels wider than 1x1 everywhere, every
+    convolution on Arm: that rule run here on this CPU); over TVM's weights and packed ones."""
     from dataclasses import replace
 
     import tvm
 
     target = _target(ZNVER3)
-    func, run = _conv_case(shape, kernel, stride, pad, groups)
+    func, run = _conv_case(shape, kernel, stride, pad, groups, lanes)
     cpu = replace(schedules.cpu_shape(target), padded_copy=padded_copy)
     sch, what = schedules.schedule_primfunc(func, target, cpu)
     assert what["rule"] == "convolution" and what["kind"] == kind
@@ -152,7 +180,10 @@ def test_scheduled_convolution_is_parallel_vectorized_and_exact(shape, kernel, s
     blocks = set(re.findall(r'T\.sblock\("([^"]+)"\)', script))
     assert blocks and not any(b.startswith("T_add") or b == "compute" for b in blocks), blocks
     padding = {b for b in blocks if "pad" in b.lower()}
-    assert bool(padding) == (padded_copy and pad > 0), blocks
+    copied = padded_copy or (kind in ("conv3x3", "conv7x7")
+                             and shape[-1] >= schedules.COPY_MIN_CHANNELS)
+    assert bool(padding) == (copied and pad > 0), blocks
+    assert what["padding"] == ("copied" if copied else "in the loads")
     got, want = run(tvm.compile(sch.mod, target))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -172,6 +203,22 @@ def test_every_operator_of_the_registered_models_is_scheduled(fixture, request):
         {"pointwise", "conv3x3", "conv7x7"}
     assert expected <= kinds
     assert any(op["rule"] == "data-movement" for op in info["operators"].values())
+    # every dense float convolution legalized over packed weights (tvm/conv.py)
+    dense = [op for op in info["operators"].values()
+             if op["rule"] == "convolution" and op["kind"] != "depthwise"]
+    assert info["packed_convolutions"] >= len(dense) > 0
+    assert {op["padding"] for op in dense} <= {"copied", "in the loads"}
+
+
+def test_packed_weights_are_hwio_regrouped():
+    """[out/L, kh, kw, in, L]: vector ``o // L`` of output channels, lane ``o % L``."""
+    from tsm_edge.compiler.tvm import conv
+
+    w = np.arange(3 * 3 * 5 * 32, dtype=np.float32).reshape(3, 3, 5, 32)
+    packed = conv.pack_weights(w, 8)
+    assert packed.shape == (4, 3, 3, 5, 8) and packed.flags["C_CONTIGUOUS"]
+    assert packed[2, 1, 0, 4, 3] == w[1, 0, 4, 2 * 8 + 3]
+    np.testing.assert_array_equal(conv.unpack_weights(packed), w)
 
 
 def _ok(proc):

@@ -326,12 +326,12 @@ def schedule_summary(info: dict, schedules: str, cpu: bool) -> dict:
         return gpu_schedule_summary(info)
     if schedules != "default":
         return {"rules": "none (TVM's unscheduled loops)", "pipeline": info.get("pipeline")}
-    return {"rules": "tsm_edge.schedules (NHWC, register-tiled convolutions)",
+    return {"rules": "tsm_edge.schedules (NHWC, register-tiled convolutions, packed weights)",
             "pipeline": info.get("pipeline"), "scheduled": info.get("scheduled", 0),
             "unscheduled": info.get("unscheduled", 0),
             "unscheduled_ops": info.get("unscheduled_ops", []),
-            **{k: info[k] for k in ("vector_lanes", "vector_registers", "threads", "operators")
-               if k in info}}
+            **{k: info[k] for k in ("vector_lanes", "vector_registers", "threads",
+                                    "packed_convolutions", "operators") if k in info}}
 
 
 def gpu_schedule_summary(info: dict) -> dict:

@@ -145,6 +145,9 @@ class ConvChoice:
     lanes: int | None = None  # channels per vector; None: the widest that divides the channels
     pixels_outer: bool = False  # parallel loop (n, y, x, channel block) rather than (block, ...)
     unroll_taps: bool | None = None  # the kernel's x taps unrolled; None: the CPU's default
+    padded_copy: bool | None = None  # padding written first; None: ``copies_padding``'s rule
+    unroll_channels: bool | None = None  # a short channel reduction (a stem's 3) unrolled;
+    # None: ``unrolls_channels``' rule
 
     def label(self) -> str:
         parts = ["tile " + ("default" if self.tile is None else "x".join(map(str, self.tile)))]
@@ -154,7 +157,43 @@ class ConvChoice:
             parts.append("pixels outer")
         if self.unroll_taps is not None:
             parts.append("taps unrolled" if self.unroll_taps else "taps in a loop")
+        if self.padded_copy is not None:
+            parts.append("padding copied first" if self.padded_copy else "padding in the loads")
+        if self.unroll_channels is not None:
+            parts.append("channels unrolled" if self.unroll_channels else "channels in a loop")
         return ", ".join(parts)
+
+
+SHORT_REDUCTION = 4  # input channels per tap up to which the channel loop may be unrolled
+
+
+def unrolls_channels(kw: int, in_channels: int) -> bool:
+    """Whether an untuned convolution unrolls its channel loop: only a short one (a stem's 3
+    channels) under a wide kernel. Measured on znver5, 1 thread: ResNet-50-TSM's 7x7 stem 1.32
+    ms unrolled against 1.84 in a loop; MobileNetV2-TSM's 3x3 stem 0.17-0.23 against 0.13, so
+    3x3 kernels keep the loop (``tsm-edge tune`` measures both)."""
+    return in_channels <= SHORT_REDUCTION and kw >= 5
+
+
+COPY_MIN_CHANNELS = 8  # input channels under which a dense convolution's padding stays in loads
+
+
+def copies_padding(cpu: CpuShape, kh: int, kw: int, in_channels: int) -> bool:
+    """Whether a convolution's zero padding is written by a loop of its own before the tiles
+    (rather than selected in the tile's loads), untuned. ``in_channels``: the reduction's
+    channels per tap (1: depthwise).
+
+    Every convolution on CPUs that say so (``cpu.padded_copy``, Arm), and everywhere every
+    dense one with a kernel wider than 1x1 and at least ``COPY_MIN_CHANNELS`` input channels: a
+    select in the loads doubles the instructions around each input broadcast, inside the
+    reduction loop, while the copy is one vectorized pass over an input that the 3x3 kernel
+    then reads ``9 x out/L`` times. Measured on znver5 (ResNet-50-TSM, packed weights, 2
+    threads): the 28x28 3x3 convolution 0.54 ms against 1.04, the others within the rounds'
+    spread. A stem's 3 channels make the copy a scalar loop and the reduction per tap 3 long:
+    MobileNetV2-TSM's stem took 0.70 ms with the copy against 0.13 in the loads (1 thread).
+    Depthwise convolutions read each input once per tap and output vector: on x86 the select
+    in the loads stays (measured faster for the int8 rule)."""
+    return cpu.padded_copy or (in_channels >= COPY_MIN_CHANNELS and kh * kw > 1)
 
 
 # --------------------------------------------------------------------------- rules
@@ -297,10 +336,14 @@ def _schedule_conv(sch, conv, cpu: CpuShape, inline_producers: bool = True,
     """NHWC convolution (n, y, x, f | ry, rx, rc) with a register tile and fused epilogue."""
     choice = choice or ConvChoice()
     cpu = cpu.for_dtype(written_dtype(sch, conv))  # lanes of the accumulator's dtype
+    *_, kh, kw, reduce_c = loop_extents(sch, sch.get_loops(conv))
+    copy = choice.padded_copy
+    if copy is None:
+        copy = copies_padding(cpu, kh, kw, reduce_c)
     # Producers that only copy (the "pad" of a 1x1 convolution) disappear; real padding is a
-    # separate, parallel loop over the (slightly larger) input.
+    # separate, parallel loop over the (slightly larger) input where ``copy`` says so.
     for producer in sch.get_producers(conv) if inline_producers else ():
-        if cpu.padded_copy and _pads(sch, producer):
+        if copy and _pads(sch, producer):
             _upstream_inline(sch, producer)  # a fused producer of the pad: in its loop
             _schedule_spatial(sch, producer, cpu)
             continue
@@ -333,6 +376,11 @@ def _schedule_conv(sch, conv, cpu: CpuShape, inline_producers: bool = True,
     unroll = cpu.unroll_taps if choice.unroll_taps is None else choice.unroll_taps
     if unroll and kw > 1:
         sch.unroll(rx)
+    channels_unrolled = choice.unroll_channels
+    if channels_unrolled is None:
+        channels_unrolled = unrolls_channels(kw, reduce_c)
+    if channels_unrolled and reduce_c <= SHORT_REDUCTION:
+        sch.unroll(rc)
     sch.parallel(outer)
     sch.reverse_compute_at(wb, outer)
     wb_loops = sch.get_loops(wb)[1:]
@@ -344,7 +392,8 @@ def _schedule_conv(sch, conv, cpu: CpuShape, inline_producers: bool = True,
     if v:
         init_loops = sch.get_loops(init)
         sch.vectorize(init_loops[-1])
-    return {"rule": "convolution", "kind": kind, "macs": macs, "tile": [ty, tx, v * cpu.lanes]}
+    return {"rule": "convolution", "kind": kind, "macs": macs, "tile": [ty, tx, v * cpu.lanes],
+            "padding": "copied" if copy else "in the loads"}
 
 
 def _upstream_inline(sch, block) -> None:
@@ -579,9 +628,10 @@ def rule_choices(func, target, limit: int = 16) -> list[ConvChoice]:
         return [ConvChoice()]
     conv = convs[0]
     cpu = cpu.for_dtype(written_dtype(sch, conv))
-    _, height, width, channels, _kh, kw, reduce_c = loop_extents(sch, sch.get_loops(conv))
+    _, height, width, channels, kh, kw, reduce_c = loop_extents(sch, sch.get_loops(conv))
     depthwise = reduce_c == 1 and channels > 1
     lanes = vector_lanes(channels, cpu)
+    copied = copies_padding(cpu, kh, kw, reduce_c)
 
     def forms(tile, with_lanes=None):
         out = [ConvChoice(tile=tile, lanes=with_lanes)]
@@ -589,6 +639,11 @@ def rule_choices(func, target, limit: int = 16) -> list[ConvChoice]:
             out.append(ConvChoice(tile=tile, lanes=with_lanes, pixels_outer=True))
         if kw > 1:  # the other form of the taps than the CPU's default
             out.append(ConvChoice(tile=tile, lanes=with_lanes, unroll_taps=not cpu.unroll_taps))
+        if kh * kw > 1:  # the other form of the padding
+            out.append(ConvChoice(tile=tile, lanes=with_lanes, padded_copy=not copied))
+        if 1 < reduce_c <= SHORT_REDUCTION:  # the other form of a short channel loop
+            out.append(ConvChoice(tile=tile, lanes=with_lanes,
+                                  unroll_channels=not unrolls_channels(kw, reduce_c)))
         return out
 
     tiles = conv_tiles(height, width, channels, replace(cpu, lanes=lanes), depthwise)

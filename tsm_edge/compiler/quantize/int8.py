@@ -48,6 +48,7 @@ from ...errors import InternalError, UserError
 from ..schedules import CONV_INT8 as CONV_BLOCK
 from ..schedules import DEPTHWISE_INT8 as DEPTHWISE_BLOCK
 from ..schedules import PAD_INT8 as PAD_BLOCK
+from ..tvm.analysis import bound_constant
 from .isa import Isa, bits_for, register_intrinsic
 
 # --------------------------------------------------------------------------- operators
@@ -236,19 +237,6 @@ def cache_storage(conv: Storage) -> Storage:
     return Storage(conv.scale, 0, "int8", -127, 127)
 
 
-def _weight(expr, lookup):
-    from tvm import relax
-
-    from ..tvm.analysis import constant_tensor
-
-    if isinstance(expr, relax.Var):
-        expr = lookup(expr)
-        if expr is None:
-            return None
-    tensor = constant_tensor(expr)
-    return None if tensor is None else tensor.numpy()
-
-
 def quantize_step(mod, isa: Isa, convs: list[ConvPlan], caches: list[tuple[str, int | None]],
                   model_outputs: int = 1):
     """The int8 step; returns (module, report). ``mod`` is in the CPU layout (NHWC / HWIO).
@@ -341,7 +329,7 @@ def quantize_step(mod, isa: Isa, convs: list[ConvPlan], caches: list[tuple[str, 
 
         def _conv(self, index: int, call):
             attrs = call.attrs
-            w = _weight(call.args[1], self.lookup_binding)
+            w = bound_constant(call.args[1], self.lookup_binding)
             entry = {"index": index}
             report["convolutions"].append(entry)
             if index >= len(convs):

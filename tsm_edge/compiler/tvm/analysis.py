@@ -175,3 +175,16 @@ def constant_tensor(expr):
     if legacy is not None and isinstance(expr, legacy):
         return expr.data
     return None
+
+
+def bound_constant(expr, lookup):
+    """The numpy value of ``expr`` when it is a tensor constant or a variable bound to one
+    (``lookup``: a mutator's or block builder's ``lookup_binding``), else None."""
+    from tvm import relax
+
+    if isinstance(expr, relax.Var):
+        expr = lookup(expr)
+        if expr is None:
+            return None
+    tensor = constant_tensor(expr)
+    return None if tensor is None else tensor.numpy()

@@ -192,15 +192,21 @@ def _gpu_pipeline(target, info: dict, own_rules: bool):
     return _pipeline
 
 
-def fuse(mod, target):
-    """Legalize and fuse: the fused operators (PrimFuncs) that schedules and tuning work on."""
+def fuse(mod, target, report: dict | None = None):
+    """Legalize and fuse: the fused operators (PrimFuncs) that schedules and tuning work on.
+
+    Float dense convolutions are legalized with packed weights and branch-free padding
+    (``conv.py``); ``report["packed"]`` counts them."""
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from . import conv
 
     with target:
         return import_tvm().transform.Sequential(
             cpu.library_dispatch_passes(target)
-            + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            + [relax.transform.LegalizeOps(conv.legalize_map(target, report)),
+               relax.transform.AnnotateTIROpPattern(),
                relax.transform.FuseOps(), relax.transform.FuseTIR(),
                relax.transform.DeadCodeElimination()])(mod)
 
@@ -217,7 +223,9 @@ def _cpu_pipeline(target, info: dict, default_schedules: bool, databases: list):
     @tvm.transform.module_pass(opt_level=0, name="TsmEdgeCpuPipeline")
     def _pipeline(mod, _ctx):  # noqa: ANN001 - TVM pass signature
         with target:
-            mod = fuse(mod, target)
+            packing: dict = {}
+            mod = fuse(mod, target, packing)
+            info["packed_convolutions"] = packing.get("packed", 0)
             tuned: list[str] = []
             # the operators as fused, before a record replaces them (apply_database updates
             # ``mod`` in place)
