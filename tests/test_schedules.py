@@ -203,6 +203,8 @@ def test_every_operator_of_the_registered_models_is_scheduled(fixture, request):
         {"pointwise", "conv3x3", "conv7x7"}
     assert expected <= kinds
     assert any(op["rule"] == "data-movement" for op in info["operators"].values())
+    # every shift's input is cut at its fold (test_shift_data_movement_...)
+    assert any(op.get("form") == "split at the concatenation" for op in info["operators"].values())
     # every dense float convolution legalized over packed weights (tvm/conv.py)
     dense = [op for op in info["operators"].values()
              if op["rule"] == "convolution" and op["kind"] != "depthwise"]
@@ -247,3 +249,76 @@ def test_unknown_schedules_value_is_a_user_error(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "--schedules fast" in res.stderr and "default, none" in res.stderr
     assert not (tmp_path / "x").exists()
+
+
+def _shift_ops(h, w, c, fold, target):
+    """The fused operators of one online shift over an NHWC activation, as the CPU pipeline
+    fuses them: (shift-in: cached channels then the frame's, shift-out: the next cache)."""
+    import tvm
+    from tvm import relax
+
+    from tsm_edge.compiler.tvm import build as tvm_build
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, h, w, c], "float32"))
+    cache = relax.Var("cache", relax.TensorType([1, fold, h, w], "float32"))
+    with bb.function("main", [x, cache]):
+        with bb.dataflow():
+            # as the layout pass leaves them: NHWC slices, the NCHW cache between transposes
+            rest = bb.emit(relax.op.strided_slice(x, axes=[3], begin=[fold], end=[c]))
+            rest = bb.emit(relax.op.permute_dims(rest, [0, 3, 1, 2]))
+            joined = bb.emit(relax.op.concat([cache, rest], axis=1))
+            shifted = bb.emit(relax.op.permute_dims(joined, [0, 2, 3, 1]))
+            out = bb.emit(relax.op.strided_slice(x, axes=[3], begin=[0], end=[fold]))
+            out = bb.emit(relax.op.permute_dims(out, [0, 3, 1, 2]))
+            res = bb.emit_output(relax.Tuple([shifted, out]))
+        bb.emit_func_output(res)
+    fused = tvm_build.fuse(bb.get(), target)
+    funcs = {gv.name_hint: f for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    shift_in = next(f for n, f in funcs.items() if "concatenate" in n)
+    shift_out = next(f for n, f in funcs.items() if "concatenate" not in n)
+    return shift_in, shift_out
+
+
+def _compile_fused(sch, target):
+    """A fused operator (private, no symbol of its own) built alone as ``main``."""
+    import tvm
+
+    func = sch.mod["main"].with_attr("global_symbol", "main")
+    return tvm.compile(tvm.IRModule({"main": func}), target)["main"]
+
+
+@pytest.mark.parametrize("h, w, c, fold", [(56, 56, 256, 32), (7, 7, 2048, 256), (28, 28, 32, 4),
+                                           (14, 14, 96, 12), (56, 56, 24, 3)])
+def test_shift_data_movement_is_split_or_read_ordered_and_exact(h, w, c, fold):
+    """The shift-in is cut at the fold (no channel test per element), the shift-out runs in the
+    order of its NHWC reads; both copy exactly what numpy does."""
+    import tvm
+
+    target = _target(ZNVER3)
+    shift_in, shift_out = _shift_ops(h, w, c, fold, target)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, h, w, c)).astype(np.float32)
+    cache = rng.standard_normal((1, fold, h, w)).astype(np.float32)
+    nchw = x.transpose(0, 3, 1, 2)
+    want_in = np.concatenate([cache, nchw[:, fold:]], axis=1).transpose(0, 2, 3, 1)
+    want_out = nchw[:, :fold]
+
+    sch, what = schedules.schedule_primfunc(shift_in, target)
+    assert what == {"rule": "data-movement", "form": "split at the concatenation"}
+    script = sch.mod.script()
+    assert "if_then_else" in script  # the partitions keep the expression; lowering drops it
+    got = tvm.runtime.empty(want_in.shape, "float32", tvm.cpu())
+    _compile_fused(sch, target)(tvm.runtime.tensor(x), tvm.runtime.tensor(cache), got)
+    np.testing.assert_array_equal(got.numpy(), want_in)
+
+    sch, what = schedules.schedule_primfunc(shift_out, target)
+    lanes = next((v for v in (8, 4) if fold % v == 0), 0)
+    if lanes:
+        assert what == {"rule": "data-movement", "form": "in the order of its reads"}
+        assert f"T.vectorized(T.int64({lanes}))" in sch.mod.script()
+    else:  # no vector divides the fold: the write order
+        assert what == {"rule": "data-movement"}
+    got = tvm.runtime.empty(want_out.shape, "float32", tvm.cpu())
+    _compile_fused(sch, target)(tvm.runtime.tensor(x), got)
+    np.testing.assert_array_equal(got.numpy(), want_out)

@@ -253,15 +253,10 @@ def _schedule_spatial(sch, block, cpu: CpuShape) -> None:
     if not loops:
         return
     extents = loop_extents(sch, loops)
-    total = 1
-    for e in extents:
-        total *= max(e, 1)
-    inner = extents[-1]
-    # two vectors, one, or part of one (down to 4 lanes: a 128-bit vector of fp32), whichever
-    # divides the innermost axis: 96 uint8 channels fill no 64-byte AVX-512 vector, and left
-    # scalar such a loop ran 30x slower than the convolution after it
-    widths = [cpu.lanes * 2] + [w for w in (cpu.lanes, cpu.lanes // 2, cpu.lanes // 4) if w >= 4]
-    vec = next((w for w in widths if inner > 0 and inner % w == 0), 0)
+    total = _product(extents)
+    # 96 uint8 channels fill no 64-byte AVX-512 vector, and left scalar such a loop ran 30x
+    # slower than the convolution after it: part of a vector is taken
+    vec = _vector_cut(extents[-1], cpu)
     if vec:
         # the vector is cut from the innermost axis alone, so the indices and conditions of
         # the outer axes (a padding's bounds) are the same for every lane: one vector select,
@@ -272,6 +267,120 @@ def _schedule_spatial(sch, block, cpu: CpuShape) -> None:
         outer = sch.fuse(*rest) if len(rest) > 1 else rest[0]
     else:
         outer = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    _parallel_outer(sch, outer, total, cpu)
+
+
+def _block_iters(sch, block) -> list | None:
+    """The block's iteration variables, where each is bound to its own loop in order (the
+    ``T.axis.remap`` an inlined elementwise or injective block has); else None."""
+    loops = sch.get_loops(block)
+    iters = [iv.var for iv in sch.get(block).iter_vars]
+    return iters if len(iters) == len(loops) else None
+
+
+def _concat_fold(sch, block) -> int | None:
+    """``out[..., c] = if_then_else(k <= c, a, b)``: a concatenation along the innermost
+    written axis (the shift's cached channels before the frame's own), cut at ``k``."""
+    from tvm import tirx
+
+    iters = _block_iters(sch, block)
+    value = getattr(sch.get(block).body, "value", None)
+    # a call node's class moved between TVM modules; its operator's name ends the same
+    if iters is None or not str(getattr(getattr(value, "op", None), "name", "")).endswith(
+            ".if_then_else"):
+        return None
+    cond = value.args[0]
+    if isinstance(cond, tirx.LE) and isinstance(cond.a, tirx.IntImm) and \
+            cond.b.same_as(iters[-1]):
+        return int(cond.a.value)
+    if isinstance(cond, tirx.LT) and cond.a.same_as(iters[-1]) and \
+            isinstance(cond.b, tirx.IntImm):
+        return int(cond.b.value)
+    return None
+
+
+def _transposed_axis(sch, block) -> int | None:
+    """``out[..., w] = in[..., r]`` with ``r`` another axis than the written innermost ``w``: the
+    position of ``r`` among the loops (a layout change, such as the shift's NHWC slice written
+    to its NCHW cache)."""
+    iters = _block_iters(sch, block)
+    value = getattr(sch.get(block).body, "value", None)
+    # tirx.BufferLoad is a constructor function in TVM 0.27; the node's class is TensorLoad
+    if iters is None or type(value).__name__ not in ("BufferLoad", "TensorLoad"):
+        return None
+    last = value.indices[-1]
+    for i, var in enumerate(iters[:-1]):
+        if last.same_as(var):
+            return i
+    return None
+
+
+MOVEMENT_MIN_ROW = 4  # written rows shorter than this (a frame's 3 channels) keep the write order
+
+
+def _schedule_movement(sch, block, cpu: CpuShape) -> str | None:
+    """Data movement; returns the form taken where it is not the plain parallel loop.
+
+    - a concatenation along the innermost axis (the shift's input: cached channels, then the
+      frame's) is cut at the fold into two loops, so neither tests the channel per element and
+      the frame's part is one contiguous copy (the tested form read the cache's transposed
+      element for every vector: 3x slower on ResNet-50-TSM's 56x56x256 shift);
+    - a layout change runs in the order of its reads: one vector of the axis the read buffer
+      is contiguous in is innermost (the stores strided), the blocks of such vectors outermost
+      and in parallel (in the write order, the shift's NHWC slice written into its NCHW cache
+      read one element per cache line for each of its channels: 5-10x slower); not where
+      the written rows are shorter than ``MOVEMENT_MIN_ROW`` (the frame's 3 channels) or no
+      vector divides the read axis, which keep the write order;
+    - everything else: ``_schedule_spatial``.
+    """
+    fold = _concat_fold(sch, block)
+    extents = loop_extents(sch, sch.get_loops(block))
+    if fold is not None and 0 < fold < extents[-1] and len(extents) > 1:
+        cpu = cpu.for_dtype(written_dtype(sch, block))
+        *outer, inner = sch.get_loops(block)
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        _parallel_outer(sch, fused, _product(extents), cpu)
+        # the two parts of the channel loop: LLVM vectorizes the contiguous one (a loop that
+        # does not start at 0 cannot be vectorized by the schedule)
+        sch.loop_partition(inner, [fold, None])
+        return "split at the concatenation"
+    r = _transposed_axis(sch, block)
+    if r is not None and extents[-1] >= MOVEMENT_MIN_ROW:
+        cpu = cpu.for_dtype(written_dtype(sch, block))
+        vec = _vector_cut(extents[r], cpu, double=False)
+        if vec:
+            # blocks of one vector of the read axis outermost, in parallel: each thread reads
+            # whole vectors of every source row and writes whole rows of its own planes (split
+            # by rows instead, two threads wrote into the same cache lines of each plane)
+            loops = sch.get_loops(block)
+            rb, ri = sch.split(loops[r], [None, vec])
+            head = [*loops[:r], rb]
+            sch.reorder(*head, *loops[r + 1:], ri)
+            sch.vectorize(ri)
+            fused = sch.fuse(*head) if len(head) > 1 else rb
+            if _product(extents[:r]) * (extents[r] // vec) > 1 and _product(extents) >= 4096:
+                sch.parallel(fused)
+            return "in the order of its reads"
+    _schedule_spatial(sch, block, cpu)
+    return None
+
+
+def _product(extents) -> int:
+    total = 1
+    for e in extents:
+        total *= max(e, 1)
+    return total
+
+
+def _vector_cut(inner: int, cpu: CpuShape, double: bool = True) -> int:
+    """Two vectors (``double``), one, or part of one (down to 4 lanes: a 128-bit vector of
+    fp32), whichever divides ``inner``; 0 where none does."""
+    widths = [cpu.lanes * 2] * double + [w for w in (cpu.lanes, cpu.lanes // 2, cpu.lanes // 4)
+                                         if w >= 4]
+    return next((w for w in widths if inner > 0 and inner % w == 0), 0)
+
+
+def _parallel_outer(sch, outer, total: int, cpu: CpuShape) -> None:
     if total >= 4096:
         po, _pi = sch.split(outer, [cpu.threads * 8, None]) if total >= 65536 else (outer, None)
         sch.parallel(po)
@@ -543,14 +652,16 @@ def schedule_primfunc(func, target, cpu: CpuShape | None = None,
         return None, None
     reductions = [b for b in blocks if "R" in iter_kinds(sch, b)]
     inline_all(sch, keep=reductions)
-    rule = "data-movement"
+    rule, what = "data-movement", {}
     for block in child_blocks(sch):
         if "R" in iter_kinds(sch, block):
             _schedule_reduction(sch, block, cpu)
             rule = "reduction"
         else:
-            _schedule_spatial(sch, block, cpu)
-    return sch, {"rule": rule}
+            form = _schedule_movement(sch, block, cpu)
+            if form:
+                what["form"] = form
+    return sch, {"rule": rule, **what}
 
 
 def describe_operators(funcs: dict, target, names) -> dict:
