@@ -265,6 +265,13 @@ def _schedule_spatial(sch, block, cpu: CpuShape) -> None:
         sch.vectorize(lane)
         rest = [*loops[:-1], co]
         outer = sch.fuse(*rest) if len(rest) > 1 else rest[0]
+    elif len(loops) >= 3 and extents[-1] < MOVEMENT_MIN_ROW:
+        # rows shorter than a vector (the frame's 3 channels): unrolled, under a serial loop
+        # over the row before them, so no element divides a fused index to find its place
+        # (fused down to the element, the frame's layout change with its padding ran 7x
+        # slower than the same copy without the padding's tests)
+        sch.unroll(loops[-1])
+        outer = sch.fuse(*loops[:-2]) if len(loops) > 3 else loops[0]
     else:
         outer = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     _parallel_outer(sch, outer, total, cpu)
@@ -449,6 +456,7 @@ def _schedule_conv(sch, conv, cpu: CpuShape, inline_producers: bool = True,
     copy = choice.padded_copy
     if copy is None:
         copy = copies_padding(cpu, kh, kw, reduce_c)
+    padded = inline_producers and any(_pads(sch, p) for p in sch.get_producers(conv))
     # Producers that only copy (the "pad" of a 1x1 convolution) disappear; real padding is a
     # separate, parallel loop over the (slightly larger) input where ``copy`` says so.
     for producer in sch.get_producers(conv) if inline_producers else ():
@@ -502,7 +510,7 @@ def _schedule_conv(sch, conv, cpu: CpuShape, inline_producers: bool = True,
         init_loops = sch.get_loops(init)
         sch.vectorize(init_loops[-1])
     return {"rule": "convolution", "kind": kind, "macs": macs, "tile": [ty, tx, v * cpu.lanes],
-            "padding": "copied" if copy else "in the loads"}
+            "padding": ("copied" if copy else "in the loads") if padded else "none"}
 
 
 def _upstream_inline(sch, block) -> None:
@@ -743,6 +751,7 @@ def rule_choices(func, target, limit: int = 16) -> list[ConvChoice]:
     depthwise = reduce_c == 1 and channels > 1
     lanes = vector_lanes(channels, cpu)
     copied = copies_padding(cpu, kh, kw, reduce_c)
+    padded = any(_pads(sch, p) for p in sch.get_producers(conv))
 
     def forms(tile, with_lanes=None):
         out = [ConvChoice(tile=tile, lanes=with_lanes)]
@@ -750,7 +759,7 @@ def rule_choices(func, target, limit: int = 16) -> list[ConvChoice]:
             out.append(ConvChoice(tile=tile, lanes=with_lanes, pixels_outer=True))
         if kw > 1:  # the other form of the taps than the CPU's default
             out.append(ConvChoice(tile=tile, lanes=with_lanes, unroll_taps=not cpu.unroll_taps))
-        if kh * kw > 1:  # the other form of the padding
+        if kh * kw > 1 and padded:  # the other form of the padding
             out.append(ConvChoice(tile=tile, lanes=with_lanes, padded_copy=not copied))
         if 1 < reduce_c <= SHORT_REDUCTION:  # the other form of a short channel loop
             out.append(ConvChoice(tile=tile, lanes=with_lanes,

@@ -196,7 +196,8 @@ def fuse(mod, target, report: dict | None = None):
     """Legalize and fuse: the fused operators (PrimFuncs) that schedules and tuning work on.
 
     Float dense convolutions are legalized with packed weights and branch-free padding
-    (``conv.py``); ``report["packed"]`` counts them."""
+    (``conv.py``); ``report["packed"]`` counts them, ``report["padded_apart"]`` those whose
+    padding became an operator before them."""
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
@@ -226,6 +227,7 @@ def _cpu_pipeline(target, info: dict, default_schedules: bool, databases: list):
             packing: dict = {}
             mod = fuse(mod, target, packing)
             info["packed_convolutions"] = packing.get("packed", 0)
+            info["padded_apart"] = packing.get("padded_apart", 0)
             tuned: list[str] = []
             # the operators as fused, before a record replaces them (apply_database updates
             # ``mod`` in place)
