@@ -1,5 +1,6 @@
 """The standard benchmark matrix: MobileNetV2-TSM and ResNet-50-TSM at 224 fp32, 1 and 2 threads,
-tsm-edge untuned and tuned beside ONNX Runtime, OpenVINO, ncnn and PyTorch, in alternating rounds.
+tsm-edge untuned and tuned beside ONNX Runtime, OpenVINO, ncnn, ExecuTorch (XNNPACK) and PyTorch,
+in alternating rounds.
 
 For each model:
 1. the artifact is compiled untuned (``--tuning none``: tsm-edge's default rules);
@@ -10,7 +11,8 @@ For each model:
    round: tsm-edge untuned, tsm-edge untuned again (the A/A pair: what two runs of the same
    artifact differ by here, the floor under which a difference is noise), tsm-edge tuned,
    ONNX Runtime, OpenVINO (both on the exported ONNX step), ncnn (the ONNX step converted by
-   pnnx, fp32) and PyTorch (eager). Each peer is checked against the PyTorch step's logits on
+   pnnx, fp32), ExecuTorch with the XNNPACK delegate (the step lowered once, then cached) and
+   PyTorch (eager). Each peer is checked against the PyTorch step's logits on
    3 frames before it is timed.
 
 Figures are the median of the rounds' p50s, with their spread (min-max). The ratios compare
@@ -29,7 +31,7 @@ import time
 from pathlib import Path
 
 MODELS = {"tsm_mobilenetv2": 100, "tsm_resnet50": 30}  # timed frames per round
-PEERS = ("onnxruntime", "openvino", "ncnn", "torch")
+PEERS = ("onnxruntime", "openvino", "ncnn", "executorch", "torch")
 
 
 def main() -> int:

@@ -85,14 +85,19 @@ def test_bench_json_has_every_contract_key(tiny_mnv2, tmp_path):
 
 
 def test_bench_peers_are_checked_against_the_pytorch_step(tiny_mnv2, tmp_path):
-    """ONNX Runtime, OpenVINO and ncnn (via pnnx) each run the exported step; before it is
-    timed, each one's logits are compared with the PyTorch step's over a short stream."""
+    """ONNX Runtime, OpenVINO, ncnn (via pnnx) and ExecuTorch (its XNNPACK delegate) each run
+    the step; before it is timed, each one's logits are compared with the PyTorch step's over
+    a short stream."""
     out = tmp_path / "bench.json"
+    cache = tmp_path / "cache"  # where the ExecuTorch program is kept between runs
     proc = run_cli("bench", str(tiny_mnv2), "--frames", "10", "--warmup", "2", "--threads", "1",
-                   "--compare", "onnxruntime,openvino,ncnn", "--json", str(out))
+                   "--compare", "onnxruntime,openvino,ncnn,executorch", "--json", str(out),
+                   env={"XDG_CACHE_HOME": str(cache)})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((cache / "tsm-edge" / "executorch").glob("*.pte"))) == 1
     r = json.loads(out.read_text())
-    for peer in ("onnxruntime", "openvino", "ncnn"):
+    assert "XNNPACK" in r["method"]["executorch"]
+    for peer in ("onnxruntime", "openvino", "ncnn", "executorch"):
         agreement = r["backends"][peer]["agreement"]
         assert agreement["frames"] == 3 and agreement["relative"] <= 1e-3, (peer, agreement)
         assert r["backends"][peer]["p50_ms"] > 0 and peer in r["method"]

@@ -77,9 +77,9 @@ def verify(artifact, frames, frames_npy, checkpoint, tolerance, json_out, rpc, t
 @click.option("--frames", type=int, default=100, show_default=True, help="Timed frames.")
 @click.option("--warmup", type=int, default=10, show_default=True)
 @click.option("--compare", default="",
-              help="Also time peers on the same model: torch, onnxruntime, openvino, ncnn "
-                   "(comma-separated; each peer is checked against the PyTorch step on 3 "
-                   "frames first)")
+              help="Also time peers on the same model: torch, onnxruntime, openvino, ncnn, "
+                   "executorch (XNNPACK) (comma-separated; each peer is checked against the "
+                   "PyTorch step on 3 frames first)")
 @click.option("--json", "json_out", type=click.Path(), default=None)
 @click.option("--plot", "plot_out", type=click.Path(), default=None,
               help="PNG: latency over frames and a histogram per backend.")

@@ -20,7 +20,7 @@ from ..errors import InternalError, UserError
 from ..support.system import machine
 from ..support.threads import resolve_threads, thread_env, threads_origin
 
-BACKENDS = ("torch", "onnxruntime", "openvino", "ncnn")
+BACKENDS = ("torch", "onnxruntime", "openvino", "ncnn", "executorch")
 METHOD = ("wall clock (time.perf_counter) around one step per frame in a separate process per "
           "backend: numpy frame in, numpy logits out, caches carried between frames; "
           "{warmup} warm-up frames discarded, then {frames} timed frames")
@@ -206,6 +206,9 @@ BACKEND_NOTES = {
     "ncnn": "; ncnn (CPU, no Vulkan) on the exported ONNX step converted by pnnx with fp32 "
             "weights (fp16=0), fp16 and bf16 storage and arithmetic off (its defaults are on: "
             "logits 1e-3 off), opt.num_threads=threads",
+    "executorch": "; ExecuTorch with the XNNPACK delegate (XnnpackPartitioner, fp32) on the "
+                  "step as torch.export traces it, the program lowered once and kept in a "
+                  "cache folder, thread pool reset to threads",
 }
 # A peer's logits against the PyTorch step's on the same first frames, before it is timed:
 # a conversion that changes the model fails the benchmark instead of timing something else.
@@ -311,6 +314,61 @@ def _ncnn_stream(step, threads: int | None):
     return make
 
 
+def _executorch_program(step, key: str) -> Path:
+    """The step lowered to an ExecuTorch program with the XNNPACK delegate (.pte), kept under
+    the user's cache folder by ``key`` (the manifest's hash and ExecuTorch's version): the
+    lowering takes 20-60 s, a benchmark runs one child per backend and round."""
+    import os
+
+    import numpy as np
+    import torch
+
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tsm-edge" / \
+        "executorch"
+    path = folder / f"{key}.pte"
+    if path.is_file():
+        return path
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    # example inputs with ordinary strides: ExecuTorch refuses a 0 stride (a batch axis
+    # added by indexing)
+    example = tuple(torch.from_numpy(np.zeros(t.shape, dtype=t.dtype))
+                    for t in (step.input, *step.caches))
+    exported = torch.export.export(step.module(), example)
+    program = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+    from ..support.files import atomic_write_bytes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, program.to_executorch().buffer)
+    return path
+
+
+def _executorch_stream(step, threads: int | None, key: str):
+    """``make`` for ExecuTorch: the XNNPACK-delegated program run by its Python runtime."""
+    import numpy as np
+    import torch
+    from executorch.extension.pybindings import portable_lib
+    from executorch.runtime import Runtime
+
+    path = _executorch_program(step, key)
+    if threads:
+        portable_lib._unsafe_reset_threadpool(threads)  # XNNPACK's pool; its only setter
+    method = Runtime.get().load_program(str(path)).load_method("forward")
+    zeros = [torch.from_numpy(np.zeros(c.shape, dtype=c.dtype)) for c in step.caches]
+
+    def make():
+        caches = list(zeros)
+
+        def run(frame):
+            nonlocal caches
+            out = method.execute([torch.from_numpy(np.ascontiguousarray(frame)), *caches])
+            caches = list(out[1:])
+            return out[0].numpy()
+        return run
+    return make
+
+
 def _child(argv: list[str]) -> int:
     import argparse
 
@@ -335,7 +393,8 @@ def _child(argv: list[str]) -> int:
     from ..runtime.frames import synthetic_frames
 
     step = manifest_step(manifest)
-    frames = synthetic_frames(16, manifest.input)[:, None]
+    # copied: the added batch axis then has an ordinary stride (ExecuTorch refuses a 0 one)
+    frames = synthetic_frames(16, manifest.input)[:, None].copy()
 
     if args.backend == "torch":
         module = step.module()
@@ -383,6 +442,17 @@ def _child(argv: list[str]) -> int:
             return run
     elif args.backend == "ncnn":
         make = _ncnn_stream(step, args.threads)
+    elif args.backend == "executorch":
+        import hashlib
+
+        try:
+            from executorch import version as et_version
+        except ImportError:
+            raise UserError("--compare executorch needs ExecuTorch: pip install "
+                            "executorch") from None
+        digest = hashlib.sha256((Path(args.artifact) / "manifest.json").read_bytes())
+        make = _executorch_stream(step, args.threads,
+                                  f"{digest.hexdigest()[:24]}-{et_version.__version__}")
     else:
         from ..frontend.onnx_export import export_step_onnx, ort_session
 
