@@ -123,7 +123,7 @@ def pads_apart(target, kh: int, kw: int, in_channels: int) -> bool:
     loads: where the rules would keep those tests (``schedules.copies_padding`` false) and
     unroll a stem's few channels under a wide kernel (``schedules.unrolls_channels``).
     ResNet-50-TSM's 7x7 stem with the frame's layout change before it: 3.43 ms in the loads,
-    2.73 apart (znver5, 1 thread, per operator, alternating rounds); MobileNetV2-TSM's 3x3
+    2.73 apart (znver4, 1 thread, per operator, alternating rounds); MobileNetV2-TSM's 3x3
     stem lost (0.28 ms in the loads, 0.37 apart: the padding's pass costs more than its 3x3
     taps' tests)."""
     from .. import schedules
