@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -224,3 +225,58 @@ def extreme_operands(isa, shape, kernel, out_channels, seed=0, depthwise=False):
     w[..., 0] = wmax
     w[..., 1] = -wmax
     return x, w
+
+
+# A user's ResNet-style model file (torchvision names, no shift) for --model-file: at 64 px its
+# 3x3 convolutions at 32x32 (16 channels) and 16x16 (32) take the Winograd form.
+RESNET_LIKE_FILE = textwrap.dedent('''
+    """A user's own ResNet-style model (torchvision names), no shift."""
+    import torch
+    from torch import nn
+
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride=1):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.relu = nn.ReLU()
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                             nn.BatchNorm2d(cout)) if stride != 1 else None)
+
+        def forward(self, x):
+            identity = x if self.downsample is None else self.downsample(x)
+            out = self.relu(self.bn1(self.conv1(x)))
+            return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 16, 3, 2, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(16)
+            self.relu = nn.ReLU()
+            self.layer1 = nn.Sequential(Block(16, 16), Block(16, 32, 2))
+            self.fc = nn.Linear(32, 6)
+
+        def forward(self, x):
+            x = self.layer1(self.relu(self.bn1(self.conv1(x))))
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+    def build():
+        return Net()
+
+
+    class Gate(nn.Module):
+        def forward(self, x):
+            return x if x.mean() > 0 else -x
+
+
+    def untraceable():
+        net = Net()
+        net.layer1[0].relu = Gate()
+        return net
+''')

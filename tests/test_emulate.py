@@ -265,6 +265,28 @@ def test_fp16_rpi4_build_streams_on_the_device(server, tmp_path_factory):
     assert "PASS" in proc.stdout and "fp16 artifact" in proc.stdout
 
 
+def test_winograd_build_matches_pytorch_on_the_device(server, tmp_path):
+    """The Winograd F(4x4, 3x3) operators cross-compiled for the Cortex-A72 (NEON, 4 lanes,
+    the padding a loop of its own) compute the model's 3x3 convolutions on the device:
+    `tsm-edge verify --rpc` passes against both PyTorch references."""
+    import tsm_edge
+
+    from helpers import RESNET_LIKE_FILE, TINY_SIZE, run_cli
+
+    path = tmp_path / "resnet_like.py"
+    path.write_text(RESNET_LIKE_FILE)
+    art = tsm_edge.compile(None, tmp_path / "wino_aarch64", model_file=f"{path}:build",
+                           input_size=TINY_SIZE, target="rpi4-aarch64")
+    manifest = tsm_edge.read_manifest(art)
+    assert manifest["elf_machine"] == "aarch64"
+    info = manifest["tuning"]["default_schedules"]
+    assert info["winograd_convolutions"] == 3 and info["unscheduled"] == 0
+    host, port = server.rpc_address
+    proc = run_cli("verify", str(art), "--rpc", f"{host}:{port}", "--frames", "4", timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PASS" in proc.stdout
+
+
 # --------------------------------------------------------------------------- int8
 
 

@@ -10,7 +10,6 @@ the offline clip model with the uni-directional shift).
 from __future__ import annotations
 
 import json
-import textwrap
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from tsm_edge.models.insert import TRACER, fold_div_from_fraction, make_online_t
 from tsm_edge.models.registry import build_model, randomize_
 from tsm_edge.models.shift import TemporalShift, shift_modules
 
-from helpers import eager_stream, run_cli
+from helpers import RESNET_LIKE_FILE, eager_stream, run_cli
 
 SIZE = 32
 
@@ -452,57 +451,7 @@ def test_bad_inputs_are_user_errors():
 
 # --------------------------------------------------------------------------- checkpoints
 
-MODEL_FILE = textwrap.dedent('''
-    """A user's own ResNet-style model (torchvision names), no shift."""
-    import torch
-    from torch import nn
-
-
-    class Block(nn.Module):
-        def __init__(self, cin, cout, stride=1):
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.relu = nn.ReLU()
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                             nn.BatchNorm2d(cout)) if stride != 1 else None)
-
-        def forward(self, x):
-            identity = x if self.downsample is None else self.downsample(x)
-            out = self.relu(self.bn1(self.conv1(x)))
-            return self.relu(self.bn2(self.conv2(out)) + identity)
-
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 16, 3, 2, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(16)
-            self.relu = nn.ReLU()
-            self.layer1 = nn.Sequential(Block(16, 16), Block(16, 32, 2))
-            self.fc = nn.Linear(32, 6)
-
-        def forward(self, x):
-            x = self.layer1(self.relu(self.bn1(self.conv1(x))))
-            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
-
-
-    def build():
-        return Net()
-
-
-    class Gate(nn.Module):
-        def forward(self, x):
-            return x if x.mean() > 0 else -x
-
-
-    def untraceable():
-        net = Net()
-        net.layer1[0].relu = Gate()
-        return net
-''')
+MODEL_FILE = RESNET_LIKE_FILE
 
 
 @pytest.fixture
@@ -624,3 +573,39 @@ def test_model_file_cli_errors(model_file, tmp_path, capsys):
                 f"{model_file}:build", "-o", out)
     assert "not both" in line
     assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.slow  # compiles a model
+def test_winograd_convolutions_in_a_whole_model_match_pytorch(model_file, tmp_path,
+                                                               monkeypatch):
+    """At 64 px the model's three stride-1 3x3 convolutions (16 channels at 32x32, 32 at
+    16x16) take the Winograd form, the residual add and ReLU fused into the output transform;
+    the artifact matches both PyTorch references, and the direct form gives the same logits."""
+    import tsm_edge
+    from tsm_edge.compiler.tvm.conv import WINOGRAD_VAR
+    from tsm_edge.measure.verify import verify
+    from tsm_edge.runtime.session import StreamSession
+
+    from helpers import TINY_SIZE
+
+    spec = f"{model_file}:build"
+    art = tsm_edge.compile(None, tmp_path / "wino", model_file=spec, input_size=TINY_SIZE)
+    info = json.loads((art / "manifest.json").read_text())["tuning"]["default_schedules"]
+    assert info["winograd_convolutions"] == 3
+    forms = [op.get("form") for op in info["operators"].values()]
+    assert forms.count("winograd product") >= 2 and "winograd output" in forms
+    fused = [name for name, op in info["operators"].items()
+             if op.get("form") == "winograd output" and "add" in name and "relu" in name]
+    assert fused, "the epilogue did not fuse into the output transform"
+    report = verify(art, frames=6)
+    assert report["passed"], report
+    monkeypatch.setenv(WINOGRAD_VAR, "0")
+    direct = tsm_edge.compile(None, tmp_path / "direct", model_file=spec, input_size=TINY_SIZE)
+    assert json.loads((direct / "manifest.json").read_text())["tuning"]["default_schedules"][
+        "winograd_convolutions"] == 0
+    frames = np.random.default_rng(1).standard_normal((4, 1, 3, TINY_SIZE, TINY_SIZE),
+                                                      ).astype(np.float32)
+    a, b = StreamSession(art), StreamSession(direct)
+    for f in frames:
+        la, lb = a.step(f), b.step(f)
+        np.testing.assert_allclose(la, lb, rtol=0, atol=1e-4 * np.abs(lb).max())

@@ -188,6 +188,65 @@ def test_scheduled_convolution_is_parallel_vectorized_and_exact(shape, kernel, s
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+WINOGRAD_CASES = [  # (H, W, in, out): partial tiles, half vectors, ResNet-50's 56x56 stage
+    (8, 6, 16, 32), (9, 7, 16, 24), (14, 14, 32, 48), (56, 56, 64, 64)]
+
+
+@pytest.mark.parametrize("spec", [ZNVER3, AVX512], ids=["avx2", "avx512"])
+@pytest.mark.parametrize("h, w, cin, cout", WINOGRAD_CASES)
+def test_winograd_operators_compute_the_convolution(spec, h, w, cin, cout):
+    """The three operators of F(4x4, 3x3) (``tvm/winograd.py``) under the rules, chained, give
+    the numpy convolution; each is parallel and vectorized, the product counts the direct
+    convolution's multiply-adds (what the profile's GMAC/s compare)."""
+    import tvm
+
+    from tsm_edge.compiler.tvm import winograd
+
+    target = _target(spec)
+    cpu = schedules.cpu_shape(target)
+    lanes = schedules.vector_lanes(cout, cpu)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, h, w, cin)).astype(np.float32)
+    wt = rng.standard_normal((3, 3, cin, cout)).astype(np.float32)
+    u = winograd.transform_weights(wt, lanes)
+    th, tw = winograd.tiles(h, w)
+    args = [tvm.runtime.tensor(x),
+            tvm.runtime.empty((6, 6, th * tw, cin), "float32", tvm.cpu()),
+            tvm.runtime.tensor(u),
+            tvm.runtime.empty((6, 6, th * tw, cout), "float32", tvm.cpu()),
+            tvm.runtime.empty((1, h, w, cout), "float32", tvm.cpu())]
+    forms = []
+    for func, io in zip(winograd.prim_funcs(x.shape, u.shape, "float32", "float32"),
+                        ([0, 1], [1, 2, 3], [3, 4])):
+        sch, what = schedules.schedule_primfunc(func.with_attr("global_symbol", "main"), target)
+        assert what["rule"] == "convolution" and what["kind"] == "conv3x3", what
+        script = sch.mod.script()
+        assert "T.parallel" in script and "T.vectorized" in script, what["form"]
+        forms.append(what["form"])
+        if what["form"] == "winograd product":
+            assert what["macs"] == h * w * cin * cout * 9
+        tvm.compile(sch.mod, target)(*(args[i] for i in io))
+    assert forms == ["winograd input", "winograd product", "winograd output"]
+    want = _conv_reference(x, wt, 1, 1, 1)
+    np.testing.assert_allclose(args[4].numpy(), want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("kernel, stride, pad, cin, dtype, size, expected", [
+    (3, 1, 1, 64, "float32", 56, True),
+    (3, 1, 1, 512, "float32", 7, False),   # 2x2 tiles: the weights read too few times
+    (3, 2, 1, 64, "float32", 56, False),   # strided
+    (3, 1, 1, 8, "float32", 56, False),    # too few channels
+    (3, 1, 0, 64, "float32", 56, False),   # not 'same' padding
+    (3, 1, 1, 64, "float16", 56, False),   # F(4,3)'s rounding in fp16
+    (1, 1, 0, 64, "float32", 56, False),
+])
+def test_winograd_applies_where_it_pays(kernel, stride, pad, cin, dtype, size, expected):
+    from tsm_edge.compiler.tvm import winograd
+
+    assert winograd.applies(kernel, kernel, (stride, stride), (pad,) * 4, (1, 1), 1, cin,
+                            dtype, dtype, size, size) is expected
+
+
 def _manifest(path):
     return json.loads((path / "manifest.json").read_text())
 

@@ -331,7 +331,8 @@ def schedule_summary(info: dict, schedules: str, cpu: bool) -> dict:
             "unscheduled": info.get("unscheduled", 0),
             "unscheduled_ops": info.get("unscheduled_ops", []),
             **{k: info[k] for k in ("vector_lanes", "vector_registers", "threads",
-                                    "packed_convolutions", "padded_apart", "operators")
+                                    "packed_convolutions", "padded_apart",
+                                    "winograd_convolutions", "operators")
                if k in info}}
 
 

@@ -610,6 +610,102 @@ def _schedule_depthwise_int8(sch, conv, cpu: CpuShape, isa) -> dict:
     return what
 
 
+WINOGRAD = "winograd_"  # winograd.py's block names: pad, input, gemm, output
+
+
+def _winograd_blocks(sch) -> dict:
+    return {sch.get(b).name_hint[len(WINOGRAD):]: b for b in child_blocks(sch)
+            if sch.get(b).name_hint.startswith(WINOGRAD)}
+
+
+def _schedule_winograd(sch, blocks: dict, cpu: CpuShape) -> dict:
+    """The three operators of a Winograd F(4x4, 3x3) convolution (``tvm/winograd.py``).
+
+    - input: the padding a parallel loop of its own; then per tile and vector of channels the
+      36 transformed values, their (eps, nu) loops unrolled so that each select of the
+      transform folds to its position's terms;
+    - product: the direct convolution's register tile over (tiles x vectors of output
+      channels), reducing over the input channels, for each of the 36 (eps, nu);
+    - output: the elementwise chain after it inlined; per 4x4 tile and vector of channels,
+      (r, s) unrolled for the same folding.
+    """
+    what = {"rule": "convolution", "kind": "conv3x3", "macs": 0, "winograd": "F(4x4,3x3)"}
+    if "gemm" in blocks:
+        gemm = blocks["gemm"]
+        cpu = cpu.for_dtype(written_dtype(sch, gemm))
+        e, nu, t, f, rc = sch.get_loops(gemm)
+        _, _, tiles_n, channels, _ = loop_extents(sch, [e, nu, t, f, rc])
+        lanes = vector_lanes(channels, cpu)
+        vecs = [v for v in range(min(cpu.tile_vectors, 4), 0, -1) if channels % (v * lanes) == 0]
+        wb = sch.cache_write(gemm, 0, "local")
+        if vecs:
+            v = vecs[0]
+            tp = max(_divisors(tiles_n, max(1, (cpu.accumulators - v) // v)))
+            to, ti = sch.split(t, [None, tp])
+            fo, fv, fl = sch.split(f, [None, v, lanes])
+            sch.reorder(e, nu, fo, to, rc, ti, fv, fl)
+            outer = sch.fuse(e, nu, fo, to)
+            sch.unroll(ti)
+            sch.unroll(fv)
+            sch.vectorize(fl)
+        else:
+            v, tp = 0, 1
+            sch.reorder(e, nu, t, rc, f)
+            outer = sch.fuse(e, nu, t)
+        sch.parallel(outer)
+        sch.reverse_compute_at(wb, outer)
+        if vecs:
+            _o, lane = sch.split(sch.get_loops(wb)[-1], [None, lanes])
+            sch.vectorize(lane)
+        init = sch.decompose_reduction(gemm, rc)
+        if vecs:
+            sch.vectorize(sch.get_loops(init)[-1])
+        macs = sch.get(gemm).annotations.get("tsm_edge.direct_macs")
+        what.update(form="winograd product", macs=int(macs) if macs is not None else 0,
+                    tile=[tp, 1, v * lanes])
+        return what
+    if "input" in blocks:
+        block = blocks["input"]
+        if "pad" in blocks:
+            _schedule_spatial(sch, blocks["pad"], cpu)
+        e, nu, t, c = sch.get_loops(block)
+        channels = loop_extents(sch, [c])[0]
+        lanes = vector_lanes(channels, cpu)
+        if channels % lanes == 0:
+            co, cl = sch.split(c, [None, lanes])
+            sch.reorder(t, co, e, nu, cl)
+            sch.vectorize(cl)
+            sch.parallel(sch.fuse(t, co))
+        else:
+            sch.reorder(t, e, nu, c)
+            sch.parallel(t)
+        sch.unroll(e)
+        sch.unroll(nu)
+        what["form"] = "winograd input"
+        return what
+    block = blocks["output"]
+    inline_chain(sch, block)
+    n, y, x, f = sch.get_loops(block)
+    _, height, width, channels = loop_extents(sch, [n, y, x, f])
+    lanes = vector_lanes(channels, cpu.for_dtype(written_dtype(sch, block)))
+    yo, yi = sch.split(y, [None, 4])
+    xo, xi = sch.split(x, [None, 4])
+    if channels % lanes == 0:
+        fo, fl = sch.split(f, [None, lanes])
+        sch.reorder(n, yo, xo, fo, yi, xi, fl)
+        sch.vectorize(fl)
+        tiles_n = -(-height // 4) * -(-width // 4)
+        outer = sch.fuse(n, yo, xo) if tiles_n >= 4 * cpu.threads else sch.fuse(n, yo, xo, fo)
+    else:
+        sch.reorder(n, yo, xo, yi, xi, f)
+        outer = sch.fuse(n, yo, xo)
+    sch.unroll(yi)
+    sch.unroll(xi)
+    sch.parallel(outer)
+    what["form"] = "winograd output"
+    return what
+
+
 def _schedule_reduction(sch, block, cpu: CpuShape) -> None:
     """Pooling, the classifier: reductions inside, contiguous spatial axis vectorized."""
     kinds = iter_kinds(sch, block)
@@ -654,6 +750,9 @@ def schedule_primfunc(func, target, cpu: CpuShape | None = None,
         if int8_depthwise:
             return sch, _schedule_depthwise_int8(sch, convs[0], cpu, isa)
         return sch, _schedule_conv_int8(sch, int8_convs[0], cpu, isa)
+    winograd = _winograd_blocks(sch)
+    if winograd:
+        return sch, _schedule_winograd(sch, winograd, cpu)
     if len(convs) == 1:
         return sch, _schedule_conv(sch, convs[0], cpu, choice=choice)
     if convs:

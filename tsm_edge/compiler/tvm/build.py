@@ -197,7 +197,8 @@ def fuse(mod, target, report: dict | None = None):
 
     Float dense convolutions are legalized with packed weights and branch-free padding
     (``conv.py``); ``report["packed"]`` counts them, ``report["padded_apart"]`` those whose
-    padding became an operator before them."""
+    padding became an operator before them, ``report["winograd"]`` the 3x3 ones computed by
+    Winograd's F(4x4, 3x3) (``winograd.py``)."""
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
@@ -228,6 +229,7 @@ def _cpu_pipeline(target, info: dict, default_schedules: bool, databases: list):
             mod = fuse(mod, target, packing)
             info["packed_convolutions"] = packing.get("packed", 0)
             info["padded_apart"] = packing.get("padded_apart", 0)
+            info["winograd_convolutions"] = packing.get("winograd", 0)
             tuned: list[str] = []
             # the operators as fused, before a record replaces them (apply_database updates
             # ``mod`` in place)

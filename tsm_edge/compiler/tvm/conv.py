@@ -27,6 +27,14 @@ import numpy as np
 
 from .analysis import bound_constant
 
+WINOGRAD_VAR = "TSM_EDGE_WINOGRAD"  # "0": 3x3 convolutions stay direct (for comparisons)
+
+
+def winograd_enabled() -> bool:
+    import os
+
+    return os.environ.get(WINOGRAD_VAR, "1").strip() != "0"
+
 PACKED_CONV_BLOCK = "conv2d_nhwc"  # the same block name as TVM's own legalization
 PAD_BLOCK = "pad_temp"
 FLOATS = ("float32", "float16")
@@ -149,6 +157,8 @@ def legalize_conv2d(target, report: dict | None = None):
     ``report["packed"]`` counts the convolutions packed."""
     from tvm import relax
 
+    from . import winograd
+
     def legalize(bb, call):  # noqa: ANN001 - TVM's legalize signature
         attrs = call.attrs
         data, weight = call.args[0], call.args[1]
@@ -165,9 +175,17 @@ def legalize_conv2d(target, report: dict | None = None):
         lanes = packing_lanes(int(w.shape[3]), out_dtype, target)
         if lanes is None:
             return None
-        packed = pack_weights(w.astype(dtype), lanes)
         padding = [int(p) for p in attrs.padding]
         kh, kw, cin, _ = w.shape
+        if winograd_enabled() and winograd.applies(kh, kw, attrs.strides, padding,
+                                                   attrs.dilation, attrs.groups, cin, dtype,
+                                                   out_dtype, int(data.ty.shape[1]),
+                                                   int(data.ty.shape[2])):
+            if report is not None:
+                report["winograd"] = report.get("winograd", 0) + 1
+            return winograd.emit(bb, data, w.astype(dtype), lanes, dtype, out_dtype,
+                                 call.ty.shape)
+        packed = pack_weights(w.astype(dtype), lanes)
         if any(padding) and pads_apart(target, kh, kw, cin):
             shape = [int(d) for d in data.ty.shape]
             padded = [shape[0], shape[1] + padding[0] + padding[2],
