@@ -229,6 +229,18 @@ def test_winograd_operators_compute_the_convolution(spec, h, w, cin, cout):
     assert forms == ["winograd input", "winograd product", "winograd output"]
     want = _conv_reference(x, wt, 1, 1, 1)
     np.testing.assert_allclose(args[4].numpy(), want, rtol=0, atol=2e-5 * np.abs(want).max())
+    # every parameter set the tuner measures for the product computes the same products
+    product = winograd.prim_funcs(x.shape, u.shape, "float32", "float32")[1]
+    product = product.with_attr("global_symbol", "main")
+    choices = schedules.rule_choices(product, target, limit=8)
+    assert choices[0] == schedules.ConvChoice() and len(set(choices)) == len(choices) >= 2
+    expected = args[3].numpy()
+    for choice in choices[1:]:
+        sch, what = schedules.schedule_primfunc(product, target, choice=choice)
+        args[3] = tvm.runtime.empty(expected.shape, "float32", tvm.cpu())
+        tvm.compile(sch.mod, target)(args[1], args[2], args[3])
+        np.testing.assert_allclose(args[3].numpy(), expected, rtol=1e-5,
+                                   atol=1e-5 * np.abs(expected).max(), err_msg=choice.label())
 
 
 @pytest.mark.parametrize("kernel, stride, pad, cin, dtype, size, expected", [

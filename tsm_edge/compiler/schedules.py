@@ -618,7 +618,28 @@ def _winograd_blocks(sch) -> dict:
             if sch.get(b).name_hint.startswith(WINOGRAD)}
 
 
-def _schedule_winograd(sch, blocks: dict, cpu: CpuShape) -> dict:
+def winograd_tiles(tiles_n: int, channels: int, cpu: CpuShape) -> list[tuple[int, int, int]]:
+    """Register tiles (tiles, 1, v) of the Winograd product, best first by the rules' model:
+    ``v`` vectors of output channels by ``tp`` tiles, the accumulators and the ``v`` weight
+    vectors in the registers, fewest loads per multiply-add first."""
+    lanes = vector_lanes(channels, cpu)
+    if channels % lanes:
+        return [(1, 1, 0)]
+    scored = []
+    for v in (4, 3, 2, 1):
+        if channels % (v * lanes):
+            continue
+        for tp in _divisors(tiles_n, 16):
+            acc = tp * v
+            if acc + v > cpu.accumulators:
+                continue
+            scored.append((v > cpu.tile_vectors, -acc / (tp + v), -v, tp, v))
+    scored.sort()
+    return [(tp, 1, v) for *_key, tp, v in scored] or [(1, 1, 1)]
+
+
+def _schedule_winograd(sch, blocks: dict, cpu: CpuShape,
+                       choice: ConvChoice | None = None) -> dict:
     """The three operators of a Winograd F(4x4, 3x3) convolution (``tvm/winograd.py``).
 
     - input: the padding a parallel loop of its own; then per tile and vector of channels the
@@ -636,29 +657,29 @@ def _schedule_winograd(sch, blocks: dict, cpu: CpuShape) -> dict:
         e, nu, t, f, rc = sch.get_loops(gemm)
         _, _, tiles_n, channels, _ = loop_extents(sch, [e, nu, t, f, rc])
         lanes = vector_lanes(channels, cpu)
-        vecs = [v for v in range(min(cpu.tile_vectors, 4), 0, -1) if channels % (v * lanes) == 0]
+        choice = choice or ConvChoice()
+        tp, _one, v = choice.tile or winograd_tiles(tiles_n, channels, cpu)[0]
         wb = sch.cache_write(gemm, 0, "local")
-        if vecs:
-            v = vecs[0]
-            tp = max(_divisors(tiles_n, max(1, (cpu.accumulators - v) // v)))
+        if v:
             to, ti = sch.split(t, [None, tp])
             fo, fv, fl = sch.split(f, [None, v, lanes])
-            sch.reorder(e, nu, fo, to, rc, ti, fv, fl)
-            outer = sch.fuse(e, nu, fo, to)
+            parallel = [e, nu, to, fo] if choice.pixels_outer else [e, nu, fo, to]
+            sch.reorder(*parallel, rc, ti, fv, fl)
+            outer = sch.fuse(*parallel)
             sch.unroll(ti)
             sch.unroll(fv)
             sch.vectorize(fl)
         else:
-            v, tp = 0, 1
+            tp = 1
             sch.reorder(e, nu, t, rc, f)
             outer = sch.fuse(e, nu, t)
         sch.parallel(outer)
         sch.reverse_compute_at(wb, outer)
-        if vecs:
+        if v:
             _o, lane = sch.split(sch.get_loops(wb)[-1], [None, lanes])
             sch.vectorize(lane)
         init = sch.decompose_reduction(gemm, rc)
-        if vecs:
+        if v:
             sch.vectorize(sch.get_loops(init)[-1])
         macs = sch.get(gemm).annotations.get("tsm_edge.direct_macs")
         what.update(form="winograd product", macs=int(macs) if macs is not None else 0,
@@ -752,7 +773,7 @@ def schedule_primfunc(func, target, cpu: CpuShape | None = None,
         return sch, _schedule_conv_int8(sch, int8_convs[0], cpu, isa)
     winograd = _winograd_blocks(sch)
     if winograd:
-        return sch, _schedule_winograd(sch, winograd, cpu)
+        return sch, _schedule_winograd(sch, winograd, cpu, choice)
     if len(convs) == 1:
         return sch, _schedule_conv(sch, convs[0], cpu, choice=choice)
     if convs:
@@ -835,12 +856,22 @@ def rule_choices(func, target, limit: int = 16) -> list[ConvChoice]:
     A float convolution: its register tiles in the order of the rules' model, each with the
     channel blocks or the pixels outermost and (kernels wider than 1) the taps unrolled or not;
     where half vectors were chosen because whole ones do not divide the channels, the whole
-    width (a plain channel loop) too; ``limit`` in all. Another rule has only its default.
+    width (a plain channel loop) too; ``limit`` in all. The Winograd product: its register
+    tiles (``winograd_tiles``) in both parallel orders. Another rule has only its default.
     """
     from tvm import s_tir
 
     cpu = cpu_shape(target)
     sch = s_tir.Schedule(func)
+    gemm = _winograd_blocks(sch).get("gemm")
+    if gemm is not None:  # the Winograd product: its tiles, each in both parallel orders
+        cpu = cpu.for_dtype(written_dtype(sch, gemm))
+        _, _, tiles_n, channels, _ = loop_extents(sch, sch.get_loops(gemm))
+        found = winograd_tiles(tiles_n, channels, cpu)
+        variants = [ConvChoice(), ConvChoice(pixels_outer=True)]
+        for tile in found[1:]:
+            variants += [ConvChoice(tile=tile), ConvChoice(tile=tile, pixels_outer=True)]
+        return variants[:max(1, limit)]
     convs = [b for b in child_blocks(sch) if iter_kinds(sch, b) == "SSSSRRR"]
     if len(convs) != 1 or sch.get(convs[0]).name_hint.startswith(DEPTHWISE_INT8):
         return [ConvChoice()]
