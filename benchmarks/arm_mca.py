@@ -19,6 +19,11 @@ Multiply-adds per instruction: ``fmla v.4s`` 4, ``smull v.8h`` 8 (eight products
 low and high 8 bytes of 16 channels, ``smlal`` / ``smlal2`` add a second tap's products, and
 ``saddw`` widens the pair into int32), ``sdot v.4s`` 16.
 
+Where real builds take Winograd's F(4x4, 3x3) for a shape (``tvm/winograd.py``), the row also
+costs the batched product's inner loop (``fp32_winograd_product``): its cycles per multiply-add,
+and per multiply-add of the direct convolution it stands for (x 36/144; the transforms not
+counted).
+
 What the model knows is printed beside each core: LLVM 14 to 16 give cortex-a72 and cortex-a76 the
 Cortex-A57 model (``A57Unit*`` resources), so those rows are the A57 pipeline's costs for the
 instructions each core's build contains.
@@ -31,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,25 +44,31 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tsm_edge.measure.mca import (  # noqa: E402
+    find_mca,
+    hottest_loop,
+    instruction_macs,
+    run_mca,  # noqa: E402
+)
+from tsm_edge.measure.mca import loop_macs as _macs  # noqa: E402
+
+MACS = ("fmla", "smull", "smull2", "smlal", "smlal2", "sdot")  # the mnemonics counted
+
+
+def _op(ins: str) -> str | None:
+    """The multiply-add mnemonic of a vector instruction, else None."""
+    return ins.split(None, 1)[0] if instruction_macs(ins) else None
+
+
+def mca(mca_path: str, core: str, body: list[str]) -> dict:
+    cost = run_mca(mca_path, "aarch64", core, body)
+    return {"cycles_per_iteration": cost["cycles_per_iteration"], "model": cost["model"] or "?"}
+
 CORES = {"cortex-a57": "neon", "cortex-a72": "neon", "cortex-a76": "neon-dotprod"}
 # (name, NHWC input, kernel, output channels, strides, padding, depthwise): MobileNetV2-like
 SHAPES = [("pointwise 28x28 64->64", (1, 28, 28, 64), (1, 1), 64, (1, 1), (0, 0, 0, 0), False),
           ("3x3 28x28 32->32", (1, 28, 28, 32), (3, 3), 32, (1, 1), (1, 1, 1, 1), False),
           ("depthwise 3x3 28x28 144", (1, 28, 28, 144), (3, 3), 144, (1, 1), (1, 1, 1, 1), True)]
-# per instruction, 128-bit vectors; smull2 multiplies the upper 8 bytes (the depthwise kernel)
-MACS = {"fmla": 4, "smull": 8, "smull2": 8, "smlal": 8, "smlal2": 8, "sdot": 16}
-
-
-def find_mca() -> str:
-    """The newest llvm-mca on this machine."""
-    for name in ("/usr/lib/llvm-16/bin/llvm-mca", "llvm-mca-16", "/usr/lib/llvm-15/bin/llvm-mca",
-                 "llvm-mca-15", "llvm-mca-14", "llvm-mca"):
-        path = shutil.which(name) or (name if Path(name).exists() else None)
-        if path:
-            return path
-    sys.exit("error: llvm-mca is not installed (Debian: apt-get install llvm-16)")
-
-
 def float_conv(shape, kernel, out_channels, strides, padding, depthwise=False, lanes=4):
     # lanes 4: a NEON vector of float32, what ``conv.packing_lanes`` gives every Arm core here
     """The float32 NHWC convolution as the CPU pipeline legalizes it: dense ones over weights
@@ -115,55 +125,6 @@ def assembly(func, core: str, padding_tests: bool = False) -> tuple[str, dict]:
     return "".join(str(m.inspect_source("asm")) for m in [exe.mod, *exe.mod.imports]), what
 
 
-def hottest_loop(asm: str) -> list[str]:
-    """The instructions of the innermost loop with the most multiply-adds: from a label to a
-    branch back to it (blocks between included), with no other loop inside."""
-    lines = [ln.split("//")[0].rstrip() for ln in asm.splitlines()]
-    labels = {ln[:-1]: i for i, ln in enumerate(lines) if re.match(r"^\.?L\w+:$", ln)}
-    spans = []
-    for i, ln in enumerate(lines):
-        m = re.match(r"^\s+(b\.\w+|b|cbnz|cbz|tbnz|tbz)\s+.*?(\.?L\w+)$", ln)
-        if m and m.group(2) in labels and labels[m.group(2)] < i:
-            spans.append((labels[m.group(2)], i))
-    innermost = [(a, b) for a, b in spans
-                 if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
-    best: list[str] = []
-    for a, b in innermost:
-        body = [x.strip() for x in lines[a + 1:b + 1]
-                if x.strip() and not x.strip().startswith(".") and not x.endswith(":")]
-        if _macs(body) > _macs(best):
-            best = body
-    return best
-
-
-# the vector forms only (a scalar smull x0, w1, w2 computes an address)
-VECTOR_FORM = {"fmla": r"v\d+\.4s", "sdot": r"v\d+\.4s",
-               **{op: r"v\d+\.8h" for op in ("smull", "smull2", "smlal", "smlal2")}}
-
-
-def _op(ins: str) -> str | None:
-    """The multiply-add mnemonic of a vector instruction, else None."""
-    parts = ins.split(None, 1)
-    if len(parts) == 2 and parts[0] in MACS and re.match(VECTOR_FORM[parts[0]], parts[1]):
-        return parts[0]
-    return None
-
-
-def _macs(body: list[str]) -> int:
-    return sum(MACS[op] for op in map(_op, body) if op)
-
-
-def mca(mca_path: str, core: str, body: list[str], iterations: int = 200) -> dict:
-    text = "\n".join(b for b in body if not re.match(r"^(b\.\w+|b|cbnz|cbz|tbnz|tbz)\s", b))
-    res = subprocess.run([mca_path, "-mtriple=aarch64", f"-mcpu={core}",
-                          f"-iterations={iterations}"], input=text + "\n", capture_output=True,
-                         text=True, check=True)
-    out = res.stdout
-    cycles = int(re.search(r"Total Cycles:\s+(\d+)", out).group(1))
-    units = sorted(set(re.findall(r"-\s+(\w+?)Unit", out)))
-    return {"cycles_per_iteration": cycles / iterations, "model": ",".join(units) or "?"}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, help="write the figures here")
@@ -173,8 +134,12 @@ def main() -> None:
     args = ap.parse_args()
     from tsm_edge.compiler.quantize import int8
     from tsm_edge.compiler.quantize.isa import ISAS
+    from tsm_edge.compiler.tvm import winograd
 
     mca_path = find_mca()
+    if mca_path is None:
+        sys.exit("error: llvm-mca is not installed (Debian: apt-get install llvm-16)")
+
     version = subprocess.run([mca_path, "--version"], capture_output=True,
                              text=True).stdout.split("version")[1].split()[0]
     rows = []
@@ -205,14 +170,35 @@ def main() -> None:
                     "branches_per_iteration": sum(1 for b in body if re.match(
                         r"^(b\.\w+|b|cbnz|cbz|tbnz|tbz)\s", b)),
                     "tile": what.get("tile"), "scheduling_model": cost["model"]}
+            if winograd.applies(*kernel, strides, padding, (1, 1), 1, shape[3], "float32",
+                                "float32", shape[1], shape[2]) and not dw:
+                # what real builds run for this shape: the Winograd product's loop, whose
+                # multiply-adds stand for 4x as many of the direct convolution's
+                product = winograd.prim_funcs(shape, (6, 6, o // 4, shape[3], 4), "float32",
+                                              "float32")[1]
+                asm, what = assembly(product, core)
+                body = hottest_loop(asm)
+                macs = _macs(body)
+                cost = mca(mca_path, core, body)
+                per_mac = cost["cycles_per_iteration"] / macs if macs else None
+                row["fp32_winograd_product"] = {
+                    "instructions_per_iteration": len(body), "macs_per_iteration": macs,
+                    "cycles_per_iteration": cost["cycles_per_iteration"],
+                    "cycles_per_mac": per_mac,
+                    "cycles_per_direct_mac": per_mac * 36 / 144 if per_mac else None,
+                    "tile": what.get("tile"), "scheduling_model": cost["model"],
+                    "not_counted": "the input and output transforms"}
             f, i = row["fp32"]["cycles_per_mac"], row["int8"]["cycles_per_mac"]
             ft = row["fp32_padding_tests"]["cycles_per_mac"]
             row["int8_over_fp32"] = i / f if f and i else None
             row["fp32_over_fp32_padding_tests"] = f / ft if f and ft else None
             rows.append(row)
+            w = row.get("fp32_winograd_product")
+            wino = (f"winograd product {w['cycles_per_mac']:.4f} cyc/MAC, "
+                    f"{w['cycles_per_direct_mac']:.4f} per direct MAC | ") if w else ""
             print(f"{core:11s} {name:24s} fp32 {f:.4f} (padding tests inside {ft:.4f}) cyc/MAC | "
                   f"int8 {i:.4f} cyc/MAC ({row['int8']['multiplies']}) | "
-                  f"int8/fp32 {row['int8_over_fp32']:.2f} | "
+                  f"int8/fp32 {row['int8_over_fp32']:.2f} | {wino}"
                   f"model {row['int8']['scheduling_model']}", flush=True)
     result = {"llvm_mca": f"{mca_path} {version}", "method": __doc__.split("\n\n")[1].strip(),
               "rows": rows}

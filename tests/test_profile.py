@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from helpers import run_cli
 
 CONV_KINDS = ("pointwise", "depthwise", "conv3x3", "conv7x7", "conv (other)")
@@ -116,3 +118,57 @@ def test_bench_plot_and_method(tiny_mnv2, tmp_path):
     assert set(result["method"]) == {"tsm-edge", "onnxruntime"}
     assert "spinning off" in result["method"]["onnxruntime"]
     assert all(len(v) == 5 for v in result["latencies_ms"].values())
+
+
+def test_mca_counts_vector_multiply_adds_and_finds_the_hottest_loop():
+    from tsm_edge.measure import mca
+
+    assert mca.instruction_macs("fmla v0.4s, v1.4s, v2.s[0]") == 4
+    assert mca.instruction_macs("fmla v0.8h, v1.8h, v2.h[0]") == 8
+    assert mca.instruction_macs("sdot v0.4s, v1.16b, v2.4b[1]") == 16
+    assert mca.instruction_macs("smull x0, w1, w2") == 0  # an address, not a vector product
+    assert mca.instruction_macs("vfmadd231ps %zmm1, %zmm2, %zmm3") == 16
+    assert mca.instruction_macs("vfmadd231ps (%rax){1to8}, %ymm2, %ymm3") == 8
+    assert mca.instruction_macs("vfmadd213ss %xmm1, %xmm2, %xmm3") == 0  # scalar
+    assert mca.instruction_macs("vpdpbusd %zmm1, %zmm2, %zmm3") == 64
+    asm = "\n".join([
+        ".LBB0_1:", "  vmovups (%rax), %zmm0", ".LBB0_2:",
+        "  vfmadd231ps %zmm0, %zmm1, %zmm2", "  addq $4, %rcx", "  jne .LBB0_2",
+        "  vfmadd231ps %zmm0, %zmm1, %zmm3", "  jne .LBB0_1",
+        ".LBB0_3:", "  vfmadd231ps %ymm0, %ymm1, %ymm2", "  vfmadd231ps %ymm0, %ymm1, %ymm4",
+        "  vfmadd231ps %ymm0, %ymm1, %ymm5", "  b.ne .LBB0_3"])
+    # innermost loops only; of those, the one with the most multiply-adds (3 x 8 > 16)
+    body = mca.hottest_loop(asm)
+    assert mca.loop_macs(body) == 24 and body[-1] == "b.ne .LBB0_3"
+
+
+@pytest.mark.slow  # rebuilds the model's operators for three cores
+@pytest.mark.needs("llvm-mca-16", why="the loops are costed by LLVM's scheduling models")
+def test_profile_mca_costs_each_kind_for_the_arm_cores_and_this_cpu(tiny_mnv2, tmp_path):
+    out = tmp_path / "profile.json"
+    proc = run_cli("profile", str(tiny_mnv2), "--frames", "2", "--warmup", "1", "--threads", "1",
+                   "--compare", "", "--mca", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    mca = json.loads(out.read_text())["llvm_mca"]
+    assert mca["cores"][1:] == ["cortex-a72", "cortex-a76"] and mca["cores"][0].startswith("x86")
+    assert {"pointwise", "depthwise", "conv3x3"} <= set(mca["kinds"])
+    for kind, per_core in mca["kinds"].items():
+        for core in mca["cores"]:
+            cost = per_core[core]
+            # no faster than one vector multiply-add per cycle per lane the model allows
+            assert 0.01 < cost["cycles_per_mac"] < 5, (kind, core, cost)
+            assert cost["macs_per_iteration"] > 0 and cost["scheduling_model"], (kind, core)
+    assert mca["kinds"]["pointwise"]["cortex-a72"]["scheduling_model"] == "A57"
+    assert "cycles per multiply-add" in proc.stdout
+
+
+def test_profile_mca_refuses_a_model_file_artifact_first(tmp_path):
+    import tsm_edge
+
+    from helpers import RESNET_LIKE_FILE, assert_user_error
+
+    path = tmp_path / "resnet_like.py"
+    path.write_text(RESNET_LIKE_FILE)
+    art = tsm_edge.compile(None, tmp_path / "art", model_file=f"{path}:build", input_size=32)
+    proc = run_cli("profile", str(art), "--mca", "--frames", "1")
+    assert_user_error(proc, "--mca", "registered name")

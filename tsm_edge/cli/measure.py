@@ -140,8 +140,11 @@ def bench(artifact, frames, warmup, compare, json_out, plot_out, rpc, tracker, k
 @click.option("--compare", default="onnxruntime", show_default=True,
               help="Also profile: onnxruntime ('' for tsm-edge alone)")
 @click.option("--json", "json_out", type=click.Path(), default=None)
+@click.option("--mca", is_flag=True,
+              help="Also cost each convolution kind's inner loop under llvm-mca for "
+                   "cortex-a72, cortex-a76 and this CPU (cycles per multiply-add).")
 @threads_option
-def profile(artifact, frames, warmup, compare, json_out, threads) -> None:
+def profile(artifact, frames, warmup, compare, json_out, threads, mca) -> None:
     """Per-operator time by kind (pointwise, depthwise, shift...), beside ONNX Runtime's."""
     apply_threads(threads)
     from ..measure.profile import profile as run_profile
@@ -149,7 +152,7 @@ def profile(artifact, frames, warmup, compare, json_out, threads) -> None:
 
     backends = tuple(b.strip() for b in compare.split(",") if b.strip())
     result = run_profile(artifact, frames=frames, warmup=warmup, threads=threads,
-                         compare=backends)
+                         compare=backends, mca=mca)
     if json_out:
         write_json(json_out, result)
     click.echo(table(result))

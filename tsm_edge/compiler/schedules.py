@@ -407,6 +407,11 @@ def _pads(sch, block) -> bool:
     return len(read) == len(written) and read != written
 
 
+def _has_padding(sch, conv) -> bool:
+    """A producer of the convolution pads its input (rather than only copying it)."""
+    return any(_pads(sch, p) for p in sch.get_producers(conv))
+
+
 def _written_shape(sch, block) -> list[int]:
     writes = sch.get(block).writes
     buffer = getattr(writes[0], "buffer", None) or writes[0].source
@@ -456,7 +461,7 @@ def _schedule_conv(sch, conv, cpu: CpuShape, inline_producers: bool = True,
     copy = choice.padded_copy
     if copy is None:
         copy = copies_padding(cpu, kh, kw, reduce_c)
-    padded = inline_producers and any(_pads(sch, p) for p in sch.get_producers(conv))
+    padded = inline_producers and _has_padding(sch, conv)
     # Producers that only copy (the "pad" of a 1x1 convolution) disappear; real padding is a
     # separate, parallel loop over the (slightly larger) input where ``copy`` says so.
     for producer in sch.get_producers(conv) if inline_producers else ():
@@ -881,7 +886,7 @@ def rule_choices(func, target, limit: int = 16) -> list[ConvChoice]:
     depthwise = reduce_c == 1 and channels > 1
     lanes = vector_lanes(channels, cpu)
     copied = copies_padding(cpu, kh, kw, reduce_c)
-    padded = any(_pads(sch, p) for p in sch.get_producers(conv))
+    padded = _has_padding(sch, conv)
 
     def forms(tile, with_lanes=None):
         out = [ConvChoice(tile=tile, lanes=with_lanes)]

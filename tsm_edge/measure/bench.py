@@ -344,14 +344,22 @@ def _executorch_program(step, key: str) -> Path:
     return path
 
 
-def _executorch_stream(step, threads: int | None, key: str):
-    """``make`` for ExecuTorch: the XNNPACK-delegated program run by its Python runtime."""
+def _executorch_stream(step, threads: int | None, artifact: Path):
+    """``make`` for ExecuTorch: the XNNPACK-delegated program run by its Python runtime, kept
+    by the artifact's manifest hash and ExecuTorch's version."""
+    import hashlib
+
     import numpy as np
     import torch
-    from executorch.extension.pybindings import portable_lib
-    from executorch.runtime import Runtime
 
-    path = _executorch_program(step, key)
+    try:
+        from executorch import version as et_version
+        from executorch.extension.pybindings import portable_lib
+        from executorch.runtime import Runtime
+    except ImportError:
+        raise UserError("--compare executorch needs ExecuTorch: pip install executorch") from None
+    digest = hashlib.sha256((artifact / "manifest.json").read_bytes()).hexdigest()[:24]
+    path = _executorch_program(step, f"{digest}-{et_version.__version__}")
     if threads:
         portable_lib._unsafe_reset_threadpool(threads)  # XNNPACK's pool; its only setter
     method = Runtime.get().load_program(str(path)).load_method("forward")
@@ -362,7 +370,7 @@ def _executorch_stream(step, threads: int | None, key: str):
 
         def run(frame):
             nonlocal caches
-            out = method.execute([torch.from_numpy(np.ascontiguousarray(frame)), *caches])
+            out = method.execute([torch.from_numpy(frame), *caches])  # frames: copies
             caches = list(out[1:])
             return out[0].numpy()
         return run
@@ -443,16 +451,7 @@ def _child(argv: list[str]) -> int:
     elif args.backend == "ncnn":
         make = _ncnn_stream(step, args.threads)
     elif args.backend == "executorch":
-        import hashlib
-
-        try:
-            from executorch import version as et_version
-        except ImportError:
-            raise UserError("--compare executorch needs ExecuTorch: pip install "
-                            "executorch") from None
-        digest = hashlib.sha256((Path(args.artifact) / "manifest.json").read_bytes())
-        make = _executorch_stream(step, args.threads,
-                                  f"{digest.hexdigest()[:24]}-{et_version.__version__}")
+        make = _executorch_stream(step, args.threads, Path(args.artifact))
     else:
         from ..frontend.onnx_export import export_step_onnx, ort_session
 

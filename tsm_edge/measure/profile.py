@@ -188,8 +188,11 @@ def summarize(per_op: dict[str, dict]) -> dict[str, dict]:
 
 
 def profile(artifact: str | Path, *, frames: int = 20, warmup: int = 5, threads: int | None = None,
-            compare: tuple[str, ...] = ("onnxruntime",), timeout: float = 3600) -> dict:
-    """Per-operator profile of ``artifact`` (and ONNX Runtime's) as JSON."""
+            compare: tuple[str, ...] = ("onnxruntime",), timeout: float = 3600,
+            mca: bool = False) -> dict:
+    """Per-operator profile of ``artifact`` (and ONNX Runtime's) as JSON. ``mca``: also each
+    convolution kind's inner loop under llvm-mca, for the Arm cores and this CPU
+    (``measure/mca.py``; the model is rebuilt from its name, so registered models only)."""
     from ..artifact.store import read_manifest
     from ..support.system import machine
     from .bench import child_args, run_child
@@ -200,6 +203,14 @@ def profile(artifact: str | Path, *, frames: int = 20, warmup: int = 5, threads:
     if built_for.device != "cpu" or not manifest.runnable:
         raise UserError(f"{art}: profile runs artifacts built for this machine's CPU; this one "
                         f"is for {built_for.preset} ({built_for.device})")
+    if mca:  # before any frame: the operators are rebuilt from the registered model
+        from ..models.registry import get_model_info
+
+        try:
+            get_model_info(manifest.model.name)
+        except UserError:
+            raise UserError(f"--mca rebuilds the model's operators from its registered name; "
+                            f"{manifest.model.name!r} is not one (a --model-file model)") from None
     origin = threads_origin(threads)
     threads = resolve_threads(threads)  # one count for tsm-edge and ONNX Runtime alike
     common = child_args(frames, warmup, threads, compare, BACKENDS)
@@ -217,6 +228,13 @@ def profile(artifact: str | Path, *, frames: int = 20, warmup: int = 5, threads:
                             "operators": side["operators"], "method": side["method"]}
                      for name, side in sides.items()},
     }
+    if mca:
+        import tvm
+
+        from .mca import model_costs
+
+        result["llvm_mca"] = model_costs(manifest.model.name, manifest.model.input_size,
+                                         tvm.target.Target(built_for.tvm_target))
     return result
 
 
@@ -246,6 +264,18 @@ def table(result: dict) -> str:
     if len(names) > 1 and totals[1]:
         row += f"{totals[0] / totals[1]:>7.2f}x"
     lines.append(row)
+    mca = result.get("llvm_mca")
+    if mca:
+        cores = mca["cores"]
+        lines += ["", "cycles per multiply-add of each kind's inner loop under llvm-mca "
+                  "(the kind's largest operator, default rules)",
+                  f"{'kind':<14}" + "".join(f"{c:>16}" for c in cores)]
+        for kind, per_core in mca["kinds"].items():
+            cells = []
+            for c in cores:
+                v = (per_core.get(c) or {}).get("cycles_per_mac")
+                cells.append(f"{v:>16.4f}" if v is not None else f"{'-':>16}")
+            lines.append(f"{kind:<14}" + "".join(cells))
     return "\n".join(lines)
 
 
