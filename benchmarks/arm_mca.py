@@ -44,13 +44,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tsm_edge.measure.mca import (  # noqa: E402
+from tsm_edge.compiler.mca import (  # noqa: E402
     find_mca,
     hottest_loop,
     instruction_macs,
     run_mca,  # noqa: E402
 )
-from tsm_edge.measure.mca import loop_macs as _macs  # noqa: E402
+from tsm_edge.compiler.mca import loop_macs as _macs  # noqa: E402
 
 MACS = ("fmla", "smull", "smull2", "smlal", "smlal2", "sdot")  # the mnemonics counted
 

@@ -121,7 +121,7 @@ def test_bench_plot_and_method(tiny_mnv2, tmp_path):
 
 
 def test_mca_counts_vector_multiply_adds_and_finds_the_hottest_loop():
-    from tsm_edge.measure import mca
+    from tsm_edge.compiler import mca
 
     assert mca.instruction_macs("fmla v0.4s, v1.4s, v2.s[0]") == 4
     assert mca.instruction_macs("fmla v0.8h, v1.8h, v2.h[0]") == 8

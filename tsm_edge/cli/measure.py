@@ -151,8 +151,26 @@ def profile(artifact, frames, warmup, compare, json_out, threads, mca) -> None:
     from ..measure.profile import table
 
     backends = tuple(b.strip() for b in compare.split(",") if b.strip())
+    manifest = None
+    if mca:  # before any frame: the operators are rebuilt from the registered model
+        from ..artifact.store import read_manifest
+        from ..models.registry import get_model_info
+
+        manifest = read_manifest(artifact)
+        try:
+            get_model_info(manifest.model.name)
+        except UserError:
+            raise UserError(f"--mca rebuilds the model's operators from its registered name; "
+                            f"{manifest.model.name!r} is not one (a --model-file model)") from None
     result = run_profile(artifact, frames=frames, warmup=warmup, threads=threads,
-                         compare=backends, mca=mca)
+                         compare=backends)
+    if manifest is not None:
+        import tvm
+
+        from ..compiler.mca import model_costs
+
+        result["llvm_mca"] = model_costs(manifest.model.name, manifest.model.input_size,
+                                         tvm.target.Target(manifest.built_for.tvm_target))
     if json_out:
         write_json(json_out, result)
     click.echo(table(result))

@@ -311,7 +311,7 @@ def tune(model: str, *, target: str = "host", trials: int | None = None,
                         "folder")
     if folder.is_dir():
         check_files(folder)
-    tasks = _tasks(model, input_size, target_obj)
+    tasks = fused_operators(model, input_size, target_obj)
     db = metaschedule.open_database(folder)
     before = metaschedule.database_size(db)
     meta = meta or {"target_key": key_str, "target": json.loads(key_str), "preset": preset.name,
@@ -494,7 +494,7 @@ def _cpu_name() -> str:
     return machine()["cpu"]
 
 
-def _tasks(model: str, input_size: int | None, target):
+def fused_operators(model: str, input_size: int | None, target):
     """The fused operators of ``model`` as the CPU build sees them, deduplicated."""
     from ..frontend.step import source_step
     from ..models.resolve import resolve_model

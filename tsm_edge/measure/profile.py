@@ -188,11 +188,8 @@ def summarize(per_op: dict[str, dict]) -> dict[str, dict]:
 
 
 def profile(artifact: str | Path, *, frames: int = 20, warmup: int = 5, threads: int | None = None,
-            compare: tuple[str, ...] = ("onnxruntime",), timeout: float = 3600,
-            mca: bool = False) -> dict:
-    """Per-operator profile of ``artifact`` (and ONNX Runtime's) as JSON. ``mca``: also each
-    convolution kind's inner loop under llvm-mca, for the Arm cores and this CPU
-    (``measure/mca.py``; the model is rebuilt from its name, so registered models only)."""
+            compare: tuple[str, ...] = ("onnxruntime",), timeout: float = 3600) -> dict:
+    """Per-operator profile of ``artifact`` (and ONNX Runtime's) as JSON."""
     from ..artifact.store import read_manifest
     from ..support.system import machine
     from .bench import child_args, run_child
@@ -203,14 +200,6 @@ def profile(artifact: str | Path, *, frames: int = 20, warmup: int = 5, threads:
     if built_for.device != "cpu" or not manifest.runnable:
         raise UserError(f"{art}: profile runs artifacts built for this machine's CPU; this one "
                         f"is for {built_for.preset} ({built_for.device})")
-    if mca:  # before any frame: the operators are rebuilt from the registered model
-        from ..models.registry import get_model_info
-
-        try:
-            get_model_info(manifest.model.name)
-        except UserError:
-            raise UserError(f"--mca rebuilds the model's operators from its registered name; "
-                            f"{manifest.model.name!r} is not one (a --model-file model)") from None
     origin = threads_origin(threads)
     threads = resolve_threads(threads)  # one count for tsm-edge and ONNX Runtime alike
     common = child_args(frames, warmup, threads, compare, BACKENDS)
@@ -228,13 +217,6 @@ def profile(artifact: str | Path, *, frames: int = 20, warmup: int = 5, threads:
                             "operators": side["operators"], "method": side["method"]}
                      for name, side in sides.items()},
     }
-    if mca:
-        import tvm
-
-        from .mca import model_costs
-
-        result["llvm_mca"] = model_costs(manifest.model.name, manifest.model.input_size,
-                                         tvm.target.Target(built_for.tvm_target))
     return result
 
 

@@ -188,3 +188,10 @@ def bound_constant(expr, lookup):
             return None
     tensor = constant_tensor(expr)
     return None if tensor is None else tensor.numpy()
+
+
+def i64(v: int):
+    """An int64 constant: Relax's legalized operators index in int64."""
+    from tvm import tirx
+
+    return tirx.const(v, "int64")

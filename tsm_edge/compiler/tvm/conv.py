@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .analysis import bound_constant
+from .analysis import bound_constant, i64
 
 WINOGRAD_VAR = "TSM_EDGE_WINOGRAD"  # "0": 3x3 convolutions stay direct (for comparisons)
 
@@ -38,13 +38,6 @@ def winograd_enabled() -> bool:
 PACKED_CONV_BLOCK = "conv2d_nhwc"  # the same block name as TVM's own legalization
 PAD_BLOCK = "pad_temp"
 FLOATS = ("float32", "float16")
-
-
-def i64(v: int):
-    """An int64 constant: Relax's legalized operators index in int64."""
-    from tvm import tirx
-
-    return tirx.const(v, "int64")
 
 
 def pack_weights(w_hwio: np.ndarray, lanes: int) -> np.ndarray:

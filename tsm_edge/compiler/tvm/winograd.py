@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .conv import i64
+from .analysis import i64
 
 M_OUT, R_KERNEL, ALPHA = 4, 3, 6  # outputs per tile side, kernel side, tile side
 PAD_BLOCK, INPUT_BLOCK, GEMM_BLOCK, OUTPUT_BLOCK = (

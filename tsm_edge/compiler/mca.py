@@ -106,7 +106,7 @@ def rule_cost(func, target, mca_path: str, triple: str, core: str) -> dict | Non
     ``target`` (None when no rule takes it or the loop has no vector multiply-add)."""
     import tvm
 
-    from ..compiler import schedules
+    from . import schedules
 
     sch, what = schedules.schedule_primfunc(func, target)
     if sch is None:
@@ -128,7 +128,7 @@ def rule_cost(func, target, mca_path: str, triple: str, core: str) -> dict | Non
 def _representatives(tasks, target) -> dict:
     """{kind: (operator, func)}: per convolution kind the fused operator with the most
     multiply-adds, as the default rules describe it for ``target``."""
-    from ..compiler import schedules
+    from . import schedules
 
     best: dict = {}
     for name, mod, _calls in tasks:
@@ -153,7 +153,7 @@ def model_costs(model: str, input_size: int | None, host_target,
     inner loop for each Arm core (aarch64 build) and for the host (x86 build)."""
     import tvm
 
-    from ..compiler.tuning import _tasks
+    from .tuning import fused_operators
 
     mca_path = find_mca()
     if mca_path is None:
@@ -169,7 +169,8 @@ def model_costs(model: str, input_size: int | None, host_target,
     for label, target, triple, core in builds:
         if triple not in tasks_by_triple:  # the Arm cores share one fused module (4 lanes)
             with target:
-                tasks_by_triple[triple] = (_tasks(model, input_size, target), target)
+                tasks_by_triple[triple] = (fused_operators(model, input_size, target),
+                                           target)
         tasks, fused_for = tasks_by_triple[triple]
         for kind, (name, func) in _representatives(tasks, fused_for).items():
             cost = rule_cost(func, target, mca_path, triple, core)
