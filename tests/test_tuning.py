@@ -59,7 +59,7 @@ def test_rules_search_finishes_and_keeps_its_best(rules_tuned):
     assert result["tasks_searched"] == result["tasks"] == result["default_schedules_measured"]
     meta = json.loads((db / "target.json").read_text())
     target = tvm_target.make_target(meta["target"])
-    tasks = tuning._tasks("tsm_mobilenetv2_tiny", None, target)
+    tasks = tuning.fused_operators("tsm_mobilenetv2_tiny", None, target)
     expected = sum(len(schedules.rule_choices(mod["main"], target, 3)) for _n, mod, _c in tasks)
     records = (db / "database_tuning_record.json").read_text().splitlines()
     assert result["records_after"] == len(records) == expected > result["tasks"]
