@@ -43,6 +43,8 @@ def test_conv_tile_fits_the_registers_and_divides_the_output(cpu, h, w, c, depth
     if v:
         assert c % (v * cpu.lanes) == 0
         assert ty * tx * v + v <= cpu.accumulators
+        # TVM puts a register tile of 1024 bytes or more in a heap workspace (tvm/memory.py)
+        assert ty * tx * v * cpu.lanes * 4 < 1024
     else:
         assert c % cpu.lanes, "channels that fill whole vectors must be vectorized"
 
@@ -186,6 +188,70 @@ def test_scheduled_convolution_is_parallel_vectorized_and_exact(shape, kernel, s
     assert what["padding"] == (("copied" if copied else "in the loads") if pad else "none")
     got, want = run(tvm.compile(sch.mod, target))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+STACK_SPECS = [ZNVER3, AVX512, A72]
+
+
+def _workspaces_per_task(mod, target) -> list[str]:
+    """The heap workspaces TVM's lowering allocates inside a parallel loop (once per task),
+    from the lowered TIR as TVM's build would lower it (a padded copy of the whole input,
+    allocated once per call outside the loop, is not one of them)."""
+    import tvm
+
+    mod = tvm.IRModule({"main": mod["main"].with_attr("global_symbol", "main")})
+    mod = tvm.tirx.transform.BindTarget(target.with_host(target))(mod)
+    pipeline, finalize_host, _device = tvm.tirx.get_tir_pipeline("default")
+    text = finalize_host()(pipeline(mod)).script()
+    found, enclosing = [], []  # (indent, line) of the statements around the current line
+    for line in text.splitlines():
+        indent = len(line) - len(line.lstrip())
+        while enclosing and enclosing[-1][0] >= indent:
+            enclosing.pop()
+        if "TVMBackendAllocWorkspace" in line and any("T.parallel" in o for _i, o in enclosing):
+            found.append(line.strip())
+        enclosing.append((indent, line))
+    return found
+
+
+@pytest.mark.parametrize("spec", STACK_SPECS, ids=["avx2", "avx512", "neon"])
+@pytest.mark.parametrize("shape, kernel, stride, pad, groups, kind, lanes",
+                         [(*c, None) for c in CONV_CASES[:3]] + PACKED_CASES[:3]
+                         + [((1, 28, 28, 16), (1, 1, 16, 96), 1, 0, 1, "pointwise", 16)])
+def test_register_tile_is_a_stack_allocation(spec, shape, kernel, stride, pad, groups, kind,
+                                             lanes):
+    """The accumulators live in registers: no heap workspace per parallel task in the machine
+    code (``tvm/memory.py``: TVM allocates a "local" buffer, or a "global" one of 1024 bytes or
+    more, with TVMBackendAllocWorkspace, then sets, stores and frees it around every tile).
+    The 16 -> 96 pointwise convolution is MobileNetV2's 112x112 expansion, whose widest tile
+    before this rule was 24 AVX-512 vectors (1,536 bytes)."""
+    target = _target(spec)
+    cpu = schedules.cpu_shape(target)
+    if lanes and kernel[-1] % cpu.lanes == 0:
+        lanes = cpu.lanes  # weights packed by the target's own vector
+    func, _run = _conv_case(shape, kernel, stride, pad, groups, lanes)
+    sch, what = schedules.schedule_primfunc(func, target)
+    assert what["kind"] == kind
+    assert _workspaces_per_task(sch.mod, target) == [], what
+
+
+@pytest.mark.parametrize("spec", [AVX512, A72], ids=["avx512", "neon"])
+def test_winograd_product_and_int8_tiles_are_stack_allocations(spec):
+    """The same for the Winograd product's tile and the integer convolution's int32 tile."""
+    from helpers import int8_conv_module
+    from tsm_edge.compiler.quantize.isa import isa_for
+    from tsm_edge.compiler.tvm import winograd
+
+    target = _target(spec)
+    u_shape = winograd.transform_weights(np.zeros((3, 3, 64, 64), np.float32),
+                                         schedules.cpu_shape(target).lanes).shape
+    product = winograd.prim_funcs((1, 56, 56, 64), u_shape, "float32", "float32")[1]
+    sch, what = schedules.schedule_primfunc(product.with_attr("global_symbol", "main"), target)
+    assert what["form"] == "winograd product"
+    assert _workspaces_per_task(sch.mod, target) == [], what
+    mod, target, what = int8_conv_module(isa_for(target), spec, (1, 14, 14, 64), (1, 1), 64,
+                                         (1, 1), (0, 0, 0, 0))
+    assert _workspaces_per_task(mod, target) == [], what
 
 
 WINOGRAD_CASES = [  # (H, W, in, out): partial tiles, half vectors, ResNet-50's 56x56 stage

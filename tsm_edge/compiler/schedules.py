@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .tvm.memory import TILE_SCOPE, stack_accumulators
+
 CONV_INT8 = "conv_int8"  # int8.CONV_BLOCK: the reduction block of an integer convolution
 DEPTHWISE_INT8 = "conv_int8_depthwise"  # int8.DEPTHWISE_BLOCK: an integer depthwise one
 PAD_INT8 = "pad_int8"  # isa.PAD_BLOCK: the zero-point padding in front of an integer convolution
@@ -46,16 +48,25 @@ class CpuShape:
     # 3x3 chose its taps unrolled; the defaults there follow. Other CPUs keep the model's.
     tile_vectors: int = 4
     unroll_taps: bool = False
+    element_bytes: int = 4  # bytes of one accumulator value (``for_dtype``)
 
     @property
     def accumulators(self) -> int:
         return self.registers - 4  # weights, a broadcast input, addresses
 
+    def tile_budget(self, weight_vectors: int) -> int:
+        """Accumulator vectors a register tile may hold beside ``weight_vectors`` weight
+        vectors: what the registers leave, and no more than TVM keeps on the stack
+        (``tvm/memory.py``: a bigger tile is a heap workspace per parallel task)."""
+        return min(self.accumulators - weight_vectors,
+                   stack_accumulators(self.lanes, self.element_bytes))
+
     def for_dtype(self, dtype: str) -> CpuShape:
         """The same CPU for values of ``dtype``: lanes = vector bits / dtype bits."""
         digits = "".join(ch for ch in str(dtype) if ch.isdigit())
         bits = int(digits) if digits else 32
-        return self if bits == 32 else replace(self, lanes=max(1, self.lanes * 32 // bits))
+        return self if bits == 32 else replace(self, lanes=max(1, self.lanes * 32 // bits),
+                                               element_bytes=max(1, bits // 8))
 
 
 def cpu_shape(target) -> CpuShape:
@@ -99,7 +110,7 @@ def conv_tiles(height: int, width: int, channels: int, cpu: CpuShape,
         vecs = [v for v in (4, 3, 2, 1) if channels % (v * lanes) == 0]
     scored = []
     for v in vecs:
-        budget = cpu.accumulators - v
+        budget = cpu.tile_budget(v)
         for ty in _divisors(height, 4):
             for tx in _divisors(width, 16):
                 acc = ty * tx * max(v, 1)
@@ -438,7 +449,7 @@ def _register_tile(sch, conv):
     A consumer over fewer elements (the slice that drops an integer convolution's padded
     output channels) is not inlined: TVM would then write it over the accumulator's whole
     domain, past the end of each row. It stays a loop of its own (``_schedule_tail``)."""
-    wb = sch.cache_write(conv, 0, "local")
+    wb = sch.cache_write(conv, 0, TILE_SCOPE)
     inline_chain(sch, wb)
     return wb
 
@@ -636,7 +647,7 @@ def winograd_tiles(tiles_n: int, channels: int, cpu: CpuShape) -> list[tuple[int
             continue
         for tp in _divisors(tiles_n, 16):
             acc = tp * v
-            if acc + v > cpu.accumulators:
+            if acc > replace(cpu, lanes=lanes).tile_budget(v):
                 continue
             scored.append((v > cpu.tile_vectors, -acc / (tp + v), -v, tp, v))
     scored.sort()
@@ -664,7 +675,7 @@ def _schedule_winograd(sch, blocks: dict, cpu: CpuShape,
         lanes = vector_lanes(channels, cpu)
         choice = choice or ConvChoice()
         tp, _one, v = choice.tile or winograd_tiles(tiles_n, channels, cpu)[0]
-        wb = sch.cache_write(gemm, 0, "local")
+        wb = sch.cache_write(gemm, 0, TILE_SCOPE)
         if v:
             to, ti = sch.split(t, [None, tp])
             fo, fv, fl = sch.split(f, [None, v, lanes])

@@ -135,16 +135,18 @@ def register_intrinsic(isa: Isa) -> str:
 def _intrinsic(isa: Isa):
     """(description, implementation) PrimFuncs: C[i] += A[k] * B[i, k], i < L, k < 4.
 
-    C is the register tile (scope "local") the convolution schedule accumulates in.
+    C is the register tile (``TILE_SCOPE``) the convolution schedule accumulates in.
     """
     from tvm.script import tirx as T
+
+    from ..tvm.memory import TILE_SCOPE
 
     L, dt = isa.lanes, isa.data_dtype
 
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((4,), dt, offset_factor=1),
              B: T.Buffer((L, 4), "int8", offset_factor=1),
-             C: T.Buffer((L,), "int32", offset_factor=1, scope="local")) -> None:
+             C: T.Buffer((L,), "int32", offset_factor=1, scope=TILE_SCOPE)) -> None:
         with T.sblock("root"):
             T.reads(C[0:L], A[0:4], B[0:L, 0:4])
             T.writes(C[0:L])
@@ -171,7 +173,7 @@ def _intrinsic(isa: Isa):
         @T.prim_func(s_tir=True)
         def impl(A: T.Buffer((4,), dt, offset_factor=1),
                  B: T.Buffer((L, 4), "int8", offset_factor=1),
-                 C: T.Buffer((L,), "int32", offset_factor=1, scope="local")) -> None:
+                 C: T.Buffer((L,), "int32", offset_factor=1, scope=TILE_SCOPE)) -> None:
             with T.sblock("root"):
                 T.reads(C[0:L], A[0:4], B[0:L, 0:4])
                 T.writes(C[0:L])
@@ -193,7 +195,7 @@ def _intrinsic(isa: Isa):
         @T.prim_func(s_tir=True)
         def impl(A: T.Buffer((4,), dt, offset_factor=1),
                  B: T.Buffer((L, 4), "int8", offset_factor=1),
-                 C: T.Buffer((L,), "int32", offset_factor=1, scope="local")) -> None:
+                 C: T.Buffer((L,), "int32", offset_factor=1, scope=TILE_SCOPE)) -> None:
             with T.sblock("root"):
                 T.reads(C[0:L], A[0:4], B[0:L, 0:4])
                 T.writes(C[0:L])
@@ -214,7 +216,7 @@ def _intrinsic(isa: Isa):
         @T.prim_func(s_tir=True)
         def impl(A: T.Buffer((4,), dt, offset_factor=1),
                  B: T.Buffer((L, 4), "int8", offset_factor=1),
-                 C: T.Buffer((L,), "int32", offset_factor=1, scope="local")) -> None:
+                 C: T.Buffer((L,), "int32", offset_factor=1, scope=TILE_SCOPE)) -> None:
             with T.sblock("root"):
                 T.reads(C[0:L], A[0:4], B[0:L, 0:4])
                 T.writes(C[0:L])
