@@ -84,6 +84,42 @@ def test_bench_json_has_every_contract_key(tiny_mnv2, tmp_path):
     assert len(r["latencies_ms"]["tsm-edge"]) == 20
 
 
+def test_bench_against_times_artifacts_in_alternating_rounds(tiny_mnv2, tiny_resnet,
+                                                             artifact_copy, tmp_path):
+    """``--against``: artifacts taking the same frame, each in its own process per round, the
+    order reversed every other round; each round's p50 over the first's. The same folder twice
+    is an A/A pair, labelled apart; an artifact taking another frame is a one-line error."""
+    out = tmp_path / "ab.json"
+    proc = run_cli("bench", str(tiny_mnv2), "--against", str(tiny_resnet), "--against",
+                   str(tiny_mnv2), "--rounds", "3", "--frames", "6", "--warmup", "1",
+                   "--threads", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    labels = list(r["artifacts"])
+    assert labels == [str(tiny_mnv2), str(tiny_resnet), f"{tiny_mnv2} (#3)"]
+    assert [a["model"] for a in r["artifacts"].values()] == \
+        ["tsm_mobilenetv2_tiny", "tsm_resnet50_tiny", "tsm_mobilenetv2_tiny"]
+    for a in r["artifacts"].values():
+        assert len(a["round_p50_ms"]) == 3 and a["frames"] == 18
+        assert min(a["round_p50_ms"]) <= a["median_round_p50_ms"] <= max(a["round_p50_ms"])
+    assert set(r["ratios_to_first"]) == set(labels[1:])
+    for label, ratio in r["ratios_to_first"].items():
+        want = [round(b / a, 3) for a, b in zip(r["artifacts"][labels[0]]["round_p50_ms"],
+                                                r["artifacts"][label]["round_p50_ms"])]
+        assert ratio["rounds"] == want and ratio["min"] <= ratio["median"] <= ratio["max"]
+    assert r["rounds"] == 3 and r["threads"] == 1 and "reversed" in r["method"]
+    assert "vs first" in proc.stdout and str(tiny_resnet) in proc.stdout
+    manifest = json.loads((artifact_copy / "manifest.json").read_text())
+    manifest["input"]["shape"] = [1, 3, 96, 96]
+    (artifact_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert_user_error(run_cli("bench", str(tiny_mnv2), "--against", str(artifact_copy)),
+                      str(artifact_copy), "[1, 3, 96, 96]", "same frame")
+    assert_user_error(run_cli("bench", str(tiny_mnv2), "--against", str(tiny_resnet),
+                              "--compare", "torch"), "--against", "--compare")
+    assert_user_error(run_cli("bench", str(tiny_mnv2), "--against", str(tiny_resnet),
+                              "--rounds", "0"), "--rounds 0")
+
+
 def test_bench_peers_are_checked_against_the_pytorch_step(tiny_mnv2, tmp_path):
     """ONNX Runtime, OpenVINO, ncnn (via pnnx) and ExecuTorch (its XNNPACK delegate) each run
     the step; before it is timed, each one's logits are compared with the PyTorch step's over

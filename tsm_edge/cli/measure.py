@@ -80,19 +80,30 @@ def verify(artifact, frames, frames_npy, checkpoint, tolerance, json_out, rpc, t
               help="Also time peers on the same model: torch, onnxruntime, openvino, ncnn, "
                    "executorch (XNNPACK) (comma-separated; each peer is checked against the "
                    "PyTorch step on 3 frames first)")
+@click.option("--against", multiple=True, type=click.Path(),
+              help="Another artifact taking the same frame (repeatable): all timed in "
+                   "alternating rounds, each round's p50 over ARTIFACT's")
+@click.option("--rounds", type=int, default=5, show_default=True,
+              help="Rounds of --frames each, with --against.")
 @click.option("--json", "json_out", type=click.Path(), default=None)
 @click.option("--plot", "plot_out", type=click.Path(), default=None,
               help="PNG: latency over frames and a histogram per backend.")
 @remote_options
 @threads_option
-def bench(artifact, frames, warmup, compare, json_out, plot_out, rpc, tracker, key,
-          threads) -> None:
+def bench(artifact, frames, warmup, compare, against, rounds, json_out, plot_out, rpc, tracker,
+          key, threads) -> None:
     """Per-frame latency percentiles and memory, optionally beside PyTorch and ONNX Runtime."""
     apply_threads(threads)
     from ..measure.bench import bench as run_bench
     from ..measure.bench import bench_remote
 
     backends = tuple(b.strip() for b in compare.split(",") if b.strip())
+    if against:
+        if backends or rpc or tracker or plot_out:
+            raise UserError("--against times artifacts against each other on this machine; "
+                            "it cannot be combined with --compare, --rpc, --tracker or --plot")
+        _bench_against(artifact, against, frames, warmup, threads, rounds, json_out)
+        return
     remote = remote_session(rpc, tracker, key)
     if remote is not None:
         if backends:
@@ -131,6 +142,29 @@ def bench(artifact, frames, warmup, compare, json_out, plot_out, rpc, tracker, k
                f"workspace {mb_text(m['workspace_bytes'])}; RSS baseline "
                f"{mb_text(m['rss_baseline_bytes'])}, loaded {mb_text(m['rss_loaded_bytes'])}, peak "
                f"{mb_text(m['rss_peak_bytes'])}")
+
+
+def _bench_against(artifact, against, frames, warmup, threads, rounds, json_out) -> None:
+    from ..measure.bench import bench_against
+
+    result = bench_against(artifact, tuple(against), frames=frames, warmup=warmup,
+                           threads=threads, rounds=rounds)
+    if json_out:
+        write_json(json_out, result)
+    click.echo(f"{rounds} alternating rounds of {frames} frames, threads {result['threads']}, "
+               f"{result['machine']['cpu']}")
+    click.echo(f"{'artifact':<40}{'p50 ms':>9}{'rounds min-max':>18}{'vs first':>10}"
+               f"{'ratio min-max':>16}")
+    for label, r in result["artifacts"].items():
+        if "error" in r:
+            click.echo(f"{label:<40} failed: {r['error']}")
+            continue
+        ratio = result["ratios_to_first"].get(label)
+        rp = r["round_p50_ms"]
+        click.echo(f"{label:<40}{r['median_round_p50_ms']:>9.3f}"
+                   f"{min(rp):>9.3f}-{max(rp):<8.3f}"
+                   + (f"{ratio['median']:>10.3f}{ratio['min']:>8.3f}-{ratio['max']:<7.3f}"
+                      if ratio else f"{'1':>10}"))
 
 
 @cli.command()

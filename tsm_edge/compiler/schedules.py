@@ -514,19 +514,23 @@ def _schedule_conv(sch, conv, cpu: CpuShape, inline_producers: bool = True,
         channels_unrolled = unrolls_channels(kw, reduce_c)
     if channels_unrolled and reduce_c <= SHORT_REDUCTION:
         sch.unroll(rc)
-    sch.parallel(outer)
-    sch.reverse_compute_at(wb, outer)
-    wb_loops = sch.get_loops(wb)[1:]
-    if v:
-        last = wb_loops[-1]
-        _o, lane = sch.split(last, [None, cpu.lanes])
-        sch.vectorize(lane)
-    init = sch.decompose_reduction(conv, ry)
-    if v:
-        init_loops = sch.get_loops(init)
-        sch.vectorize(init_loops[-1])
+    _finish_tile(sch, conv, wb, outer, ry, cpu.lanes if v else None)
     return {"rule": "convolution", "kind": kind, "macs": macs, "tile": [ty, tx, v * cpu.lanes],
             "padding": ("copied" if copy else "in the loads") if padded else "none"}
+
+
+def _finish_tile(sch, block, wb, outer, first_reduction, lanes: int | None) -> None:
+    """A register tile's tasks in parallel (``outer``), its write-back (with the epilogue)
+    under each task and its accumulators zeroed before ``first_reduction``; both vectorized by
+    ``lanes`` (None: the channels stay a plain loop)."""
+    sch.parallel(outer)
+    sch.reverse_compute_at(wb, outer)
+    if lanes:
+        _o, lane = sch.split(sch.get_loops(wb)[-1], [None, lanes])
+        sch.vectorize(lane)
+    init = sch.decompose_reduction(block, first_reduction)
+    if lanes:
+        sch.vectorize(sch.get_loops(init)[-1])
 
 
 def _upstream_inline(sch, block) -> None:
@@ -689,14 +693,7 @@ def _schedule_winograd(sch, blocks: dict, cpu: CpuShape,
             tp = 1
             sch.reorder(e, nu, t, rc, f)
             outer = sch.fuse(e, nu, t)
-        sch.parallel(outer)
-        sch.reverse_compute_at(wb, outer)
-        if v:
-            _o, lane = sch.split(sch.get_loops(wb)[-1], [None, lanes])
-            sch.vectorize(lane)
-        init = sch.decompose_reduction(gemm, rc)
-        if v:
-            sch.vectorize(sch.get_loops(init)[-1])
+        _finish_tile(sch, gemm, wb, outer, rc, lanes if v else None)
         macs = sch.get(gemm).annotations.get("tsm_edge.direct_macs")
         what.update(form="winograd product", macs=int(macs) if macs is not None else 0,
                     tile=[tp, 1, v * lanes])

@@ -111,6 +111,62 @@ def bench(artifact: str | Path, *, frames: int = 100, warmup: int = 10,
     }
 
 
+def bench_against(artifact: str | Path, others: tuple[str, ...], *, frames: int = 100,
+                  warmup: int = 10, threads: int | None = None, rounds: int = 5,
+                  timeout: float = 3600) -> dict:
+    """Artifacts that take the same frame, timed against the first (``artifact``): two builds
+    of one model (tuned and untuned, before and after a compiler change, two presets).
+
+    Each artifact runs in a process of its own once per round, the order reversed every other
+    round (``alternating_rounds``), so a neighbour's load falls on all of them alike. Per
+    artifact: the pooled percentiles and each round's p50; per other artifact, each round's p50
+    over the first's in the same round and their median (the figure to quote, with the rounds'
+    min-max as its spread)."""
+    from ..artifact.store import read_manifest
+
+    if rounds < 1:
+        raise UserError(f"--rounds {rounds} is not valid; give 1 or more")
+    paths = [Path(artifact), *(Path(o) for o in others)]
+    manifests = [read_manifest(p) for p in paths]
+    for path, m in zip(paths[1:], manifests[1:]):
+        if tuple(m.input.shape) != tuple(manifests[0].input.shape) or \
+                m.input.dtype != manifests[0].input.dtype:
+            raise UserError(f"--against {path} takes a {m.input.dtype} frame of "
+                            f"{list(m.input.shape)}; {paths[0]} takes "
+                            f"{manifests[0].input.dtype} {list(manifests[0].input.shape)}: give "
+                            "artifacts that take the same frame")
+    origin = threads_origin(threads)
+    threads = resolve_threads(threads)
+    common = child_args(frames, warmup, threads, (), ())
+    labels = []
+    for i, path in enumerate(paths):  # the same folder twice is an A/A pair: labelled apart
+        labels.append(str(path) if str(path) not in labels else f"{path} (#{i + 1})")
+    jobs = {label: (lambda p=path: time_child("tsm-edge", p, common, threads,
+                                              timeout)["latencies_ms"])
+            for label, path in zip(labels, paths)}
+    timed = alternating_rounds(jobs, rounds)
+    first = timed[labels[0]]
+    ratios = {}
+    for label in labels[1:]:
+        r = timed[label]
+        if "error" in r or "error" in first:
+            continue
+        per = [round(b / a, 3) for a, b in zip(first["round_p50_ms"], r["round_p50_ms"])]
+        ratios[label] = {"median": _median(per), "min": min(per), "max": max(per),
+                         "rounds": per}
+    return {
+        "artifacts": {label: {"path": str(path), "model": m.model.name,
+                              "target": m.built_for.tvm_target, **timed[label]}
+                      for label, path, m in zip(labels, paths, manifests)},
+        "ratios_to_first": ratios, "rounds": rounds, "frames": frames, "warmup": warmup,
+        "threads": threads, "threads_origin": origin, "machine": machine(),
+        "method": "each artifact in a child process of its own (TVM's runtime library, as "
+                  "tsm-edge bench) once per round, the order reversed every other round; "
+                  f"{warmup} warm-up frames, then {frames} timed, per round; ratios: each "
+                  "round's p50 over the first artifact's in the same round",
+    }
+
+
 def alternating_rounds(jobs: dict, rounds: int) -> dict:
     """Run each job once per round, order reversed every other round; pool the latencies.
 
