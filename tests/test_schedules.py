@@ -238,9 +238,10 @@ def test_register_tile_is_a_stack_allocation(spec, shape, kernel, stride, pad, g
 @pytest.mark.parametrize("spec", [AVX512, A72], ids=["avx512", "neon"])
 def test_winograd_product_and_int8_tiles_are_stack_allocations(spec):
     """The same for the Winograd product's tile and the integer convolution's int32 tile."""
-    from helpers import int8_conv_module
     from tsm_edge.compiler.quantize.isa import isa_for
     from tsm_edge.compiler.tvm import winograd
+
+    from helpers import int8_conv_module
 
     target = _target(spec)
     u_shape = winograd.transform_weights(np.zeros((3, 3, 64, 64), np.float32),
