@@ -40,11 +40,14 @@ def rules_tuned(tmp_path_factory):
     """One real search of the default rules' parameters (3 per operator) of the tiny model."""
     cache = tmp_path_factory.mktemp("rules-cache")
     out = cache / "tune.json"
+    tmp = cache / "tmp"  # the run's temporary files (the builder's exported candidates)
+    tmp.mkdir()
     proc = run_cli("tune", "--model", "tsm_mobilenetv2_tiny", "--candidates", "3",
-                   "--json", str(out), env={"XDG_CACHE_HOME": str(cache)}, timeout=1500)
+                   "--json", str(out), env={"XDG_CACHE_HOME": str(cache), "TMPDIR": str(tmp)},
+                   timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"cache": cache, "result": json.loads(out.read_text()), "stderr": proc.stderr,
-            "stdout": proc.stdout}
+            "stdout": proc.stdout, "tmp": tmp}
 
 
 def test_rules_search_finishes_and_keeps_its_best(rules_tuned):
@@ -67,6 +70,9 @@ def test_rules_search_finishes_and_keeps_its_best(rules_tuned):
     assert re.search(r"tune \[#+\.*\] \d+/\d+ trials, [0-9.]+/min, ETA", rules_tuned["stderr"])
     assert "operators searched" in rules_tuned["stdout"]
     assert len(meta["rules_searched"]) == result["tasks"]
+    # every candidate was built into a temporary folder and timed; none is left behind
+    assert not list(rules_tuned["tmp"].rglob("tvm_tmp_mod*")), sorted(
+        str(p) for p in rules_tuned["tmp"].rglob("*"))[:10]
     again = run_cli("tune", "--model", "tsm_mobilenetv2_tiny", "--candidates", "3", "-o",
                     str(db), "--json", str(db.parent / "again.json"))
     _ok(again)
