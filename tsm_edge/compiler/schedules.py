@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .tvm import winograd
 from .tvm.memory import TILE_SCOPE, stack_accumulators
 
 CONV_INT8 = "conv_int8"  # int8.CONV_BLOCK: the reduction block of an integer convolution
@@ -630,12 +631,14 @@ def _schedule_depthwise_int8(sch, conv, cpu: CpuShape, isa) -> dict:
     return what
 
 
-WINOGRAD = "winograd_"  # winograd.py's block names: pad, input, gemm, output
+WINOGRAD_BLOCKS = {winograd.PAD_BLOCK: "pad", winograd.INPUT_BLOCK: "input",
+                   winograd.GEMM_BLOCK: "gemm", winograd.OUTPUT_BLOCK: "output"}
 
 
 def _winograd_blocks(sch) -> dict:
-    return {sch.get(b).name_hint[len(WINOGRAD):]: b for b in child_blocks(sch)
-            if sch.get(b).name_hint.startswith(WINOGRAD)}
+    """{"pad" | "input" | "gemm" | "output": block} of the Winograd blocks in ``sch``."""
+    return {WINOGRAD_BLOCKS[sch.get(b).name_hint]: b for b in child_blocks(sch)
+            if sch.get(b).name_hint in WINOGRAD_BLOCKS}
 
 
 def winograd_tiles(tiles_n: int, channels: int, cpu: CpuShape) -> list[tuple[int, int, int]]:
@@ -722,13 +725,14 @@ def _schedule_winograd(sch, blocks: dict, cpu: CpuShape,
     n, y, x, f = sch.get_loops(block)
     _, height, width, channels = loop_extents(sch, [n, y, x, f])
     lanes = vector_lanes(channels, cpu.for_dtype(written_dtype(sch, block)))
-    yo, yi = sch.split(y, [None, 4])
-    xo, xi = sch.split(x, [None, 4])
+    yo, yi = sch.split(y, [None, winograd.M_OUT])
+    xo, xi = sch.split(x, [None, winograd.M_OUT])
     if channels % lanes == 0:
         fo, fl = sch.split(f, [None, lanes])
         sch.reorder(n, yo, xo, fo, yi, xi, fl)
         sch.vectorize(fl)
-        tiles_n = -(-height // 4) * -(-width // 4)
+        th, tw = winograd.tiles(height, width)
+        tiles_n = th * tw
         outer = sch.fuse(n, yo, xo) if tiles_n >= 4 * cpu.threads else sch.fuse(n, yo, xo, fo)
     else:
         sch.reorder(n, yo, xo, yi, xi, f)
@@ -784,9 +788,9 @@ def schedule_primfunc(func, target, cpu: CpuShape | None = None,
         if int8_depthwise:
             return sch, _schedule_depthwise_int8(sch, convs[0], cpu, isa)
         return sch, _schedule_conv_int8(sch, int8_convs[0], cpu, isa)
-    winograd = _winograd_blocks(sch)
-    if winograd:
-        return sch, _schedule_winograd(sch, winograd, cpu, choice)
+    winograd_blocks = _winograd_blocks(sch)
+    if winograd_blocks:
+        return sch, _schedule_winograd(sch, winograd_blocks, cpu, choice)
     if len(convs) == 1:
         return sch, _schedule_conv(sch, convs[0], cpu, choice=choice)
     if convs:

@@ -27,6 +27,9 @@ import numpy as np
 
 from .analysis import bound_constant, i64
 
+PACKED_CONV_BLOCK = "conv2d_nhwc"  # the same block name as TVM's own legalization
+PAD_BLOCK = "pad_temp"
+FLOATS = ("float32", "float16")
 WINOGRAD_VAR = "TSM_EDGE_WINOGRAD"  # "0": 3x3 convolutions stay direct (for comparisons)
 
 
@@ -34,10 +37,6 @@ def winograd_enabled() -> bool:
     import os
 
     return os.environ.get(WINOGRAD_VAR, "1").strip() != "0"
-
-PACKED_CONV_BLOCK = "conv2d_nhwc"  # the same block name as TVM's own legalization
-PAD_BLOCK = "pad_temp"
-FLOATS = ("float32", "float16")
 
 
 def pack_weights(w_hwio: np.ndarray, lanes: int) -> np.ndarray:

@@ -114,7 +114,7 @@ def _two_sided(left: np.ndarray, right: np.ndarray, value, row, col, dtype: str)
     return _select(row, rows)
 
 
-def input_transform(data, height: int, width: int):
+def input_transform(data):
     """``data`` NHWC [1, H, W, C] -> V [6, 6, tiles, C]: the padded input's 6x6 tiles as
     ``B^T d B``."""
     from tvm import te, tirx
@@ -178,7 +178,7 @@ def prim_funcs(data_shape, u_shape, dtype: str, out_dtype: str):
     th, tw = tiles(h, w)
     co = int(u_shape[2]) * int(u_shape[4])
     data = te.placeholder(tuple(i64(int(d)) for d in data_shape), dtype, name="data")
-    v_out = input_transform(data, h, w)
+    v_out = input_transform(data)
     first = te.create_prim_func([data, v_out])
     v = te.placeholder(tuple(i64(d) for d in (ALPHA, ALPHA, th * tw, ci)), dtype, name="v")
     u = te.placeholder(tuple(i64(int(d)) for d in u_shape), dtype, name="u")
