@@ -105,6 +105,8 @@ def main() -> int:
 
 def summarize(model: str, threads: int, frames: int, timing: dict, applied: int,
               compile_s: float) -> dict:
+    from tsm_edge.measure.bench import round_ratios
+
     ok = {k: v for k, v in timing.items() if "error" not in v}
     med = {k: v["median_round_p50_ms"] for k, v in ok.items()}
     spread = {k: [min(v["round_p50_ms"]), max(v["round_p50_ms"])] for k, v in ok.items()}
@@ -123,11 +125,10 @@ def summarize(model: str, threads: int, frames: int, timing: dict, applied: int,
         ratios["untuned_vs_fastest_peer"] = round(untuned / peers[fastest], 3)
     per_round = {}
     if "tsm-edge untuned" in ok and "tsm-edge tuned" in ok:
-        per_round["tuned_vs_untuned"] = [round(t / u, 3) for t, u in zip(
-            ok["tsm-edge tuned"]["round_p50_ms"], ok["tsm-edge untuned"]["round_p50_ms"])]
+        per_round["tuned_vs_untuned"] = round_ratios(ok["tsm-edge tuned"],
+                                                     ok["tsm-edge untuned"])
     if "tsm-edge untuned" in ok and "tsm-edge untuned (A/A)" in ok:
-        per_round["a_a"] = [round(a / u, 3) for a, u in zip(
-            ok["tsm-edge untuned (A/A)"]["round_p50_ms"], ok["tsm-edge untuned"]["round_p50_ms"])]
+        per_round["a_a"] = round_ratios(ok["tsm-edge untuned (A/A)"], ok["tsm-edge untuned"])
     return {"model": model, "input_size": 224, "precision": "fp32", "threads": threads,
             "frames_per_round": frames, "median_p50_ms": med, "spread_p50_ms": spread,
             "pooled": {k: {m: v[m] for m in ("p50_ms", "p90_ms", "p99_ms")}

@@ -648,13 +648,15 @@ def winograd_tiles(tiles_n: int, channels: int, cpu: CpuShape) -> list[tuple[int
     lanes = vector_lanes(channels, cpu)
     if channels % lanes:
         return [(1, 1, 0)]
+    vectors = replace(cpu, lanes=lanes)  # the product's vectors: half ones where whole don't fit
     scored = []
     for v in (4, 3, 2, 1):
         if channels % (v * lanes):
             continue
+        budget = vectors.tile_budget(v)
         for tp in _divisors(tiles_n, 16):
             acc = tp * v
-            if acc > replace(cpu, lanes=lanes).tile_budget(v):
+            if acc > budget:
                 continue
             scored.append((v > cpu.tile_vectors, -acc / (tp + v), -v, tp, v))
     scored.sort()

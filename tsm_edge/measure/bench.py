@@ -151,7 +151,7 @@ def bench_against(artifact: str | Path, others: tuple[str, ...], *, frames: int 
         r = timed[label]
         if "error" in r or "error" in first:
             continue
-        per = [round(b / a, 3) for a, b in zip(first["round_p50_ms"], r["round_p50_ms"])]
+        per = round_ratios(r, first)
         ratios[label] = {"median": _median(per), "min": min(per), "max": max(per),
                          "rounds": per}
     return {
@@ -198,6 +198,12 @@ def alternating_rounds(jobs: dict, rounds: int) -> dict:
                  "best_round_p50_ms": min(per_round[k]) if per_round[k] else None,
                  "median_round_p50_ms": _median(per_round[k]) if per_round[k] else None})
             for k, v in lat.items()}
+
+
+def round_ratios(timed: dict, reference: dict) -> list[float]:
+    """Each round's p50 of ``timed`` over ``reference``'s in the same round (both entries of
+    ``alternating_rounds``' result): the pairing that cancels a round's shared load."""
+    return [round(t / r, 3) for t, r in zip(timed["round_p50_ms"], reference["round_p50_ms"])]
 
 
 def _median(values: list[float]) -> float:
