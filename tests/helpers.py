@@ -79,6 +79,19 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None):
                           text=True, timeout=timeout, env=full_env)
 
 
+def assert_same_logits(a: Path, b: Path, frames_npy, tmp_path: Path) -> None:
+    """Two artifacts of the same model stream the same frames to the same logits."""
+    logits = []
+    for art in (a, b):
+        out = tmp_path / f"{art.name}.npy"
+        proc = run_cli("run", str(art), "--frames-npy", str(frames_npy), "--save-logits",
+                       str(out))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        logits.append(np.load(out))
+    assert logits[0].shape[0] == np.load(frames_npy).shape[0]
+    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+
+
 def assert_user_error(proc, *fragments):
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     lines = proc.stderr.strip().splitlines()

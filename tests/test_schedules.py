@@ -10,7 +10,7 @@ import pytest
 
 from tsm_edge.compiler import schedules
 
-from helpers import run_cli
+from helpers import assert_same_logits, run_cli
 
 ZNVER3 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3", "num-cores": 2}
 AVX512 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"}
@@ -385,6 +385,111 @@ def test_default_schedules_compute_what_the_plain_loops_compute(tiny_mnv2, tmp_p
         outs.append(np.load(out))
     assert outs[0].shape == (6, 5)
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+
+
+def _dw_pw_block(shape, cout, stride, residual):
+    """(Relax module, inputs, expected): a 3x3 depthwise convolution with MobileNetV2's bias
+    and clip, then the pointwise one reading it (bias, the residual add where ``residual``),
+    NHWC/HWIO with constant weights as the importer leaves them; expected from numpy."""
+    from tvm import relax
+
+    rng = np.random.default_rng(0)
+    n, h, w, c = shape
+    oh, ow = (h - 1) // stride + 1, (w - 1) // stride + 1
+    x = rng.standard_normal(shape).astype(np.float32)
+    wd = rng.standard_normal((3, 3, 1, c)).astype(np.float32)
+    bd = rng.standard_normal((1, 1, 1, c)).astype(np.float32)
+    wp = rng.standard_normal((1, 1, c, cout)).astype(np.float32)
+    bp = rng.standard_normal((1, 1, 1, cout)).astype(np.float32)
+    r = rng.standard_normal((n, oh, ow, cout)).astype(np.float32)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(list(shape), "float32"))
+    rv = relax.Var("r", relax.TensorType([n, oh, ow, cout], "float32"))
+    with bb.function("main", [xv, rv]):
+        with bb.dataflow():
+            d = bb.emit(relax.op.nn.conv2d(xv, relax.const(wd), strides=stride, padding=1,
+                                           groups=c, data_layout="NHWC", kernel_layout="HWIO"))
+            d = bb.emit(relax.op.clip(relax.op.add(d, relax.const(bd)), 0.0, 6.0))
+            y = bb.emit(relax.op.nn.conv2d(d, relax.const(wp), data_layout="NHWC",
+                                           kernel_layout="HWIO"))
+            y = bb.emit(relax.op.add(y, relax.const(bp)))
+            if residual:
+                y = bb.emit(relax.op.add(y, rv))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    mid = np.clip(_conv_reference(x, wd, stride, 1, c) + bd, 0.0, 6.0)
+    want = _conv_reference(mid, wp, 1, 0, 1) + bp + (r if residual else 0.0)
+    return bb.get(), [x, r], want
+
+
+@pytest.mark.parametrize("spec", [ZNVER3, AVX512], ids=["avx2", "avx512"])
+@pytest.mark.parametrize("shape, cout, stride, residual", [
+    ((1, 14, 14, 32), 24, 1, True),    # MobileNetV2's stride-1 block, 24 channels out
+    ((1, 16, 12, 48), 16, 2, False),   # stride 2 into whole vectors
+    ((1, 7, 9, 24), 8, 1, False),      # odd sizes, 24 channels (half vectors on AVX-512)
+])
+def test_merged_depthwise_pointwise_operator_is_exact(spec, shape, cout, stride, residual,
+                                                      monkeypatch):
+    """``tvm/chain.py`` merges the two convolutions into one operator (its size threshold at
+    0 here) and the merged rule schedules it: bands of output rows in parallel, each computing
+    the depthwise rows it reads just before its projection. The compiled step computes the
+    two convolutions (numpy), on AVX2 and AVX-512 shapes (this CPU runs both)."""
+    import tvm
+
+    from tsm_edge.compiler.tvm import build, chain
+
+    monkeypatch.setenv(chain.MIN_BYTES_VAR, "0")
+    target = _target(spec)
+    mod, inputs, want = _dw_pw_block(shape, cout, stride, residual)
+    report: dict = {}
+    fused = build.fuse(mod, target, report)
+    assert len(report["merged"]) == 1, report
+    func = fused[report["merged"][0]]
+    sch, what = schedules.schedule_primfunc(func, target)
+    assert what["rule"] == "convolution" and what["kind"] == "depthwise+pointwise", what
+    assert what["macs"] == want.shape[1] * want.shape[2] * (shape[3] * 9 + shape[3] * cout)
+    script = sch.mod.script()
+    # the depthwise blocks run inside each band, before its projection
+    assert script.index("T.parallel") < script.index('T.sblock("group_conv2d_nhwc_update")') \
+        < script.index('T.sblock("conv2d_nhwc_update")')
+    assert "T.vectorized" in script
+    exe, info = build.build(mod, target)
+    assert info["merged_operators"] == report["merged"]
+    assert info["operators"][report["merged"][0]]["kind"] == "depthwise+pointwise"
+    vm = tvm.relax.VirtualMachine(exe, tvm.cpu())
+    args = [tvm.runtime.tensor(a) for a in inputs]
+    got = vm["main"](*args).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_and_pointwise_merge_on_x86_and_compute_the_model(tiny_mnv2, tmp_path,
+                                                                    frames_npy, monkeypatch):
+    """With the size threshold at 0 every depthwise operator of the tiny MobileNetV2-TSM is
+    merged with its projection (``tvm/chain.py``); the model then computes what TVM's plain
+    loops compute. On Arm (padding copied first) nothing is merged."""
+    from tsm_edge.compiler.tuning import fused_operators
+    from tsm_edge.compiler.tvm import chain
+
+    env = {chain.MIN_BYTES_VAR: "0"}
+    merged = tmp_path / "merged"
+    _ok(run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "-o", str(merged), env=env))
+    info = _manifest(merged)["tuning"]["default_schedules"]
+    names = info["merged_operators"]
+    # the tiny model's 7 blocks, two pairs of them identical: 5 distinct merged operators
+    assert len(names) == 5 and info["unscheduled"] == 0, info
+    kinds = [op["kind"] for op in info["operators"].values() if op["rule"] == "convolution"]
+    assert kinds.count("depthwise+pointwise") == len(names) and "depthwise" not in kinds
+    plain = tmp_path / "plain"
+    _ok(run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "--schedules", "none",
+                "-o", str(plain), env=env))
+    assert_same_logits(plain, merged, frames_npy, tmp_path)
+    # the default threshold (about a core's L2) leaves the tiny model's small tensors apart
+    assert _manifest(tiny_mnv2)["tuning"]["default_schedules"]["merged_operators"] == []
+    monkeypatch.setenv(chain.MIN_BYTES_VAR, "0")
+    x86 = fused_operators("tsm_mobilenetv2_tiny", None, _target(ZNVER3))
+    arm = fused_operators("tsm_mobilenetv2_tiny", None, _target(A72))
+    assert sum(name.count("conv2d") == 2 for name, _mod, _calls in x86) == len(names)
+    assert not any(name.count("conv2d") == 2 for name, _mod, _calls in arm)
 
 
 def test_unknown_schedules_value_is_a_user_error(tmp_path):

@@ -13,10 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from helpers import run_cli
+from helpers import assert_same_logits, run_cli
 
 TRIALS = 8
 
@@ -89,7 +88,7 @@ def test_compile_applies_rule_records_and_computes_the_same(rules_tuned, tmp_pat
     assert {"pointwise", "depthwise", "conv3x3"} <= {k["kind"] for k in kinds.values()}
     assert all(k["macs"] > 0 for k in kinds.values()) and set(kinds) <= set(
         tuning["tuned_operators"])
-    _assert_same_logits(auto, none, frames_npy, tmp_path)
+    assert_same_logits(auto, none, frames_npy, tmp_path)
 
 
 def _auto_and_untuned(cache: Path, tmp_path: Path) -> tuple[Path, Path]:
@@ -101,16 +100,6 @@ def _auto_and_untuned(cache: Path, tmp_path: Path) -> tuple[Path, Path]:
     _ok(run_cli("compile", "--model", "tsm_mobilenetv2_tiny", "--tuning", "none",
                 "-o", str(none), env=env))
     return auto, none
-
-
-def _assert_same_logits(a: Path, b: Path, frames_npy, tmp_path: Path) -> None:
-    """Two artifacts of the same model stream the same frames to the same logits."""
-    logits = []
-    for art in (a, b):
-        out = tmp_path / f"{art.name}.npy"
-        _ok(run_cli("run", str(art), "--frames-npy", str(frames_npy), "--save-logits", str(out)))
-        logits.append(np.load(out))
-    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-4, atol=1e-5)
 
 
 def _manifest(path: Path) -> dict:
@@ -148,7 +137,7 @@ def test_compile_applies_records_and_computes_the_same(tuned, tiny_mnv2, tmp_pat
     ds = t_auto["default_schedules"]
     assert ds["unscheduled"] == 0
     assert not set(t_auto["tuned_operators"]) & set(ds["operators"])
-    _assert_same_logits(auto, none, frames_npy, tmp_path)
+    assert_same_logits(auto, none, frames_npy, tmp_path)
 
 
 def test_a_database_from_another_target_is_refused(tuned, tmp_path):

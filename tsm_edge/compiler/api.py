@@ -332,7 +332,7 @@ def schedule_summary(info: dict, schedules: str, cpu: bool) -> dict:
             "unscheduled_ops": info.get("unscheduled_ops", []),
             **{k: info[k] for k in ("vector_lanes", "vector_registers", "threads",
                                     "packed_convolutions", "padded_apart",
-                                    "winograd_convolutions", "operators")
+                                    "winograd_convolutions", "merged_operators", "operators")
                if k in info}}
 
 

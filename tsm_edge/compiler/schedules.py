@@ -520,18 +520,103 @@ def _schedule_conv(sch, conv, cpu: CpuShape, inline_producers: bool = True,
             "padding": ("copied" if copy else "in the loads") if padded else "none"}
 
 
+def _depthwise_pointwise(sch, convs) -> tuple | None:
+    """(depthwise, pointwise) where ``convs`` is a depthwise convolution and the pointwise one
+    that reads its output (``tvm/chain.py`` merged them into one operator); else None."""
+    if len(convs) != 2:
+        return None
+    forms = []
+    for conv in convs:
+        *_, kh, kw, reduce_c = loop_extents(sch, sch.get_loops(conv))
+        forms.append("depthwise" if reduce_c == 1 and kh * kw > 1 else
+                     "pointwise" if kh == kw == 1 else None)
+    if forms != ["depthwise", "pointwise"]:
+        return None
+    return convs[0], convs[1]
+
+
+def _schedule_depthwise_pointwise(sch, dw, pw, cpu: CpuShape) -> dict:
+    """A depthwise convolution and the pointwise one after it, as one operator (``chain.py``).
+
+    The pointwise convolution is tiled as ``_schedule_conv`` tiles it, with bands of ``ty``
+    output rows outermost and in parallel; each band first computes the depthwise rows it reads
+    (all their channels, with their bias and activation) into a band-sized buffer, tiled as
+    the depthwise rule tiles a convolution of that many rows. The depthwise output never exists
+    whole: a band of it is written and read back while in cache."""
+    cpu = cpu.for_dtype(written_dtype(sch, pw))
+    for producer in sch.get_producers(dw):  # the depthwise padding: in the loads
+        sch.compute_inline(producer)
+    dw_wb = _register_tile(sch, dw)  # bias and activation on write-back, into the band buffer
+    pw_wb = _register_tile(sch, pw)  # bias and residual add on write-back
+    for producer in sch.get_producers(pw):  # a copy between the two (none after merging)
+        if not sch.get(producer).same_as(sch.get(dw_wb)):
+            sch.compute_inline(producer)
+    # the pointwise convolution: bands of rows in parallel, tiles within each band
+    n, y, x, f, ry, rx, rc = sch.get_loops(pw)
+    _, height, width, channels, _, _, reduce_c = loop_extents(sch, [n, y, x, f, ry, rx, rc])
+    pw_lanes = vector_lanes(channels, cpu)
+    ty, tx, v = conv_tile(height, width, channels, replace(cpu, lanes=pw_lanes), False)
+    yo, xo, fo = _tile_loops(sch, y, x, f, [ry, rx, rc], (ty, tx, v), pw_lanes)
+    band = sch.fuse(n, yo)
+    sch.parallel(band)
+    _write_back(sch, pw, pw_wb, sch.fuse(xo, fo) if v else xo, ry, pw_lanes if v else None)
+    # the depthwise rows the band reads, computed at the start of the band
+    sch.compute_at(dw_wb, band, preserve_unit_loops=True)
+    sch.compute_at(dw, band, preserve_unit_loops=True)
+    _n, ay, ax, ac, dry, drx, drc = sch.get_loops(dw)[1:]  # under the band
+    rows, cols, dch = loop_extents(sch, [ay, ax, ac])
+    taps = _product(loop_extents(sch, [dry, drx, drc]))
+    dw_lanes = vector_lanes(dch, cpu)
+    dty, dtx, dv = conv_tile(rows, cols, dch, replace(cpu, lanes=dw_lanes), True)
+    _dyo, dxo, dco = _tile_loops(sch, ay, ax, ac, [dry, drx, drc], (dty, dtx, dv), dw_lanes)
+    if cpu.unroll_taps:
+        sch.unroll(drx)
+    _write_back(sch, dw, dw_wb, dco if dv else dxo, dry, dw_lanes if dv else None)
+    macs = height * width * (channels * reduce_c + dch * taps)  # D has the output's pixels
+    return {"rule": "convolution", "kind": "depthwise+pointwise", "macs": macs,
+            "tile": [ty, tx, v * pw_lanes], "depthwise_tile": [dty, dtx, dv * dw_lanes],
+            "padding": "in the loads"}
+
+
 def _finish_tile(sch, block, wb, outer, first_reduction, lanes: int | None) -> None:
     """A register tile's tasks in parallel (``outer``), its write-back (with the epilogue)
     under each task and its accumulators zeroed before ``first_reduction``; both vectorized by
     ``lanes`` (None: the channels stay a plain loop)."""
     sch.parallel(outer)
-    sch.reverse_compute_at(wb, outer)
+    _write_back(sch, block, wb, outer, first_reduction, lanes)
+
+
+def _write_back(sch, block, wb, at, first_reduction, lanes: int | None) -> None:
+    """A register tile's write-back (with the epilogue) under loop ``at`` and its accumulators
+    zeroed before ``first_reduction``; both vectorized by ``lanes`` (None: a plain loop)."""
+    sch.reverse_compute_at(wb, at)
     if lanes:
         _o, lane = sch.split(sch.get_loops(wb)[-1], [None, lanes])
         sch.vectorize(lane)
     init = sch.decompose_reduction(block, first_reduction)
     if lanes:
         sch.vectorize(sch.get_loops(init)[-1])
+
+
+def _tile_loops(sch, y, x, f, reduction: list, tile: tuple[int, int, int], lanes: int):
+    """A convolution's output loops cut into a register tile of ``ty x tx`` pixels by ``v``
+    vectors of ``lanes`` channels, ordered (yo, xo, fo, reduction..., yi, xi, fv, lanes) with
+    the tile unrolled and the lanes vectorized; returns (yo, xo, fo) (fo None when ``v`` is 0:
+    the channels stay a plain loop inside)."""
+    ty, tx, v = tile
+    yo, yi = sch.split(y, [None, ty])
+    xo, xi = sch.split(x, [None, tx])
+    fo = None
+    if v:
+        fo, fv, fl = sch.split(f, [None, v, lanes])
+        sch.reorder(yo, xo, fo, *reduction, yi, xi, fv, fl)
+        sch.unroll(fv)
+        sch.vectorize(fl)
+    else:
+        sch.reorder(yo, xo, *reduction, yi, xi, f)
+    sch.unroll(yi)
+    sch.unroll(xi)
+    return yo, xo, fo
 
 
 def _upstream_inline(sch, block) -> None:
@@ -795,6 +880,9 @@ def schedule_primfunc(func, target, cpu: CpuShape | None = None,
         return sch, _schedule_winograd(sch, winograd_blocks, cpu, choice)
     if len(convs) == 1:
         return sch, _schedule_conv(sch, convs[0], cpu, choice=choice)
+    pair = _depthwise_pointwise(sch, convs)
+    if pair is not None:
+        return sch, _schedule_depthwise_pointwise(sch, *pair, cpu)
     if convs:
         return None, None
     reductions = [b for b in blocks if "R" in iter_kinds(sch, b)]

@@ -22,8 +22,10 @@ from ..artifact.manifest import Manifest
 from ..errors import UserError
 from ..support.threads import apply_threads, resolve_threads, threads_origin
 
-CATEGORIES = ("pointwise", "depthwise", "conv3x3", "conv7x7", "conv (other)", "shift",
-              "elementwise", "layout", "pooling", "classifier", "runtime", "other")
+# "depthwise+pointwise": the two convolutions merged into one operator (compiler/tvm/chain.py)
+CATEGORIES = ("pointwise", "depthwise", "depthwise+pointwise", "conv3x3", "conv7x7",
+              "conv (other)", "shift", "elementwise", "layout", "pooling", "classifier",
+              "runtime", "other")
 BACKENDS = ("onnxruntime",)
 
 
@@ -225,13 +227,14 @@ def table(result: dict) -> str:
     cats = []
     for name in names:
         cats += [c for c in result["backends"][name]["categories"] if c not in cats]
-    head = f"{'category':<14}" + "".join(f"{n + ' ms':>16}{'GMAC/s':>9}" for n in names)
+    width = max([14, *(len(c) + 1 for c in cats)])
+    head = f"{'category':<{width}}" + "".join(f"{n + ' ms':>16}{'GMAC/s':>9}" for n in names)
     if len(names) > 1:
         head += f"{'ratio':>8}"
     lines = [f"{result['model']} {result['input_size']}px, threads {result['threads']}, "
              f"ms per frame by operator kind", head]
     for cat in cats:
-        row = f"{cat:<14}"
+        row = f"{cat:<{width}}"
         vals = []
         for n in names:
             c = result["backends"][n]["categories"].get(cat)
@@ -242,7 +245,7 @@ def table(result: dict) -> str:
             row += f"{(vals[0] / vals[1]):>7.2f}x" if vals[1] else f"{'-':>8}"
         lines.append(row)
     totals = [result["backends"][n]["total_ms"] for n in names]
-    row = f"{'total':<14}" + "".join(f"{t:>16.3f}{'':>9}" for t in totals)
+    row = f"{'total':<{width}}" + "".join(f"{t:>16.3f}{'':>9}" for t in totals)
     if len(names) > 1 and totals[1]:
         row += f"{totals[0] / totals[1]:>7.2f}x"
     lines.append(row)

@@ -198,18 +198,32 @@ def fuse(mod, target, report: dict | None = None):
     Float dense convolutions are legalized with packed weights and branch-free padding
     (``conv.py``); ``report["packed"]`` counts them, ``report["padded_apart"]`` those whose
     padding became an operator before them, ``report["winograd"]`` the 3x3 ones computed by
-    Winograd's F(4x4, 3x3) (``winograd.py``)."""
+    Winograd's F(4x4, 3x3) (``winograd.py``); ``report["merged"]`` names the depthwise and
+    pointwise pairs made one operator (``chain.py``; x86, float32)."""
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    from . import conv
+    from .. import schedules
+    from . import chain, conv
+
+    tvm = import_tvm()
+    report = report if report is not None else {}
+
+    @tvm.transform.module_pass(opt_level=0, name="TsmEdgeMergeDepthwisePointwise")
+    def _merge(m, _ctx):  # noqa: ANN001 - TVM pass signature
+        # on CPUs whose rules write a convolution's padding first (Arm), the merged rule's
+        # padding in the loads would be the slower form: the two stay apart there
+        threshold = None if schedules.cpu_shape(target).padded_copy else chain.min_bytes()
+        m, report["merged"] = (m, []) if threshold is None else \
+            chain.merge_depthwise_pointwise(m, threshold)
+        return m
 
     with target:
-        return import_tvm().transform.Sequential(
+        return tvm.transform.Sequential(
             cpu.library_dispatch_passes(target)
             + [relax.transform.LegalizeOps(conv.legalize_map(target, report)),
                relax.transform.AnnotateTIROpPattern(),
-               relax.transform.FuseOps(), relax.transform.FuseTIR(),
+               relax.transform.FuseOps(), _merge, relax.transform.FuseTIR(),
                relax.transform.DeadCodeElimination()])(mod)
 
 
@@ -230,6 +244,7 @@ def _cpu_pipeline(target, info: dict, default_schedules: bool, databases: list):
             info["packed_convolutions"] = packing.get("packed", 0)
             info["padded_apart"] = packing.get("padded_apart", 0)
             info["winograd_convolutions"] = packing.get("winograd", 0)
+            info["merged_operators"] = packing.get("merged", [])
             tuned: list[str] = []
             # the operators as fused, before a record replaces them (apply_database updates
             # ``mod`` in place)
