@@ -493,20 +493,13 @@ def _schedule_conv(sch, conv, cpu: CpuShape, inline_producers: bool = True,
     macs = height * width * channels * kh * kw * reduce_c
     cpu = replace(cpu, lanes=choice.lanes or vector_lanes(channels, cpu))
     ty, tx, v = choice.tile or conv_tile(height, width, channels, cpu, depthwise)
-    yo, yi = sch.split(y, [None, ty])
-    xo, xi = sch.split(x, [None, tx])
+    yo, xo, fo = _tile_loops(sch, y, x, f, [ry, rx, rc], (ty, tx, v), cpu.lanes)
     if v:
-        fo, fv, fl = sch.split(f, [None, v, cpu.lanes])
         parallel = [n, yo, xo, fo] if choice.pixels_outer else [fo, n, yo, xo]
-        sch.reorder(*parallel, ry, rx, rc, yi, xi, fv, fl)
+        sch.reorder(*parallel)
         outer = sch.fuse(*parallel)
-        sch.unroll(fv)
-        sch.vectorize(fl)
     else:
-        sch.reorder(n, yo, xo, ry, rx, rc, yi, xi, f)
         outer = sch.fuse(n, yo, xo)
-    sch.unroll(yi)
-    sch.unroll(xi)
     unroll = cpu.unroll_taps if choice.unroll_taps is None else choice.unroll_taps
     if unroll and kw > 1:
         sch.unroll(rx)
@@ -548,9 +541,6 @@ def _schedule_depthwise_pointwise(sch, dw, pw, cpu: CpuShape) -> dict:
         sch.compute_inline(producer)
     dw_wb = _register_tile(sch, dw)  # bias and activation on write-back, into the band buffer
     pw_wb = _register_tile(sch, pw)  # bias and residual add on write-back
-    for producer in sch.get_producers(pw):  # a copy between the two (none after merging)
-        if not sch.get(producer).same_as(sch.get(dw_wb)):
-            sch.compute_inline(producer)
     # the pointwise convolution: bands of rows in parallel, tiles within each band
     n, y, x, f, ry, rx, rc = sch.get_loops(pw)
     _, height, width, channels, _, _, reduce_c = loop_extents(sch, [n, y, x, f, ry, rx, rc])

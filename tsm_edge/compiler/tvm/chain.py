@@ -19,6 +19,8 @@ exists whole, only a band of it, in cache.
 
 from __future__ import annotations
 
+import math
+
 MIN_BYTES = 1 << 20  # depthwise outputs from this size up are merged (about the L2 of a core)
 MERGE_VAR = "TSM_EDGE_MERGE_DWPW"  # "0": keep the two operators apart (for comparisons)
 MIN_BYTES_VAR = "TSM_EDGE_MERGE_MIN_BYTES"  # another threshold (tests merge small models' pairs)
@@ -36,7 +38,7 @@ def min_bytes() -> int | None:
 
 
 def _first_call(func):
-    """The first ``call_tir`` of a fused function's body and the PrimFunc's name, or None."""
+    """The first binding of a fused function's body when it is a ``call_tir``, else None."""
     from tvm import relax
 
     blocks = getattr(func.body, "blocks", None)
@@ -77,16 +79,12 @@ def _conv_form(func) -> str | None:
 
 
 def _nbytes(ty) -> int:
-    shape = _shape(ty) or [0]
-    n = 1
-    for d in shape:
-        n *= d
-    return n * 4  # float32 (DTYPES)
+    return math.prod(_shape(ty) or [0]) * 4  # float32 (DTYPES)
 
 
-def merge_depthwise_pointwise(mod, min_bytes: int = MIN_BYTES):
-    """(module, merged operator names, each once): each fused depthwise operator whose output (at least
-    ``min_bytes``) only a fused pointwise operator reads, merged with that operator into one
+def merge_depthwise_pointwise(mod, threshold: int = MIN_BYTES):
+    """(module, merged operator names, each once): each fused depthwise operator whose output
+    (at least ``threshold`` bytes) only a fused pointwise operator reads, merged with that operator into one
     primitive function. Run after ``FuseOps``, before ``FuseTIR``."""
     from tvm import relax
 
@@ -107,7 +105,7 @@ def merge_depthwise_pointwise(mod, min_bytes: int = MIN_BYTES):
                 continue
             func = mod[call.op]
             form = _conv_form(func) if isinstance(func, relax.Function) else None
-            if form == "depthwise" and _nbytes(binding.var.ty) >= min_bytes:
+            if form == "depthwise" and _nbytes(binding.var.ty) >= threshold:
                 producers[binding.var] = binding
             elif form == "pointwise" and call.args and call.args[0] in producers \
                     and uses.get(call.args[0], 0) == 1:
